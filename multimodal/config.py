@@ -1,0 +1,129 @@
+"""Configuration dataclasses: one frozen dataclass per concern.
+
+`ModelConfig` is stored as JSON inside every exported model so that `predict.py` rebuilds the network from the
+checkpoint alone. `DataConfig` and `TrainConfig` describe a run and are written next to it (`run_config.json`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+COMBINE_RULES = ("fused", "fused_decoder", "mean")
+CAPTION_POOLS = ("max", "mean", "last")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of `MultimodalClassifier`.
+
+    A branch is switched off by setting its defining field to ``None``/``False``: ``image_encoder=None`` (no image
+    branch), ``vocab_size=None`` (no caption branch), ``use_decoder=False`` (no label decoder). A switched-off branch
+    has no modules and no parameters.
+
+    ``combine`` says how the final label probabilities are formed:
+        - ``"fused"``: sigmoid of the fused head (a linear head over the concatenated embeddings of the branches that
+          are on). The decoder, when on, still trains jointly and regularises the shared encoders.
+        - ``"fused_decoder"``: ``(1 - decoder_weight) * p_fused + decoder_weight * p_decoder`` where ``p_decoder`` are
+          the per-label scores of the decoder's beam search.
+        - ``"mean"``: the mean of the sigmoid probabilities of every BCE head (image, caption, fused), like the
+          late fusion of the 2020 report; plus the decoder as in ``"fused_decoder"`` when ``decoder_weight > 0`` and
+          the decoder is on.
+    """
+
+    num_labels: int
+    # Image branch.
+    image_encoder: Optional[str] = "tf_efficientnet_lite0"
+    image_size: int = 224
+    image_drop_rate: float = 0.2
+    # Caption branch.
+    vocab_size: Optional[int] = None
+    pad_id: int = 0
+    word_dim: int = 128
+    caption_hidden: int = 256
+    caption_layers: int = 1
+    bidirectional: bool = True
+    caption_pool: str = "max"
+    # Label decoder (CNN-RNN).
+    use_decoder: bool = True
+    label_embed_dim: int = 128
+    decoder_hidden: int = 256
+    max_labels: int = 8
+    beam_width: int = 3
+    # Fusion.
+    dropout: float = 0.2
+    combine: str = "fused"
+    decoder_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        if self.image_encoder is None and self.vocab_size is None:
+            raise ValueError("at least one of the image and caption branches must be on")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"combine must be one of {COMBINE_RULES}, got {self.combine!r}")
+        if self.caption_pool not in CAPTION_POOLS:
+            raise ValueError(f"caption_pool must be one of {CAPTION_POOLS}, got {self.caption_pool!r}")
+        if self.combine == "fused_decoder" and not self.use_decoder:
+            raise ValueError("combine='fused_decoder' needs use_decoder=True")
+        if not 0.0 <= self.decoder_weight <= 1.0:
+            raise ValueError(f"decoder_weight must be in [0, 1], got {self.decoder_weight}")
+
+    @property
+    def use_image(self) -> bool:
+        return self.image_encoder is not None
+
+    @property
+    def use_caption(self) -> bool:
+        return self.vocab_size is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the joint loss terms; a term whose branch is off is simply absent."""
+
+    image_weight: float = 1.0
+    caption_weight: float = 1.0
+    fused_weight: float = 1.0
+    decoder_weight: float = 1.0
+    pos_weight: Optional[tuple[float, ...]] = None
+    focal_gamma: float = 0.0
+    label_smoothing: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    try:  # numpy scalars and arrays
+        return obj.tolist()
+    except AttributeError:
+        raise TypeError(f"not JSON serialisable: {type(obj).__name__}") from None
