@@ -1,0 +1,263 @@
+"""Training and evaluation loops under Accelerate, and the checkpoints that make a run resumable.
+
+Accelerate owns devices, mixed precision and distribution: there is no hand-written autocast, GradScaler or DDP code
+here. A checkpoint is `accelerator.save_state` (model, optimizer, scheduler, RNG and sampler states) plus
+``progress.json`` (epoch, batches done in that epoch, global step), written into a temporary folder that is renamed
+into place only when complete, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from tqdm.auto import tqdm
+
+from .config import save_json
+from .metrics import compute_metrics
+
+MODEL_INPUTS = ("image", "caption_ids", "caption_lengths", "image_features")
+
+
+@dataclass
+class Progress:
+    """Where a run is: ``batches_done`` batches of epoch ``epoch`` are behind us, ``step`` optimizer steps in all."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+
+
+class JSONLinesTracker(GeneralTracker):
+    """An Accelerate tracker that appends every logged dict as one JSON line: a log that needs no extra package."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.log({"config": values}, step=0)
+
+    def log(self, values: dict, step: Optional[int] = None, **kwargs: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **values}, default=float) + "\n")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The subset of a batch that the model's forward takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def select_rows(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """The rows of a batch where ``keep`` is true (tensors and lists alike)."""
+    index = keep.nonzero().flatten().tolist()
+    return {k: v[keep] if torch.is_tensor(v) else [v[i] for i in index] for k, v in batch.items()}
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to zero."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, backbone_lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with the pretrained image backbone on its own (usually lower) rate; no decay on biases and norms."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        backbone = name.startswith("image_encoder.")
+        decay = param.ndim > 1 and "embedding" not in name
+        groups.setdefault((backbone, decay), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": backbone_lr if backbone else lr, "weight_decay": weight_decay if decay else 0.0}
+         for (backbone, decay), params in groups.items()], lr=lr)
+
+
+class CheckpointManager:
+    """Numbered checkpoints under ``run_dir/checkpoints``: atomic, pruned to the last ``keep``."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: str | Path, keep: int = 3):
+        self.accelerator = accelerator
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def save(self, progress: Progress) -> Path:
+        """Write a checkpoint; every process must call this (each saves its own RNG state)."""
+        acc = self.accelerator
+        final = self.root / f"step_{progress.step:08d}"
+        tmp = self.root / f".tmp-step_{progress.step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_json(asdict(progress), tmp / "progress.json")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if (p / "progress.json").is_file())
+        for old in done[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def latest(run_dir: str | Path) -> Optional[Path]:
+        done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "progress.json").is_file())
+        return done[-1] if done else None
+
+    def load(self, checkpoint: str | Path) -> Progress:
+        self.accelerator.load_state(str(checkpoint))
+        return Progress(**json.loads((Path(checkpoint) / "progress.json").read_text()))
+
+
+def resolve_checkpoint(resume: str, runs_root: str | Path = "runs") -> Path:
+    """A checkpoint folder from ``--resume``: a checkpoint, a run folder (its newest checkpoint) or ``latest``."""
+    path = Path(runs_root) / "latest" if resume == "latest" else Path(resume)
+    if (path / "progress.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        found = CheckpointManager.latest(path)
+        if found is not None:
+            return found
+        raise FileNotFoundError(f"--resume {resume}: run folder {path} has no complete checkpoint yet")
+    raise FileNotFoundError(f"--resume {resume}: {path} is neither a checkpoint (progress.json) nor a run folder")
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, accelerator: Accelerator, progress: Progress,
+                    *, total_batches: int, max_steps: Optional[int] = None, max_grad_norm: float = 1.0,
+                    log_every: int = 10, checkpoint_every: int = 0,
+                    checkpoints: Optional[CheckpointManager] = None,
+                    on_checkpoint: Optional[Callable[[Progress], None]] = None,
+                    bad_images: Optional[list[str]] = None, use_image: bool = True,
+                    frozen: Iterable[torch.nn.Module] = (), seen_ids: Optional[list[str]] = None) -> dict[str, float]:
+    """One pass over ``loader`` (which may start mid-epoch: ``progress.batches_done`` batches were skipped).
+
+    ``frozen`` modules stay in eval mode (their batch-norm statistics do not move); ``seen_ids`` collects the image
+    ids this process trained on, and ``bad_images`` the ids of unreadable images that were dropped from batches.
+
+    Returns:
+        The mean of each loss term over the batches of this call.
+    """
+    model.train()
+    for module in frozen:
+        module.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    bar = tqdm(total=total_batches, initial=progress.batches_done, desc=f"epoch {progress.epoch}",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
+    seen, t0 = 0, time.perf_counter()
+    for batch in loader:
+        if use_image and "image_ok" in batch and not bool(batch["image_ok"].all()):
+            if bad_images is not None:
+                bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
+            batch = select_rows(batch, batch["image_ok"])
+        if seen_ids is not None:
+            seen_ids.extend(batch["image_id"])
+        with accelerator.accumulate(model):
+            if len(batch["targets"]) == 0:  # every image of the batch unreadable: keep ranks in step, learn nothing
+                continue
+            outputs = model(**model_inputs(batch), label_seq=batch.get("label_seq"))
+            terms = criterion(outputs, batch["targets"], batch.get("label_seq"))
+            loss = terms["loss"]
+            terms = {k: v.detach() for k, v in terms.items()}
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at step {progress.step} (epoch {progress.epoch}, "
+                    f"batch {progress.batches_done}); terms: { {k: float(v) for k, v in terms.items()} }")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        progress.batches_done += 1
+        seen += len(batch["targets"])
+        count += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if accelerator.sync_gradients:
+            progress.step += 1
+            rate = seen * accelerator.num_processes / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{float(terms['loss']):.4f}", img_s=f"{rate:.1f}")
+            if progress.step % log_every == 0:
+                accelerator.log({f"train/{k}": float(v) for k, v in terms.items()}
+                                | {"train/lr": scheduler.get_last_lr()[-1], "train/images_per_s": rate},
+                                step=progress.step)
+            if checkpoints is not None and checkpoint_every > 0 and progress.step % checkpoint_every == 0:
+                checkpoints.save(progress)
+                if on_checkpoint is not None:
+                    on_checkpoint(progress)
+            if max_steps is not None and progress.step >= max_steps:
+                bar.update(1)
+                break
+        bar.update(1)
+    bar.close()
+    return {k: v / max(1, count) for k, v in sums.items()}
+
+
+@torch.inference_mode()
+def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: Accelerator,
+                        with_decoder: bool = True) -> dict[str, np.ndarray]:
+    """Probabilities of every output over a labelled loader, gathered across processes exactly once per sample.
+
+    Returns:
+        ``targets`` and, per output that exists, ``image``/``caption``/``fused``/``decoder``/``final`` [N, C]
+        probabilities, plus ``index`` (dataset rows), in dataset order.
+    """
+    model.eval()
+    core = accelerator.unwrap_model(model)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in loader:
+        inputs = model_inputs(batch)
+        outputs = model(**inputs)
+        probs = {name: torch.sigmoid(outputs[f"{name}_logits"].float())
+                 for name in ("image", "caption", "fused") if f"{name}_logits" in outputs}
+        if with_decoder and core.label_decoder is not None:
+            probs["decoder"] = core.decode(**inputs, outputs=outputs)[1].float()
+        probs["final"] = core.predict_proba(**inputs, outputs=outputs, decoder_scores=probs.get("decoder")).float()
+        probs["targets"] = batch["targets"].float()
+        probs["index"] = batch["index"]
+        gathered = accelerator.gather_for_metrics(probs)
+        for k, v in gathered.items():
+            parts.setdefault(k, []).append(v.cpu().numpy())
+    result = {k: np.concatenate(v) for k, v in parts.items()}
+    if "index" in result:  # dataset order, whatever the sharding
+        order = np.argsort(result["index"], kind="stable")
+        result = {k: v[order] for k, v in result.items()}
+    return result
+
+
+def evaluate(predictions: dict[str, np.ndarray], thresholds: Any = 0.5) -> dict[str, dict[str, Any]]:
+    """Metrics for every output in ``predictions`` (see `collect_predictions`)."""
+    targets = predictions["targets"]
+    return {name: compute_metrics(probs, targets, thresholds if name == "final" else 0.5)
+            for name, probs in predictions.items() if name not in ("targets", "index")}

@@ -1,0 +1,141 @@
+"""Pooled image features computed once and cached, for training on top of a frozen image encoder.
+
+On a CPU the image encoder is most of the cost; when it is frozen its output for an image never changes, so the
+features are computed once (eval transform: resize + centre crop) and every epoch reads them from memory. The cache
+file is named by a fingerprint of everything the features depend on: the encoder and the hash of its weights, the
+preprocessing (resolution, mean/std, crop), and the image files (name, size, modification time). Changing any of
+them gives a new fingerprint, so a stale cache is never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import Collator, ImageCaptionDataset
+from .images import build_transform
+from .model import ImageEncoder
+
+logger = logging.getLogger("multimodal")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def images_digest(frame: pd.DataFrame, image_dir: str | Path) -> str:
+    """SHA-256 of the image files' names, sizes and modification times, in row order (a cheap change detector)."""
+    h = hashlib.sha256()
+    for image_id in frame["ImageID"]:
+        try:
+            st = os.stat(Path(image_dir) / image_id)
+            h.update(f"{image_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{image_id}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFrame, image_dir: str | Path) -> str:
+    transform = build_transform(encoder, image_size, training=False)
+    parts = {"encoder": encoder.name, "weights": weights_digest(encoder), "image_size": image_size,
+             "transform": repr(transform), "images": images_digest(frame, image_dir)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@torch.inference_mode()
+def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 64, workers: int = 2,
+                     device: str | torch.device = "cpu", channels_last: bool = True,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of every image of ``dataset`` in order.
+
+    Returns:
+        ``features`` float32 [N, F] (zeros where an image could not be read) and ``ok`` bool [N].
+    """
+    encoder = encoder.eval().to(device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=Collator())
+    features = torch.zeros(len(dataset), encoder.num_features)
+    ok = torch.ones(len(dataset), dtype=torch.bool)
+    for batch in tqdm(loader, desc="image features", disable=not progress, leave=False):
+        image = batch["image"].to(device)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        features[batch["index"]] = encoder(image).float().cpu()
+        ok[batch["index"]] = batch["image_ok"]
+    features[~ok] = 0
+    return features, ok
+
+
+def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str | Path, image_size: int,
+                    cache_dir: str | Path, *, batch_size: int = 64, workers: int = 2,
+                    device: str | torch.device = "cpu", skip_bad_images: bool = False) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """`compute_features` for the rows of ``frame``, read from ``cache_dir`` when a matching cache exists.
+
+    Returns:
+        ``features`` [N, F] aligned with the rows of ``frame`` and ``ok`` [N].
+    """
+    fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir)
+    path = Path(cache_dir) / f"features-{encoder.name}-{image_size}-{fingerprint[:20]}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        logger.info("image features: cache hit %s", path)
+        return tensors["features"], tensors["ok"].bool()
+    logger.info("image features: computing %d x %s at %d px (cache %s)", len(frame), encoder.name, image_size, path)
+    dataset = ImageCaptionDataset(frame[["ImageID", "Caption"]], image_dir,
+                                  transform=build_transform(encoder, image_size, training=False),
+                                  skip_bad_images=skip_bad_images)
+    features, ok = compute_features(encoder, dataset, batch_size, workers, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"features": features.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp),
+              metadata={"fingerprint": fingerprint, "rows": str(len(frame))})
+    os.replace(tmp, path)
+    return features, ok
+
+
+class FeatureDataset(Dataset):
+    """An `ImageCaptionDataset` without images whose samples carry cached ``image_features`` instead.
+
+    Args:
+        dataset: the image-less dataset (captions, labels).
+        features: [N_all, F] features; ``rows[i]`` is the feature row of sample ``i``.
+        ok: [N_all] whether each image could be read.
+        rows: per sample of ``dataset``, its row in ``features``.
+    """
+
+    def __init__(self, dataset: ImageCaptionDataset, features: torch.Tensor, ok: torch.Tensor,
+                 rows: Any) -> None:
+        self.dataset = dataset
+        self.features = features
+        self.ok = ok
+        self.rows = torch.as_tensor(list(rows), dtype=torch.long)
+        if len(self.rows) != len(dataset):
+            raise ValueError(f"{len(self.rows)} feature rows for {len(dataset)} samples")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        row = int(self.rows[index])
+        sample["image_features"] = self.features[row]
+        sample["image_ok"] = bool(self.ok[row])
+        return sample

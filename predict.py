@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Predict label sets with an exported model and write them as CSV (the competition's submission format).
+
+    python predict.py --checkpoint runs/latest/model --data-dir ../shared/comp5329 --output predictions.csv
+    python predict.py --checkpoint runs/latest/model --image-dir photos/ --output predictions.csv   # no captions
+
+The model is rebuilt from the checkpoint folder alone (config.json, model.safetensors, tokenizer.json).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from multimodal.inference import predict_to_csv, resolve_inputs
+from multimodal.model import MultimodalClassifier
+
+logger = logging.getLogger("multimodal")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/latest/model", help="exported model folder")
+    p.add_argument("--data-dir", default=None, help="dataset folder (test.csv, data/)")
+    p.add_argument("--csv", default=None, help="CSV with ImageID,Caption (default DATA_DIR/test.csv when present)")
+    p.add_argument("--image-dir", default=None, help="image folder (default DATA_DIR/data)")
+    p.add_argument("--output", default="predictions.csv", help="ImageID,Labels CSV to write")
+    p.add_argument("--probabilities", default=None, help="also write per-label probabilities to this CSV")
+    p.add_argument("--threshold", type=float, default=None, help="one threshold for all labels (overrides stored)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="Accelerate precision")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="predict unreadable images from their caption (or no labels) and report them")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    model = MultimodalClassifier.from_pretrained(args.checkpoint).to(accelerator.device)
+    frame, image_dir, has_captions = resolve_inputs(args.data_dir, args.csv, args.image_dir)
+    if not has_captions and model.caption_encoder is not None:
+        logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
+    if model.image_encoder is None:
+        image_dir = None
+    result = predict_to_csv(model, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
+                            probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
+                            skip_bad_images=args.skip_bad_images)
+    logger.info("wrote %d predictions to %s", result["rows"], args.output)
+    if result["bad_images"]:
+        report = Path(args.output).with_suffix(".bad_images.csv")
+        with open(report, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["ImageID", "error"])
+            writer.writerows(result["bad_images"])
+        logger.warning("%d image(s) could not be read and were predicted %s; listed in %s",
+                       len(result["bad_images"]),
+                       "from their caption" if model.caption_encoder is not None else "as no labels", report)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main(get_args_parser().parse_args()))

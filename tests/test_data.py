@@ -1,0 +1,146 @@
+"""`ImageCaptionDataset`, `Collator` and `train_val_split`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from multimodal.annotations import read_annotations
+from multimodal.data import Collator, ImageCaptionDataset, train_val_split
+from multimodal.images import ImageLoadError, build_transform
+from multimodal.labels import LabelCodec
+from multimodal.text import PAD_ID, train_caption_tokenizer
+
+SIZE = 32
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "train.csv").write_text(
+        "ImageID,Labels,Caption\n"
+        '0.jpg,1,"A man with a dog."\n'
+        '1.jpg,1 3,"Two men in a car."\n'
+        '2.jpg,19,""\n'
+        '3.jpg,3 19 1,"A car, a horse and a man."\n'
+    )
+    return tmp_path
+
+
+@pytest.fixture()
+def parts(folder):
+    frame = read_annotations(folder / "train.csv")
+    codec = LabelCodec.from_labels(frame["Labels"])
+    tokenizer = train_caption_tokenizer(frame["Caption"])
+    transform = build_transform("tf_efficientnet_lite0", SIZE, training=False)
+    return frame, codec, tokenizer, transform
+
+
+def test_sample_and_batch(folder, parts):
+    frame, codec, tokenizer, transform = parts
+    dataset = ImageCaptionDataset(frame, folder, codec, tokenizer, transform)
+    sample = dataset[3]
+    assert sample["image"].shape == (3, SIZE, SIZE) and sample["image_ok"] and sample["error"] is None
+    assert sample["image_id"] == "3.jpg" and sample["index"] == 3
+    assert sample["label_seq"] == [0, 1, 2, codec.end_index]  # 1 (3 images), 3 (2), 19 (2): frequent first
+    torch.testing.assert_close(sample["targets"], torch.ones(3))
+
+    batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=Collator())))
+    keys = {"image", "image_ok", "caption_ids", "caption_lengths", "targets", "label_seq", "index", "image_id"}
+    assert set(batch) == keys
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
+    assert batch["image_ok"].dtype == torch.bool and batch["image_ok"].all()
+    assert batch["caption_lengths"].tolist() == [6, 6, 0, 9]
+    assert batch["caption_ids"].shape == (4, 9) and batch["caption_ids"].dtype == torch.long
+    assert batch["caption_ids"][2].eq(PAD_ID).all() and batch["caption_ids"][0, 6:].eq(PAD_ID).all()
+    assert batch["caption_ids"][0, :6].ne(PAD_ID).all()
+    assert batch["targets"].shape == (4, 3) and batch["targets"].dtype == torch.float32
+    assert batch["label_seq"].tolist() == [[0, 3, -100, -100], [0, 1, 3, -100], [2, 3, -100, -100], [0, 1, 2, 3]]
+    assert batch["index"].tolist() == [0, 1, 2, 3] and batch["image_id"] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+
+
+def test_caption_only_and_unlabelled(folder, parts):
+    frame, codec, tokenizer, _ = parts
+    caption_only = Collator()([ImageCaptionDataset(frame, codec=codec, tokenizer=tokenizer)[i] for i in range(2)])
+    assert "image" not in caption_only and caption_only["targets"].shape == (2, 3)
+    test_frame = frame.drop(columns="Labels")
+    unlabelled = Collator()([ImageCaptionDataset(test_frame, codec=codec, tokenizer=tokenizer)[i] for i in range(2)])
+    assert "targets" not in unlabelled and "label_seq" not in unlabelled and unlabelled["caption_ids"].shape[0] == 2
+
+
+def test_max_caption_length(parts):
+    frame, _, tokenizer, _ = parts
+    dataset = ImageCaptionDataset(frame, tokenizer=tokenizer, max_caption_length=4)
+    assert [len(dataset[i]["caption_ids"]) for i in range(4)] == [4, 4, 0, 4]
+
+
+@pytest.mark.parametrize("content", [None, b"garbage", "truncated"], ids=["missing", "corrupt", "truncated"])
+def test_bad_image_raises_naming_file_and_row(folder, parts, content):
+    frame, codec, tokenizer, transform = parts
+    path = folder / "2.jpg"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:300] if content == "truncated" else content)
+    dataset = ImageCaptionDataset(frame, folder, codec, tokenizer, transform)
+    with pytest.raises(ImageLoadError) as info:
+        dataset[2]
+    assert str(info.value).startswith(f"{path}: row 2 (ImageID '2.jpg'): ")
+
+    skipping = ImageCaptionDataset(frame, folder, codec, tokenizer, transform, skip_bad_images=True)
+    sample = skipping[2]
+    assert not sample["image_ok"] and str(path) in sample["error"] and "row 2" in sample["error"]
+    assert sample["image"].shape == (3, SIZE, SIZE) and sample["image"].eq(0).all()
+    assert sample["targets"].sum() == 1  # the rest of the sample is intact
+    batch = Collator()([skipping[i] for i in range(4)])
+    assert batch["image_ok"].tolist() == [True, True, False, True]
+
+
+def test_check_images_lists_missing_files_with_rows(folder, parts):
+    frame, *_ = parts
+    dataset = ImageCaptionDataset(frame, folder)
+    assert dataset.check_images() == []
+    (folder / "1.jpg").unlink()
+    (folder / "3.jpg").unlink()
+    assert dataset.check_images(strict=False) == [(1, "1.jpg", folder / "1.jpg"), (3, "3.jpg", folder / "3.jpg")]
+    with pytest.raises(ImageLoadError, match=r"2 image file\(s\) missing: row 1 \(ImageID '1.jpg'\): .*1.jpg; row 3"):
+        dataset.check_images()
+    assert ImageCaptionDataset(frame).check_images() == []
+
+
+def test_train_val_split():
+    frame = pd.DataFrame({"ImageID": [f"{i}.jpg" for i in range(100)], "Caption": [""] * 100})
+    train, val = train_val_split(frame, 0.2, seed=1)
+    again_train, again_val = train_val_split(frame, 0.2, seed=1)
+    assert train.equals(again_train) and val.equals(again_val)
+    assert len(train) == 80 and len(val) == 20
+    assert train.index.equals(pd.RangeIndex(80)) and val.index.equals(pd.RangeIndex(20))
+    assert set(train["ImageID"]).isdisjoint(val["ImageID"]) and len(set(train["ImageID"]) | set(val["ImageID"])) == 100
+    assert list(val["ImageID"]) == sorted(val["ImageID"], key=lambda s: int(s[:-4]))  # file order kept
+    assert not val.equals(train_val_split(frame, 0.2, seed=2)[1])
+    train, val = train_val_split(frame, 0.0, seed=1)
+    assert len(val) == 0 and list(val.columns) == ["ImageID", "Caption"] and train.equals(frame)
+    assert len(train_val_split(frame, 0.001)[1]) == 1
+    with pytest.raises(ValueError):
+        train_val_split(frame, 1.0)
+
+
+@pytest.mark.comp5329
+def test_real_dataset(comp5329_dir):
+    frame = read_annotations(comp5329_dir / "train.csv")
+    codec = LabelCodec.from_labels(frame["Labels"])
+    transform = build_transform("tf_efficientnet_lite0", 64, training=True)
+    tokenizer = train_caption_tokenizer(frame["Caption"])
+    dataset = ImageCaptionDataset(frame, comp5329_dir / "data", codec, tokenizer, transform)
+    assert dataset.check_images() == []
+    batch = Collator()([dataset[i] for i in (0, 1014, 2259, 6751)])
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["targets"].shape == (4, 18)
+    assert batch["image_id"] == ["0.jpg", "1014.jpg", "2259.jpg", "6751.jpg"]
+    assert batch["label_seq"][:, 0].tolist() == [codec.index(1), codec.index(18), codec.index(1), codec.index(4)]

@@ -1,0 +1,128 @@
+"""Image loading (modes, bad files, draft decoding) and the timm transforms."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image, ImageFile
+
+from multimodal.images import ImageLoadError, build_transform, load_image, resolve_image_config
+
+
+def jpeg_bytes(width: int = 64, height: int = 48) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_rgb_jpeg(tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes())
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (64, 48)
+
+
+def test_modes_become_rgb(tmp_path):
+    grey = Image.new("L", (4, 3), 7)
+    rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 255))
+    rgba.putpixel((0, 0), (10, 20, 30, 0))
+    palette = Image.new("P", (4, 3), 0)
+    palette.putpalette([200, 0, 0, 0, 200, 0] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    cmyk = Image.new("CMYK", (4, 3), (255, 0, 0, 0))  # cyan
+    deep = Image.new("I;16", (4, 3), 0)
+    deep.putpixel((0, 0), 65535)
+    deep.putpixel((1, 0), 32896)
+
+    grey.save(tmp_path / "l.png")
+    rgba.save(tmp_path / "rgba.png")
+    palette.save(tmp_path / "p.png", transparency=1)
+    cmyk.save(tmp_path / "cmyk.jpg")
+    deep.save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK" and Image.open(tmp_path / "i16.png").mode == "I;16"
+
+    loaded = {name: load_image(tmp_path / name) for name in ("l.png", "rgba.png", "p.png", "cmyk.jpg", "i16.png")}
+    assert all(image.mode == "RGB" and image.size == (4, 3) for image in loaded.values())
+    assert loaded["l.png"].getpixel((2, 2)) == (7, 7, 7)
+    assert loaded["rgba.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert loaded["rgba.png"].getpixel((1, 0)) == (10, 20, 30)
+    assert loaded["p.png"].getpixel((0, 0)) == (200, 0, 0)
+    assert loaded["p.png"].getpixel((1, 1)) == (255, 255, 255)  # transparent palette entry -> white
+    np.testing.assert_allclose(loaded["cmyk.jpg"].getpixel((2, 2)), (0, 255, 255), atol=3)
+    # 16-bit values are scaled, not clipped at 255.
+    assert [loaded["i16.png"].getpixel((x, 0)) for x in range(3)] == [(255,) * 3, (128,) * 3, (0,) * 3]
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "missing.jpg"
+    with pytest.raises(ImageLoadError, match="missing.jpg: file not found") as info:
+        load_image(path)
+    assert info.value.path == path
+    assert isinstance(info.value, ValueError) and isinstance(info.value, OSError)
+
+
+@pytest.mark.parametrize(
+    "content", [b"not an image", jpeg_bytes()[:2000], jpeg_bytes()[:200]], ids=["corrupt", "truncated", "header-only"]
+)
+def test_bad_files_name_the_file(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    assert str(info.value).startswith(f"{path}: cannot decode image")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_draft_decodes_jpeg_smaller(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(jpeg_bytes(640, 480))
+    assert load_image(path).size == (640, 480)
+    small = load_image(path, draft_size=100)  # largest 1/2^k reduction keeping both sides >= 100
+    assert small.mode == "RGB" and small.size == (160, 120)
+
+
+def test_eval_transform_follows_the_weights_config():
+    for name in ("tf_efficientnet_lite0", "resnet18"):
+        config = timm.get_pretrained_cfg(name)
+        transform = build_transform(name, 40, training=False)
+        out = transform(Image.new("RGB", (80, 60), (128, 64, 32)))
+        assert out.shape == (3, 40, 40)
+        expected = (torch.tensor([128, 64, 32]) / 255 - torch.tensor(config.mean)) / torch.tensor(config.std)
+        torch.testing.assert_close(out[:, 20, 20], expected.float(), atol=1e-3, rtol=0)
+
+
+def test_training_transform_augments():
+    transform = build_transform("tf_efficientnet_lite0", 32, training=True)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert not any("Augment" in name for name in names)
+    gradient = Image.fromarray(np.tile(np.arange(0, 256, 2, dtype=np.uint8), (96, 1)), "L").convert("RGB")
+    torch.manual_seed(0)
+    outs = [transform(gradient) for _ in range(4)]
+    assert all(out.shape == (3, 32, 32) for out in outs)
+    assert any(not torch.equal(outs[0], out) for out in outs[1:])
+
+
+def test_transform_from_a_wrapped_model():
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
+
+    config = resolve_image_config(Wrapper(), 48)
+    assert config["input_size"] == (3, 48, 48)
+    assert config["mean"] == timm.get_pretrained_cfg("resnet18").mean
+    assert build_transform(Wrapper(), 48, training=False)(Image.new("RGB", (50, 50))).shape == (3, 48, 48)
+
+
+@pytest.mark.comp5329
+def test_real_images(comp5329_dir):
+    for name in ("0.jpg", "30000.jpg"):
+        image = load_image(comp5329_dir / "data" / name)
+        assert image.mode == "RGB" and max(image.size) > 100
+        assert max(load_image(comp5329_dir / "data" / name, draft_size=64).size) < max(image.size)

