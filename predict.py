@@ -8,17 +8,17 @@ The model is rebuilt from the checkpoint folder alone (config.json, model.safete
 """
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a machine whose cores are shared (DataLoader workers, other jobs)
+# spinning threads can slow every step several-fold. Set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import csv
 import logging
 import sys
 from pathlib import Path
-
-import torch
-from accelerate import Accelerator
-
-from multimodal.inference import predict_to_csv, resolve_inputs
-from multimodal.model import MultimodalClassifier
 
 logger = logging.getLogger("multimodal")
 
@@ -41,6 +41,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Imported here, after parsing, so that --help needs no torch.
+    from accelerate import Accelerator
+
+    from multimodal.inference import predict_to_csv, resolve_inputs
+    from multimodal.model import MultimodalClassifier
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     model = MultimodalClassifier.from_pretrained(args.checkpoint).to(accelerator.device)
@@ -53,8 +59,9 @@ def main(args: argparse.Namespace) -> int:
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
                             skip_bad_images=args.skip_bad_images)
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
+    report = Path(args.output).with_suffix(".bad_images.csv")
+    report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one
     if result["bad_images"]:
-        report = Path(args.output).with_suffix(".bad_images.csv")
         with open(report, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["ImageID", "error"])
@@ -66,5 +73,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    sys.exit(main(get_args_parser().parse_args()))
+    args = get_args_parser().parse_args()
+    from multimodal.training import run_cli
+
+    sys.exit(run_cli(main, args))

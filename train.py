@@ -7,14 +7,26 @@
 """
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a machine whose cores are shared (DataLoader workers, other jobs)
+# spinning threads can slow every step several-fold. Set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import sys
 
-from multimodal.training import main, resolve_presets
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to each flag's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        return help_text if "(default:" in help_text else super()._get_help_string(action)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None,
@@ -49,6 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--combine", default="fused", choices=["fused", "fused_decoder", "mean"],
                    help="how the final probabilities are formed (see ModelConfig)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the heads")
+    g.add_argument("--fusion-hidden", type=int, default=0, help="hidden units of an MLP fused head (0: linear)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: 10; demo data: 8)")
@@ -65,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-features", default=None, metavar="DIR",
                    help="freeze the image encoder and train on its pooled features, computed once and cached in DIR "
                         "(invalidated when the encoder, weights, resolution or images change)")
+    g.add_argument("--train-tail-stages", type=int, default=0, metavar="K",
+                   help="with --cache-features: cache the feature maps below the image encoder's last K stages and "
+                        "fine-tune those K stages and its head convolution (0: cache pooled features, all frozen)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the image encoder")
     g.add_argument("--focal-gamma", type=float, default=0.0, help="focal BCE gamma (0: plain BCE)")
     g.add_argument("--decoder-loss-weight", type=float, default=1.0, help="weight of the decoder's sequence loss")
@@ -84,4 +100,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    sys.exit(main(resolve_presets(args)))
+    from multimodal.training import main, resolve_presets, run_cli  # after parsing: --help needs no torch
+
+    sys.exit(run_cli(main, resolve_presets(args)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +54,7 @@ class ModelConfig:
     beam_width: int = 3
     # Fusion.
     dropout: float = 0.2
+    fusion_hidden: int = 0  # 0: linear fused head; > 0: MLP with this many hidden units
     combine: str = "fused"
     decoder_weight: float = 0.5
 

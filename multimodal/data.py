@@ -6,7 +6,11 @@ docs/DESIGN.md.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -17,11 +21,11 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from multimodal.images import ImageLoadError, load_image
+from multimodal.images import ImageLoadError, load_image, resize_for_cache
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, caption_token_ids, pad_token_ids
 
-__all__ = ["ImageCaptionDataset", "Collator", "train_val_split", "LABEL_PAD"]
+__all__ = ["ImageCaptionDataset", "Collator", "train_val_split", "LABEL_PAD", "ImageCache", "build_image_cache"]
 
 LABEL_PAD = -100  # the default ignore_index of torch's cross-entropy
 logger = logging.getLogger(__name__)
@@ -40,6 +44,9 @@ class ImageCaptionDataset(Dataset):
         skip_bad_images: replace an unreadable image by zeros and flag it (``image_ok=False``) instead of raising.
         max_caption_length: captions are truncated to this many tokens.
         draft_size: passed to `load_image` (reduced-size JPEG decoding); ``None`` decodes at full size.
+        image_cache: read images from this pre-resized uint8 cache (`ImageCache`) instead of decoding the files.
+            The sample's ``image`` is then the cached uint8 tensor [S, S, 3] (``transform``, if given, is applied
+            to that tensor), to be preprocessed batched on the device by `images.BatchImageTransform`.
     """
 
     def __init__(
@@ -52,6 +59,7 @@ class ImageCaptionDataset(Dataset):
         skip_bad_images: bool = False,
         max_caption_length: int = 64,
         draft_size: Optional[int] = None,
+        image_cache: Optional["ImageCache"] = None,
     ) -> None:
         missing = {"ImageID", "Caption"} - set(frame.columns)
         if missing:
@@ -64,6 +72,9 @@ class ImageCaptionDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.max_caption_length = max_caption_length
         self.draft_size = draft_size
+        self.image_cache = image_cache
+        if image_cache is not None:
+            self.transform = transform or (lambda image: image)
         self._blank: Optional[torch.Tensor] = None
 
     @property
@@ -107,6 +118,8 @@ class ImageCaptionDataset(Dataset):
     def _load(self, index: int, image_id: str, sample: dict[str, Any]) -> torch.Tensor:
         path = self.image_path(index)
         try:
+            if self.image_cache is not None:
+                return self.transform(self.image_cache.image(image_id))
             image = load_image(path, self.draft_size)
         except ImageLoadError as err:
             error = ImageLoadError(path, f"row {index} (ImageID {image_id!r}): {err.reason}")
@@ -119,6 +132,9 @@ class ImageCaptionDataset(Dataset):
 
     def _blank_image(self) -> torch.Tensor:
         """Zeros shaped like the transform's output (found once by transforming a grey image)."""
+        if self._blank is None and self.image_cache is not None:
+            size = self.image_cache.size
+            self._blank = torch.zeros_like(self.transform(torch.zeros(size, size, 3, dtype=torch.uint8)))
         if self._blank is None:
             self._blank = torch.zeros_like(self.transform(Image.new("RGB", (256, 256), (128, 128, 128))))
         return self._blank.clone()
@@ -187,6 +203,149 @@ class Collator:
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         batch["image_id"] = [s["image_id"] for s in samples]
         return batch
+
+
+class ImageCache:
+    """Images decoded once, resized (short side) and centre-cropped to ``size`` x ``size``: a uint8 [N, S, S, 3]
+    ``.npy`` file read through a memory map, with a JSON sidecar (image ids, readable flags, fingerprint, build time).
+
+    Reading a cached image is a copy of S * S * 3 bytes, against a JPEG decode and a bicubic resize, so the data
+    loader stops being the bottleneck of a fast GPU. Build it with `build_image_cache`. Built at
+    `images.eval_resize_size` it reproduces the evaluation transform exactly (`images.BatchImageTransform`); training
+    crops then come from the centre square of each image.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.meta = json.loads(self.path.with_suffix(".json").read_text())
+        self.size: int = int(self.meta["size"])
+        self.interpolation: str = self.meta["interpolation"]
+        self.ids: list[str] = list(self.meta["ids"])
+        self.ok = np.asarray(self.meta["ok"], dtype=bool)
+        self.errors: dict[str, str] = dict(self.meta.get("errors", {}))
+        self.row = {image_id: i for i, image_id in enumerate(self.ids)}
+        self._array: Optional[np.ndarray] = None  # opened lazily, so each DataLoader worker maps it itself
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")  # [N, S, S, 3] uint8
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:  # workers re-open the memory map instead of pickling it
+        return {**self.__dict__, "_array": None}
+
+    def image(self, image_id: str) -> torch.Tensor:
+        """The cached uint8 image [S, S, 3] (a copy).
+
+        Raises:
+            ImageLoadError: the image is not in the cache or could not be read when the cache was built.
+        """
+        row = self.row.get(image_id)
+        if row is None:
+            raise ImageLoadError(image_id, f"not in the image cache {self.path}")
+        if not self.ok[row]:
+            raise ImageLoadError(image_id, self.errors.get(image_id, "unreadable when the image cache was built"))
+        return torch.from_numpy(np.array(self.array[row]))
+
+
+def image_cache_fingerprint(image_ids: Sequence[str], image_dir: str | Path, size: int, interpolation: str,
+                            crop: Optional[int] = None) -> str:
+    """SHA-256 of the cache's parameters and of the image files' names, sizes and modification times."""
+    h = hashlib.sha256(f"{size}\0{interpolation}\0{crop}\n".encode())
+    for image_id in image_ids:
+        try:
+            st = os.stat(Path(image_dir) / image_id)
+            h.update(f"{image_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{image_id}\0missing\n".encode())
+    return h.hexdigest()
+
+
+class _CacheWriter(Dataset):
+    """Decodes, resizes and writes one image into the cache file; run by DataLoader workers in parallel."""
+
+    def __init__(self, image_ids: Sequence[str], image_dir: Path, path: Path, size: int, interpolation: str,
+                 crop: Optional[int]) -> None:
+        self.image_ids, self.image_dir, self.path = list(image_ids), image_dir, path
+        self.size, self.interpolation, self.crop = size, interpolation, crop
+        self._array: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[int, Optional[str]]:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r+")
+        try:
+            image = load_image(self.image_dir / self.image_ids[index])
+        except ImageLoadError as err:
+            return index, str(err)
+        self._array[index] = resize_for_cache(image, self.size, self.interpolation, self.crop)
+        return index, None
+
+
+def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir: str | Path, size: int,
+                      interpolation: str = "bicubic", crop: Optional[int] = None, workers: int = 0,
+                      skip_bad_images: bool = False, rebuild: bool = False) -> ImageCache:
+    """The `ImageCache` of these images at ``size``, reused from ``cache_dir`` when its fingerprint matches.
+
+    The file is named by a fingerprint of the size, the interpolation and the image files (name, size, modification
+    time), so a stale cache is never read; it is written under a temporary name and renamed when complete. The
+    returned cache's ``meta`` holds ``build_seconds`` (of the build that wrote it) and ``reused``.
+
+    Args:
+        image_ids: file names, in dataset order (duplicates are stored once).
+        image_dir: folder holding them.
+        cache_dir: where the cache lives.
+        size: side of the cached squares, e.g. `images.eval_resize_size` of the model's transform (256 for 224 px).
+        interpolation: resize filter, the encoder's (``resolve_image_config(...)["interpolation"]``).
+        crop: the model's input size: aligns each square so that its centre crop of this size is exactly the
+            evaluation transform's crop (see `images.resize_for_cache`).
+        workers: decoding processes (DataLoader workers); 0 decodes in this process.
+        skip_bad_images: record unreadable images as such instead of raising.
+        rebuild: build even when a matching cache exists.
+
+    Raises:
+        ImageLoadError: an image is missing or unreadable and ``skip_bad_images`` is off.
+    """
+    image_ids = list(dict.fromkeys(image_ids))
+    image_dir = Path(image_dir)
+    fingerprint = image_cache_fingerprint(image_ids, image_dir, size, interpolation, crop)
+    path = Path(cache_dir) / f"images-{size}-{interpolation}-{fingerprint[:20]}.npy"
+    if path.is_file() and path.with_suffix(".json").is_file() and not rebuild:
+        cache = ImageCache(path)
+        cache.meta["reused"] = True
+        return cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    start = time.perf_counter()
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3)).flush()
+    loader = torch.utils.data.DataLoader(_CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop),
+                                         batch_size=32, num_workers=workers, collate_fn=list)
+    errors: dict[str, str] = {}
+    for batch in loader:
+        for index, error in batch:
+            if error is not None:
+                if not skip_bad_images:
+                    tmp.unlink(missing_ok=True)
+                    raise ImageLoadError(image_dir / image_ids[index], error)
+                errors[image_ids[index]] = error
+    build_seconds = time.perf_counter() - start
+    meta = {"size": size, "interpolation": interpolation, "crop": crop, "fingerprint": fingerprint,
+            "image_dir": str(image_dir), "build_seconds": build_seconds, "workers": workers, "ids": image_ids,
+            "ok": [image_id not in errors for image_id in image_ids], "errors": errors}
+    tmp_meta = path.with_name(path.stem + ".tmp.json")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp, path)
+    os.replace(tmp_meta, path.with_suffix(".json"))
+    cache = ImageCache(path)
+    cache.meta["reused"] = False
+    logger.info("image cache: %d images at %d px in %.1f s -> %s", len(image_ids), size, build_seconds, path)
+    return cache
 
 
 def train_val_split(frame: pd.DataFrame, val_fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .config import save_json
@@ -58,6 +60,41 @@ class JSONLinesTracker(GeneralTracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}, default=float) + "\n")
+
+
+class SeededAugmentation(Dataset):
+    """A map-style dataset whose sample ``i`` of epoch ``e`` is made under RNGs seeded by ``(seed, e, i)``.
+
+    Random augmentation (timm draws from both ``random`` and ``torch``) then depends neither on the order in which
+    samples are loaded nor on the number of workers or processes, nor on where a run was resumed: a resumed run sees
+    exactly the augmented images of an uninterrupted one. The caller's RNG states are restored after each sample, so
+    the global streams (dropout) advance the same whether or not batches were skipped or loaded ahead. With worker
+    processes the epoch reaches the dataset only if the workers are not persistent.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -110,7 +147,8 @@ class CheckpointManager:
         final = self.root / f"step_{progress.step:08d}"
         tmp = self.root / f".tmp-step_{progress.step:08d}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
@@ -140,7 +178,12 @@ class CheckpointManager:
 
 def resolve_checkpoint(resume: str, runs_root: str | Path = "runs") -> Path:
     """A checkpoint folder from ``--resume``: a checkpoint, a run folder (its newest checkpoint) or ``latest``."""
-    path = Path(runs_root) / "latest" if resume == "latest" else Path(resume)
+    path = Path(resume)
+    if resume == "latest":  # follow the link now: a run started later would move it
+        link = Path(runs_root) / "latest"
+        if not link.exists():
+            raise FileNotFoundError(f"--resume latest: {link} does not exist (no run to resume)")
+        path = link.parent / os.readlink(link) if link.is_symlink() else link
     if (path / "progress.json").is_file():
         return path
     if (path / "checkpoints").is_dir():
@@ -175,59 +218,70 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
     bar = tqdm(total=total_batches, initial=progress.batches_done, desc=f"epoch {progress.epoch}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
     seen, t0 = 0, time.perf_counter()
-    for batch in loader:
-        if use_image and "image_ok" in batch and not bool(batch["image_ok"].all()):
-            if bad_images is not None:
-                bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
-            batch = select_rows(batch, batch["image_ok"])
-        if seen_ids is not None:
-            seen_ids.extend(batch["image_id"])
-        with accelerator.accumulate(model):
-            if len(batch["targets"]) == 0:  # every image of the batch unreadable: keep ranks in step, learn nothing
-                continue
-            outputs = model(**model_inputs(batch), label_seq=batch.get("label_seq"))
-            terms = criterion(outputs, batch["targets"], batch.get("label_seq"))
-            loss = terms["loss"]
-            terms = {k: v.detach() for k, v in terms.items()}
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss ({loss.item()}) at step {progress.step} (epoch {progress.epoch}, "
-                    f"batch {progress.batches_done}); terms: { {k: float(v) for k, v in terms.items()} }")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        progress.batches_done += 1
-        seen += len(batch["targets"])
-        count += 1
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if accelerator.sync_gradients:
-            progress.step += 1
-            rate = seen * accelerator.num_processes / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{float(terms['loss']):.4f}", img_s=f"{rate:.1f}")
-            if progress.step % log_every == 0:
-                accelerator.log({f"train/{k}": float(v) for k, v in terms.items()}
-                                | {"train/lr": scheduler.get_last_lr()[-1], "train/images_per_s": rate},
-                                step=progress.step)
-            if checkpoints is not None and checkpoint_every > 0 and progress.step % checkpoint_every == 0:
-                checkpoints.save(progress)
-                if on_checkpoint is not None:
-                    on_checkpoint(progress)
-            if max_steps is not None and progress.step >= max_steps:
-                bar.update(1)
-                break
-        bar.update(1)
-    bar.close()
+    try:  # on an error too: a bar left open would swallow the start of the error message's line
+        for batch in loader:
+            all_bad = False
+            if use_image and "image_ok" in batch and not bool(batch["image_ok"].all()):
+                if bad_images is not None:
+                    bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
+                if bool(batch["image_ok"].any()):
+                    batch = select_rows(batch, batch["image_ok"])
+                else:  # every image unreadable: a zero-weight step keeps the processes (and their all-reduces) in step
+                    all_bad = True
+            if seen_ids is not None and not all_bad:
+                seen_ids.extend(batch["image_id"])
+            with accelerator.accumulate(model):
+                outputs = model(**model_inputs(batch), label_seq=batch.get("label_seq"))
+                terms = criterion(outputs, batch["targets"], batch.get("label_seq"))
+                loss = terms["loss"] * 0.0 if all_bad else terms["loss"]
+                terms = {k: v.detach() for k, v in terms.items()}
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                if accelerator.num_processes > 1:  # all stop together, none is left waiting in the gradient all-reduce
+                    finite = accelerator.gather(finite).min().reshape(1)
+                if not bool(finite.item()):
+                    raise FloatingPointError(
+                        f"non-finite loss at step {progress.step + 1} (epoch {progress.epoch}, batch "
+                        f"{progress.batches_done}; this process's loss terms: "
+                        f"{', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())}): lower --lr, or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.batches_done += 1
+            if not all_bad:
+                seen += len(batch["targets"])
+                count += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            if accelerator.sync_gradients:
+                progress.step += 1
+                rate = seen * accelerator.num_processes / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{float(terms['loss']):.4f}", img_s=f"{rate:.1f}")
+                if progress.step % log_every == 0:
+                    accelerator.log({f"train/{k}": float(v) for k, v in terms.items()}
+                                    | {"train/lr": scheduler.get_last_lr()[-1], "train/images_per_s": rate},
+                                    step=progress.step)
+                if checkpoints is not None and checkpoint_every > 0 and progress.step % checkpoint_every == 0:
+                    checkpoints.save(progress)
+                    if on_checkpoint is not None:
+                        on_checkpoint(progress)
+                if max_steps is not None and progress.step >= max_steps:
+                    bar.update(1)
+                    break
+            bar.update(1)
+    finally:
+        bar.close()
     return {k: v / max(1, count) for k, v in sums.items()}
 
 
 @torch.inference_mode()
 def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: Accelerator,
-                        with_decoder: bool = True) -> dict[str, np.ndarray]:
+                        with_decoder: bool = True, bad_images: Optional[list[str]] = None) -> dict[str, np.ndarray]:
     """Probabilities of every output over a labelled loader, gathered across processes exactly once per sample.
+
+    ``bad_images`` collects the ids of this process's unreadable images (blank images with ``skip_bad_images``).
 
     Returns:
         ``targets`` and, per output that exists, ``image``/``caption``/``fused``/``decoder``/``final`` [N, C]
@@ -237,6 +291,8 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
     core = accelerator.unwrap_model(model)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in loader:
+        if bad_images is not None and "image_ok" in batch:
+            bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
         inputs = model_inputs(batch)
         outputs = model(**inputs)
         probs = {name: torch.sigmoid(outputs[f"{name}_logits"].float())

@@ -50,34 +50,45 @@ def images_digest(frame: pd.DataFrame, image_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFrame, image_dir: str | Path) -> str:
+def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFrame, image_dir: str | Path,
+                        tail_stages: Optional[int] = None) -> str:
     transform = build_transform(encoder, image_size, training=False)
     parts = {"encoder": encoder.name, "weights": weights_digest(encoder), "image_size": image_size,
              "transform": repr(transform), "images": images_digest(frame, image_dir)}
+    if tail_stages is not None:
+        parts["tail_stages"] = tail_stages
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 @torch.inference_mode()
 def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 64, workers: int = 2,
                      device: str | torch.device = "cpu", channels_last: bool = True,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features of every image of ``dataset`` in order.
+                     progress: bool = True, tail_stages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of every image of ``dataset`` in order, or with ``tail_stages`` the feature maps below the
+    encoder's last ``tail_stages`` stages (float16, to halve the memory).
 
     Returns:
-        ``features`` float32 [N, F] (zeros where an image could not be read) and ``ok`` bool [N].
+        ``features`` [N, F] float32 or [N, C, h, w] float16 (zeros where an image could not be read) and ``ok``
+        bool [N].
     """
     encoder = encoder.eval().to(device)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=Collator())
-    features = torch.zeros(len(dataset), encoder.num_features)
+    features: Optional[torch.Tensor] = None
     ok = torch.ones(len(dataset), dtype=torch.bool)
     for batch in tqdm(loader, desc="image features", disable=not progress, leave=False):
         image = batch["image"].to(device)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        features[batch["index"]] = encoder(image).float().cpu()
+        if tail_stages is None:
+            out = encoder(image).float().cpu()  # [B, F]
+        else:
+            out = encoder.forward_stem(image, tail_stages).half().cpu().contiguous()  # [B, C, h, w]
+        if features is None:
+            features = torch.zeros((len(dataset), *out.shape[1:]), dtype=out.dtype)
+        features[batch["index"]] = out
         ok[batch["index"]] = batch["image_ok"]
     features[~ok] = 0
     return features, ok
@@ -85,15 +96,16 @@ def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 
 
 def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str | Path, image_size: int,
                     cache_dir: str | Path, *, batch_size: int = 64, workers: int = 2,
-                    device: str | torch.device = "cpu", skip_bad_images: bool = False) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
+                    device: str | torch.device = "cpu", skip_bad_images: bool = False,
+                    tail_stages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_features` for the rows of ``frame``, read from ``cache_dir`` when a matching cache exists.
 
     Returns:
-        ``features`` [N, F] aligned with the rows of ``frame`` and ``ok`` [N].
+        ``features`` ([N, F], or [N, C, h, w] with ``tail_stages``) aligned with the rows of ``frame``, ``ok`` [N].
     """
-    fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir)
-    path = Path(cache_dir) / f"features-{encoder.name}-{image_size}-{fingerprint[:20]}.safetensors"
+    fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir, tail_stages)
+    kind = "" if tail_stages is None else f"-below{tail_stages}"
+    path = Path(cache_dir) / f"features-{encoder.name}-{image_size}{kind}-{fingerprint[:20]}.safetensors"
     if path.is_file():
         tensors = load_file(str(path))
         logger.info("image features: cache hit %s", path)
@@ -102,7 +114,7 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
     dataset = ImageCaptionDataset(frame[["ImageID", "Caption"]], image_dir,
                                   transform=build_transform(encoder, image_size, training=False),
                                   skip_bad_images=skip_bad_images)
-    features, ok = compute_features(encoder, dataset, batch_size, workers, device)
+    features, ok = compute_features(encoder, dataset, batch_size, workers, device, tail_stages=tail_stages)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"features": features.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp),
@@ -116,14 +128,17 @@ class FeatureDataset(Dataset):
 
     Args:
         dataset: the image-less dataset (captions, labels).
-        features: [N_all, F] features; ``rows[i]`` is the feature row of sample ``i``.
+        features: [N_all, F] features or [N_all, C, h, w] feature maps; ``rows[i]`` is the row of sample ``i``.
         ok: [N_all] whether each image could be read.
         rows: per sample of ``dataset``, its row in ``features``.
+        flip: mirror a feature map left-right with probability 1/2 (training augmentation; a map of a mirrored
+            image is close to the mirrored map, since the network is trained on flipped images).
     """
 
     def __init__(self, dataset: ImageCaptionDataset, features: torch.Tensor, ok: torch.Tensor,
-                 rows: Any) -> None:
+                 rows: Any, flip: bool = False) -> None:
         self.dataset = dataset
+        self.flip = flip and features.ndim == 4
         self.features = features
         self.ok = ok
         self.rows = torch.as_tensor(list(rows), dtype=torch.long)
@@ -136,6 +151,9 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
         row = int(self.rows[index])
-        sample["image_features"] = self.features[row]
+        feature = self.features[row]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            feature = feature.flip(-1)  # [C, h, W]: mirror the width
+        sample["image_features"] = feature
         sample["image_ok"] = bool(self.ok[row])
         return sample

@@ -1,6 +1,7 @@
 """Image loading and the timm preprocessing that matches the image encoder's weights."""
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -11,7 +12,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-__all__ = ["ImageLoadError", "load_image", "build_transform", "resolve_image_config"]
+__all__ = ["ImageLoadError", "load_image", "build_transform", "resolve_image_config", "eval_resize_size",
+           "draft_size_for", "resize_for_cache", "BatchImageTransform"]
 
 # Errors Pillow raises for unreadable files: OSError (truncated, undecodable; UnidentifiedImageError is one),
 # SyntaxError/ValueError/struct.error/EOFError from some format plugins, DecompressionBombError for huge images.
@@ -114,3 +116,144 @@ def build_transform(
     """
     config = resolve_image_config(encoder_name_or_model, image_size)
     return create_transform(**config, is_training=training, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Speed options: reduced-size JPEG decoding, the uint8 image cache's resize, and batched on-device preprocessing.
+
+
+def eval_resize_size(config: dict[str, Any]) -> int:
+    """The short side timm's evaluation transform resizes to before its centre crop (``floor(size / crop_pct)``)."""
+    return int(math.floor(config["input_size"][-1] / config["crop_pct"]))
+
+
+def draft_size_for(encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, training: bool = False) -> int:
+    """The ``draft_size`` for `load_image` that loses nothing the transform keeps.
+
+    Evaluation resizes the short side to `eval_resize_size` and then crops, so a JPEG may be decoded at 1/2, 1/4 or
+    1/8 scale as long as its short side stays at least that large: the bicubic resize that follows is still a
+    reduction. Training crops a random part of the image (``RandomResizedCrop``), so the draft keeps the short side
+    at least ``image_size`` (a full-image crop keeps its detail; small crops are enlarged either way).
+    """
+    if training:
+        return int(image_size)
+    return eval_resize_size(resolve_image_config(encoder_name_or_model, image_size))
+
+
+def resize_for_cache(image: Image.Image, size: int, interpolation: str = "bicubic",
+                     crop: Optional[int] = None) -> np.ndarray:
+    """Short side resized to ``size``, then a ``size`` x ``size`` square cut out: uint8 [size, size, 3].
+
+    The resize is torchvision's ``Resize`` on the PIL image, as in timm's evaluation transform. The square is the
+    centre one; with ``crop`` it is shifted (by at most half a pixel) so that the centre ``crop`` x ``crop`` of the
+    square is exactly the centre crop that timm's evaluation transform takes of the resized image, whose offset is
+    rounded per image. Built with ``size = eval_resize_size(...)`` and ``crop = image_size``, the cache then
+    reproduces the evaluation transform bit for bit.
+    """
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision.transforms import functional as TF
+
+    image = TF.resize(image, size, interpolation=str_to_interp_mode(interpolation))
+    W, H = image.size
+    top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    if crop is not None:  # the crop's offset in the resized image minus its offset in the square
+        inner = int(round((size - crop) / 2.0))
+        top = min(max(int(round((H - crop) / 2.0)) - inner, 0), H - size)
+        left = min(max(int(round((W - crop) / 2.0)) - inner, 0), W - size)
+    return np.asarray(TF.crop(image, top, left, size, size), dtype=np.uint8)
+
+
+class BatchImageTransform(torch.nn.Module):
+    """timm-style preprocessing of a whole uint8 batch [B, H, W, 3] on its device (GPU or CPU) -> float [B, 3, s, s].
+
+    For images from the uint8 cache (`multimodal.data.ImageCache`): the loader only copies bytes, and the resize,
+    augmentation and normalisation run batched where the model runs. Evaluation is a centre crop of ``image_size``
+    then timm's mean/std, which matches the PIL evaluation transform when the cache was built at
+    `eval_resize_size`. Training draws, per image, timm's ``RandomResizedCrop`` box (same scale and ratio ranges,
+    10 tries then the whole image), a horizontal flip and colour jitter (brightness, contrast, saturation by factors
+    in ``[1 - color_jitter, 1 + color_jitter]``, in that fixed order), and resamples bilinearly (``grid_sample``).
+    Differences from the PIL training transform: crops come from the cached centre square, resampling is bilinear
+    without antialiasing, and the jitter order is fixed.
+
+    The output keeps the channels-last layout of the input (``permute`` of [B, H, W, 3]) unless ``channels_last`` is
+    False. A single image [H, W, 3] gives [3, s, s]: on a CPU the transform belongs in the DataLoader workers, not
+    in the process that runs the model.
+    """
+
+    def __init__(self, encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, training: bool,
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5, color_jitter: float = 0.4, channels_last: bool = True) -> None:
+        super().__init__()
+        config = resolve_image_config(encoder_name_or_model, image_size)
+        self.image_size = int(image_size)
+        self.training_mode = training
+        self.scale, self.ratio, self.hflip, self.color_jitter = scale, ratio, hflip, color_jitter
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 3:  # one image [H, W, 3] -> [3, s, s], e.g. as a DataLoader worker's transform on a CPU
+            return self.forward(images[None])[0]
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        x = images.permute(0, 3, 1, 2)  # [B, 3, H, W], channels-last strides
+        if self.training_mode:
+            x = self._augment(x.float())  # [B, 3, s, s] in 0..255
+        else:
+            x = self._centre_crop(x).float()  # [B, 3, s, s] in 0..255
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def _centre_crop(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        s = self.image_size
+        if H < s or W < s:
+            raise ValueError(f"cached images are {H}x{W}, smaller than the {s}x{s} crop")
+        top, left = int(round((H - s) / 2.0)), int(round((W - s) / 2.0))  # as torchvision's center_crop
+        return x[:, :, top: top + s, left: left + s]
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        device = x.device
+        # RandomResizedCrop boxes, 10 candidates per image as timm/torchvision; the first that fits wins.
+        tries = 10
+        area = H * W * torch.empty(B, tries, device=device).uniform_(*self.scale)
+        log_ratio = torch.empty(B, tries, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_ratio)
+        w = torch.sqrt(area * aspect).round()
+        h = torch.sqrt(area / aspect).round()
+        fits = (w <= W) & (h <= H) & (w > 0) & (h > 0)  # [B, tries]
+        first = torch.where(fits.any(1), fits.float().argmax(1), torch.zeros(B, dtype=torch.long, device=device))
+        rows = torch.arange(B, device=device)
+        w, h = w[rows, first], h[rows, first]  # [B]
+        fallback = ~fits.any(1)  # the whole image, as the fallback of RandomResizedCrop for these aspect ratios
+        w = torch.where(fallback, torch.full_like(w, W), w)
+        h = torch.where(fallback, torch.full_like(h, H), h)
+        x0 = torch.floor(torch.rand(B, device=device) * (W - w + 1))
+        y0 = torch.floor(torch.rand(B, device=device) * (H - h + 1))
+        flip = torch.where(torch.rand(B, device=device) < self.hflip, -1.0, 1.0)
+        # Affine map from output to input coordinates in grid_sample's [-1, 1] units (align_corners=False).
+        theta = torch.zeros(B, 2, 3, device=device)
+        theta[:, 0, 0] = w / W * flip
+        theta[:, 0, 2] = (2 * x0 + w) / W - 1
+        theta[:, 1, 1] = h / H
+        theta[:, 1, 2] = (2 * y0 + h) / H - 1
+        s = self.image_size
+        grid = torch.nn.functional.affine_grid(theta, [B, 3, s, s], align_corners=False)  # [B, s, s, 2]
+        out = torch.nn.functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
+                                              align_corners=False)  # [B, 3, s, s]
+        if self.color_jitter > 0:
+            out = self._jitter(out)
+        return out
+
+    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        lo, hi = 1.0 - self.color_jitter, 1.0 + self.color_jitter
+        factors = torch.empty(3, B, 1, 1, 1, device=x.device, dtype=x.dtype).uniform_(max(0.0, lo), hi)
+        x = (x * factors[0]).clamp(0, 255)  # brightness
+        grey_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = (x * grey_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # [B, 1, 1, 1]
+        x = ((x - mean) * factors[1] + mean).clamp(0, 255)  # contrast
+        grey = (x * grey_weights).sum(1, keepdim=True)  # [B, 1, H, W]
+        return ((x - grey) * factors[2] + grey).clamp(0, 255)  # saturation

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .annotations import read_annotations
 from .data import Collator, ImageCaptionDataset
 from .engine import model_inputs
-from .images import build_transform
+from .images import BatchImageTransform, build_transform, draft_size_for
 from .metrics import binarize
 from .model import MultimodalClassifier
 from .text import PAD_ID
@@ -86,8 +86,14 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
 
 def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], output: str | Path,
                    accelerator: Any, *, thresholds: Any = None, probabilities: Optional[str | Path] = None,
-                   batch_size: int = 64, workers: int = 2, skip_bad_images: bool = False) -> dict[str, Any]:
+                   batch_size: int = 64, workers: int = 2, skip_bad_images: bool = False,
+                   draft_size: Optional[int] | str = "auto", image_cache: Any = None) -> dict[str, Any]:
     """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
+
+    Speed options: ``draft_size`` (``"auto"``: `images.draft_size_for` the model's evaluation transform, so JPEGs at
+    least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
+    (a `data.ImageCache` built at the evaluation resize size: images are read from it as uint8 and preprocessed by
+    `images.BatchImageTransform`, batched on a GPU, per image in the DataLoader workers on a CPU).
 
     Returns:
         ``rows`` written and ``bad_images`` (ImageID, error) pairs of images that could not be read.
@@ -97,8 +103,18 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     thresholds = 0.5 if thresholds is None else thresholds
     use_image = model.image_encoder is not None
     transform = build_transform(model.config.image_encoder, model.config.image_size, False) if use_image else None
+    if draft_size == "auto":
+        draft_size = draft_size_for(model.config.image_encoder, model.config.image_size) if use_image else None
+    cache = image_cache if use_image else None
+    on_device = cache is not None and accelerator.device.type == "cuda"
+    if cache is not None:  # uint8 from the cache: preprocessed on the GPU, or by the workers on a CPU
+        transform = BatchImageTransform(model.image_encoder, model.config.image_size, training=False,
+                                        channels_last=on_device)
     dataset = ImageCaptionDataset(frame, image_dir if use_image else None, codec=None, tokenizer=model.tokenizer,
-                                  transform=transform, skip_bad_images=skip_bad_images)
+                                  transform=None if on_device else transform, skip_bad_images=skip_bad_images,
+                                  draft_size=draft_size, image_cache=cache)
+    if use_image and not skip_bad_images:
+        dataset.check_images()  # a missing file stops the run now, naming it, not after hours of predictions
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=Collator(pad_id=PAD_ID), pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=False)
@@ -108,25 +124,41 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = output.with_name(output.name + ".tmp")
     tmp_prob = Path(str(probabilities) + ".tmp") if probabilities else None
-    with open(tmp_out, "w", newline="") as f_out, (open(tmp_prob, "w", newline="") if tmp_prob else _null()) as f_p:
-        out = csv.writer(f_out)
-        out.writerow(["ImageID", "Labels"])
-        prob_writer = csv.writer(f_p) if tmp_prob else None
-        if prob_writer:
-            prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
-        for ids, probs, usable, errors in iter_predictions(model, loader, accelerator):
-            bad.extend(errors)
-            pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
-            for image_id, row in zip(ids, pred):
-                out.writerow([image_id, " ".join(str(codec.label_ids[c]) for c in np.flatnonzero(row))])
+    try:
+        with open(tmp_out, "w", newline="") as f_out, \
+                (open(tmp_prob, "w", newline="") if tmp_prob else _null()) as f_p:
+            out = csv.writer(f_out)
+            out.writerow(["ImageID", "Labels"])
+            prob_writer = csv.writer(f_p) if tmp_prob else None
             if prob_writer:
-                for image_id, p in zip(ids, probs):
-                    prob_writer.writerow([image_id, *(f"{v:.6f}" for v in p)])
-            rows += len(ids)
+                prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
+            batches = _on_device_transform(loader, transform.to(accelerator.device), accelerator.device) \
+                if on_device else loader
+            for ids, probs, usable, errors in iter_predictions(model, batches, accelerator):
+                bad.extend(errors)
+                pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
+                for image_id, row in zip(ids, pred):
+                    out.writerow([image_id, " ".join(str(codec.label_ids[c]) for c in np.flatnonzero(row))])
+                if prob_writer:  # no probabilities (nan) for a row that could not be predicted at all
+                    for image_id, p, ok in zip(ids, probs, usable):
+                        prob_writer.writerow([image_id, *(f"{v:.6f}" if ok else "nan" for v in p)])
+                rows += len(ids)
+    except BaseException:  # no half-written output left behind
+        tmp_out.unlink(missing_ok=True)
+        if tmp_prob:
+            tmp_prob.unlink(missing_ok=True)
+        raise
     tmp_out.replace(output)
     if tmp_prob:
         tmp_prob.replace(probabilities)
     return {"rows": rows, "bad_images": bad}
+
+
+def _on_device_transform(loader: Any, transform: Any, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Batches of cached uint8 images [B, S, S, 3] moved to ``device`` and preprocessed there."""
+    for batch in loader:
+        batch["image"] = transform(batch["image"].to(device, non_blocking=True))
+        yield batch
 
 
 class _null:

@@ -52,6 +52,36 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.backbone(image)  # [B, 3, H, W] -> [B, F]
 
+    def _stages(self) -> nn.Sequential:
+        if not hasattr(self.backbone, "blocks") or not hasattr(self.backbone, "conv_head"):
+            raise TypeError(f"{self.name} is not a timm EfficientNet: no blocks/conv_head to split")
+        return self.backbone.blocks
+
+    def forward_stem(self, image: torch.Tensor, tail_stages: int) -> torch.Tensor:
+        """The part before the last ``tail_stages`` stages: image [B, 3, H, W] -> feature map [B, C, h, w].
+
+        ``forward_tail(forward_stem(x, k), k) == forward(x)`` for every ``k``: the split lets the frozen bottom of
+        the network be computed once and cached while its top is fine-tuned.
+        """
+        stages = self._stages()
+        x = self.backbone.bn1(self.backbone.conv_stem(image))
+        return stages[: len(stages) - tail_stages](x)
+
+    def forward_tail(self, feature_map: torch.Tensor, tail_stages: int) -> torch.Tensor:
+        """The last ``tail_stages`` stages, the 1x1 head convolution and pooling: [B, C, h, w] -> [B, F]."""
+        stages = self._stages()
+        x = stages[len(stages) - tail_stages:](feature_map)
+        x = self.backbone.bn2(self.backbone.conv_head(x))
+        return self.backbone.forward_head(x)  # pooling + timm's dropout (no classifier: num_classes=0)
+
+    def freeze_below_tail(self, tail_stages: int) -> list[nn.Module]:
+        """Freeze everything below the last ``tail_stages`` stages; returns the frozen modules (keep them in eval)."""
+        stages = self._stages()
+        frozen = [self.backbone.conv_stem, self.backbone.bn1, *stages[: len(stages) - tail_stages]]
+        for module in frozen:
+            module.requires_grad_(False)
+        return frozen
+
 
 def load_glove(path: str | os.PathLike, tokenizer_vocab: dict[str, int], dim: int) -> tuple[torch.Tensor, int]:
     """Word vectors for a vocabulary from a GloVe-format text file (``word v1 ... v_dim`` per line).
@@ -331,10 +361,16 @@ class MultimodalClassifier(nn.Module):
         self.num_features: int = sum(enc.num_features for enc in (self.image_encoder, self.caption_encoder)
                                      if enc is not None)
         self.head_drop = nn.Dropout(config.dropout)
-        self.fused_head = nn.Linear(self.num_features, C)
+        # Linear on the concatenated embeddings, or a one-hidden-layer MLP that can model cross-branch interactions.
+        self.fused_head: nn.Module = nn.Linear(self.num_features, C) if not config.fusion_hidden else nn.Sequential(
+            nn.Linear(self.num_features, config.fusion_hidden), nn.GELU(), nn.Dropout(config.dropout),
+            nn.Linear(config.fusion_hidden, C))
         if config.use_decoder:
             self.label_decoder = LabelDecoder(C, self.num_features, config.label_embed_dim, config.decoder_hidden,
                                               config.max_labels, config.beam_width, config.dropout)
+        # Training on cached feature maps (`features.cached_features(tail_stages=k)`): the number of trainable top
+        # stages of the image encoder that a 4-D ``image_features`` input still has to pass through.
+        self.tail_stages: int = 0
         # Set by `from_pretrained` (or by the caller) so that a loaded model carries what prediction needs.
         self.codec: Any = None
         self.tokenizer: Any = None
@@ -345,12 +381,15 @@ class MultimodalClassifier(nn.Module):
                          image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Branch embeddings: ``{"image": [B, F_img], "caption": [B, F_cap]}`` for the branches that are on.
 
-        ``image_features`` (pooled encoder output, e.g. cached once with the encoder frozen) replaces ``image``.
+        ``image_features`` replaces ``image``: pooled encoder output [B, F] (cached once with the encoder frozen), or
+        the feature map [B, C, h, w] below the last ``self.tail_stages`` stages, which are then run here.
         Inputs of a switched-off branch are ignored.
         """
         features = {}
         if self.image_encoder is not None:
-            if image_features is not None:
+            if image_features is not None and image_features.ndim == 4:  # cached map below a trainable tail
+                features["image"] = self.image_encoder.forward_tail(image_features.float(), self.tail_stages)
+            elif image_features is not None:
                 features["image"] = F.dropout(image_features, self.config.image_drop_rate, self.training)
             elif image is not None:
                 features["image"] = self.image_encoder(image)

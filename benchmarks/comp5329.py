@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""The comparison table on the real COMP5329 data: one command per row, one command for the whole table.
+
+    python benchmarks/comp5329.py --row caption_only          # one row (trains, evaluates, writes results/<row>.json)
+    python benchmarks/comp5329.py --all                       # every CPU row, then the report
+    python benchmarks/comp5329.py --report                    # RESULTS.md, results.csv and the charts from results/
+
+Every row uses the same data (``--data-dir`` or ``MULTIMODAL_COMP5329``) and the same validation split (20%, seed 0,
+the `train.py` defaults). Neural rows run `train.py` as a subprocess; the two classical reference rows (TF-IDF +
+logistic regression on captions, a linear probe on frozen image features) run here with scikit-learn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from multimodal.annotations import read_annotations  # noqa: E402
+from multimodal.data import train_val_split  # noqa: E402
+from multimodal.labels import LabelCodec  # noqa: E402
+from multimodal.metrics import compute_metrics, crossfit_tuned_metrics  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs" / "benchmarks"
+CACHE = ROOT / ".cache" / "features"
+SEED, VAL_FRACTION = 0, 0.2
+
+# Frozen-encoder CPU rows train on cached pooled features (computed once per encoder and resolution).
+FROZEN = ["--cache-features", str(CACHE), "--tune-thresholds", "--batch-size", "64", "--workers", "2"]
+NEURAL_ROWS: dict[str, dict[str, Any]] = {
+    "caption_only": dict(
+        label="caption LSTM only", args=["--no-image", "--no-decoder", "--tune-thresholds", "--epochs", "12",
+                                         "--batch-size", "64", "--workers", "0"]),
+    "image_only_lite0": dict(
+        label="image only, EfficientNet-Lite0 (frozen, 224 px)",
+        args=["--no-caption", "--no-decoder", "--encoder", "tf_efficientnet_lite0", "--epochs", "12", *FROZEN]),
+    "image_only_lite2": dict(
+        label="image only, EfficientNet-Lite2 (frozen, 260 px)",
+        args=["--no-caption", "--no-decoder", "--encoder", "tf_efficientnet_lite2", "--image-size", "260",
+              "--epochs", "12", *FROZEN]),
+    "image_caption": dict(
+        label="image + caption (Lite0 frozen)",
+        args=["--no-decoder", "--encoder", "tf_efficientnet_lite0", "--epochs", "12", *FROZEN]),
+    "image_caption_decoder": dict(
+        label="image + caption + label decoder (Lite0 frozen)",
+        args=["--encoder", "tf_efficientnet_lite0", "--epochs", "12", *FROZEN]),
+    # Full end-to-end fine-tuning for one H100/H200 (benchmarks/gpu_recipe.sh); too slow for a CPU.
+    "gpu_recipe": dict(
+        label="GPU: image + caption + decoder, Lite2 fine-tuned end to end (288 px, bf16)",
+        args=["--encoder", "tf_efficientnet_lite2", "--image-size", "288", "--epochs", "8", "--batch-size", "96",
+              "--lr", "2e-3", "--backbone-lr", "5e-4", "--mixed-precision", "bf16", "--channels-last",
+              "--workers", "14", "--tune-thresholds"]),
+}
+CPU_ROWS = [r for r in NEURAL_ROWS if r != "gpu_recipe"]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import torch
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, "
+            f"no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+
+
+def split(data_dir: Path) -> tuple[Any, Any, LabelCodec]:
+    frame = read_annotations(data_dir / "train.csv")
+    train, val = train_val_split(frame, VAL_FRACTION, SEED)
+    return train, val, LabelCodec.from_labels(frame["Labels"], names=data_dir / "label_names.csv")
+
+
+def write_result(name: str, result: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{name}: samples-F1 {result['metrics']['samples_f1']:.4f}"
+          + (f", tuned {result['tuned']['samples_f1']:.4f}" if result.get("tuned") else "")
+          + f"  ({result['train_seconds']:.0f} s)")
+
+
+def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
+    spec = NEURAL_ROWS[name]
+    out = RUNS / name
+    cmd = [sys.executable, "train.py", "--data-dir", str(data_dir), "--output-dir", str(out), "--seed", str(SEED),
+           "--val-fraction", str(VAL_FRACTION), "--no-plots", *spec["args"], *extra]
+    print("+", shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    wall = time.perf_counter() - t0
+    metrics = json.loads((out / "metrics.json").read_text())
+    weights = out / "model" / "model.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    write_result(name, {
+        "row": name, "label": spec["label"], "kind": "neural",
+        "command": shlex.join(["python", "benchmarks/comp5329.py", "--row", name]),
+        "train_command": shlex.join(["python", *cmd[1:]]).replace(str(data_dir), "DATA"),
+        "metrics": metrics["val"]["final"], "per_output": {k: v["samples_f1"] for k, v in metrics["val"].items()},
+        "tuned": metrics.get("val_tuned_crossfit"), "trivial": metrics.get("trivial_samples_f1"),
+        "params": params, "size_mb": weights.stat().st_size / 2**20,
+        "train_seconds": metrics["train_seconds"], "wall_seconds": wall,
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "model_dir": str(out / "model"), "num_val": metrics.get("num_val_samples"),
+    })
+
+
+def run_tfidf(data_dir: Path) -> None:
+    """TF-IDF (words and bigrams) + one-vs-rest logistic regression on captions; C chosen on a split of train."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    train, val, codec = split(data_dir)
+    y_train = np.stack([codec.encode(l) for l in train["Labels"]])
+    y_val = np.stack([codec.encode(l) for l in val["Labels"]])
+    t0 = time.perf_counter()
+    fit, held = train_val_split(train, 0.2, SEED + 1)
+    y_fit = np.stack([codec.encode(l) for l in fit["Labels"]])
+    y_held = np.stack([codec.encode(l) for l in held["Labels"]])
+
+    def model(c: float) -> Any:
+        return OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000), n_jobs=1)
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    scores = {}
+    for c in (1.0, 4.0, 16.0):
+        clf = model(c).fit(vec.fit_transform(fit["Caption"]), y_fit)
+        scores[c] = compute_metrics(clf.predict_proba(vec.transform(held["Caption"])), y_held)["samples_f1"]
+    best_c = max(scores, key=scores.get)
+    clf = model(best_c).fit(vec.fit_transform(train["Caption"]), y_train)
+    probs = clf.predict_proba(vec.transform(val["Caption"]))
+    seconds = time.perf_counter() - t0
+    write_result("tfidf_logreg", {
+        "row": "tfidf_logreg", "label": f"TF-IDF + logistic regression (captions; C={best_c:g})", "kind": "classical",
+        "command": "python benchmarks/comp5329.py --row tfidf_logreg", "metrics": compute_metrics(probs, y_val),
+        "tuned": crossfit_tuned_metrics(probs, y_val), "params": int(clf.estimators_[0].coef_.size * len(
+            clf.estimators_)), "size_mb": None, "train_seconds": seconds, "wall_seconds": seconds,
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "choice": {"C_scores": scores},
+    })
+
+
+def run_linear_probe(data_dir: Path, encoder: str = "tf_efficientnet_lite0", image_size: int = 224) -> None:
+    """Logistic regression on frozen pooled features of the pretrained encoder (the same cache as the neural rows)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from multimodal.features import cached_features
+    from multimodal.model import ImageEncoder
+    frame = read_annotations(data_dir / "train.csv")
+    train, val, codec = split(data_dir)
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    features, _ = cached_features(ImageEncoder(encoder, pretrained=True), frame, data_dir / "data", image_size, CACHE)
+    index = {image_id: i for i, image_id in enumerate(frame["ImageID"])}
+    x_train = features[[index[i] for i in train["ImageID"]]].numpy()
+    x_val = features[[index[i] for i in val["ImageID"]]].numpy()
+    scaler = StandardScaler().fit(x_train)
+    y_train = np.stack([codec.encode(l) for l in train["Labels"]])
+    y_val = np.stack([codec.encode(l) for l in val["Labels"]])
+    clf = OneVsRestClassifier(LogisticRegression(C=0.05, max_iter=1000), n_jobs=1)
+    clf.fit(scaler.transform(x_train), y_train)
+    probs = clf.predict_proba(scaler.transform(x_val))
+    seconds = time.perf_counter() - t0
+    write_result("linear_probe", {
+        "row": "linear_probe", "label": f"linear probe on frozen {encoder} features ({image_size} px)",
+        "kind": "classical", "command": "python benchmarks/comp5329.py --row linear_probe",
+        "metrics": compute_metrics(probs, y_val), "tuned": crossfit_tuned_metrics(probs, y_val),
+        "params": int(sum(e.coef_.size + 1 for e in clf.estimators_)), "size_mb": None,
+        "train_seconds": seconds, "wall_seconds": seconds, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    })
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("MULTIMODAL_COMP5329"), help="COMP5329 folder")
+    p.add_argument("--row", action="append", default=[],
+                   help=f"a row to run: {', '.join(['tfidf_logreg', 'linear_probe', *NEURAL_ROWS])}")
+    p.add_argument("--all", action="store_true", help="run every CPU row, then write the report")
+    p.add_argument("--report", action="store_true", help="write RESULTS.md, results.csv and charts from results/")
+    args, extra = p.parse_known_args()
+    rows = list(args.row) + (["tfidf_logreg", "linear_probe", *CPU_ROWS] if args.all else [])
+    if rows and not args.data_dir:
+        p.error("give --data-dir or set MULTIMODAL_COMP5329")
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else None
+    for row in rows:
+        if row == "tfidf_logreg":
+            run_tfidf(data_dir)
+        elif row == "linear_probe":
+            run_linear_probe(data_dir)
+        elif row in NEURAL_ROWS:
+            run_neural(row, data_dir, extra)
+        else:
+            p.error(f"unknown row {row!r}")
+    if args.report or args.all:
+        from report import write_report  # benchmarks/report.py
+        write_report(RESULTS, ROOT / "benchmarks", data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

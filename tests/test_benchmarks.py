@@ -1,0 +1,174 @@
+"""The throughput benchmark (smoke mode) and the speed options it measures: the uint8 image cache, batched
+on-device preprocessing, draft decoding in prediction. Ratios and fields only: never absolute timings."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from multimodal.data import Collator, ImageCaptionDataset, build_image_cache
+from multimodal.images import (BatchImageTransform, ImageLoadError, build_transform, draft_size_for, eval_resize_size,
+                               resolve_image_config)
+
+ROOT = Path(__file__).resolve().parent.parent
+ENCODER = "efficientnet_b0"
+
+
+@pytest.fixture()
+def jpegs(tmp_path) -> tuple[Path, list[str]]:
+    """JPEGs of several shapes (portrait, landscape, odd sizes) so crop offsets round both ways."""
+    rng = np.random.default_rng(0)
+    names = []
+    for i, (h, w) in enumerate([(40, 53), (53, 40), (47, 61), (61, 47), (45, 45), (39, 70)]):
+        base = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)  # smooth-ish content
+        image = Image.fromarray(base).resize((w, h), Image.BILINEAR)
+        names.append(f"{i}.jpg")
+        image.save(tmp_path / names[-1], quality=90)
+    return tmp_path, names
+
+
+@pytest.mark.parametrize("size", [32, 28, 24])
+def test_cache_reproduces_the_eval_transform(jpegs, tmp_path, size):
+    image_dir, names = jpegs
+    config = resolve_image_config(ENCODER, size)
+    cache = build_image_cache(names, image_dir, tmp_path / "cache", eval_resize_size(config), config["interpolation"],
+                              crop=size)
+    frame = pd.DataFrame({"ImageID": names, "Caption": [""] * len(names)})
+    reference = torch.stack([ImageCaptionDataset(frame, image_dir, transform=build_transform(ENCODER, size, False))[i]
+                             ["image"] for i in range(len(names))])
+    cached = ImageCaptionDataset(frame, image_dir, image_cache=cache)
+    batch = next(iter(DataLoader(cached, batch_size=len(names), collate_fn=Collator())))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (len(names), cache.size, cache.size, 3)
+    out = BatchImageTransform(ENCODER, size, training=False)(batch["image"])
+    assert out.shape == reference.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
+    image_dir, names = jpegs
+    first = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    assert first.meta["reused"] is False and first.meta["build_seconds"] >= 0 and len(first) == len(names)
+    assert build_image_cache(names, image_dir, tmp_path / "cache", 36).meta["reused"] is True
+    Image.new("RGB", (50, 50), (1, 2, 3)).save(image_dir / names[0])
+    os.utime(image_dir / names[0], ns=(1, 1))  # a changed file: new fingerprint
+    rebuilt = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    assert rebuilt.meta["reused"] is False and rebuilt.path != first.path
+    assert rebuilt.image(names[0]).float().mean(-1).sub(2).abs().max() < 3
+
+
+def test_cache_bad_images(jpegs, tmp_path):
+    image_dir, names = jpegs
+    (image_dir / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageLoadError, match="bad.jpg"):
+        build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36)
+    cache = build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36, skip_bad_images=True)
+    assert list(cache.ok) == [True] * len(names) + [False]
+    frame = pd.DataFrame({"ImageID": ["bad.jpg", names[0]], "Caption": ["", ""]})
+    with pytest.raises(ImageLoadError, match="bad.jpg"):
+        ImageCaptionDataset(frame, image_dir, image_cache=cache)[0]
+    lenient = ImageCaptionDataset(frame, image_dir, image_cache=cache, skip_bad_images=True)
+    sample = lenient[0]
+    assert sample["image_ok"] is False and sample["image"].shape == (36, 36, 3) and not sample["image"].any()
+
+
+def test_batch_transform_training():
+    images = torch.randint(0, 256, (6, 36, 36, 3), dtype=torch.uint8)
+    identity = BatchImageTransform(ENCODER, 36, training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
+                                   color_jitter=0.0)(images)
+    evaluation = BatchImageTransform(ENCODER, 36, training=False)(images)
+    torch.testing.assert_close(identity, evaluation, atol=1e-4, rtol=0)  # full crop, no flip: the image itself
+    flipped = BatchImageTransform(ENCODER, 36, training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0,
+                                  color_jitter=0.0)(images)
+    torch.testing.assert_close(flipped, evaluation.flip(-1), atol=1e-4, rtol=0)
+    augment = BatchImageTransform(ENCODER, 32, training=True)
+    torch.manual_seed(0)
+    a, b = augment(images), augment(images)
+    assert a.shape == (6, 3, 32, 32) and torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_draft_size_for():
+    config = resolve_image_config(ENCODER, 224)
+    assert draft_size_for(ENCODER, 224) == eval_resize_size(config) == 256
+    assert draft_size_for(ENCODER, 224, training=True) == 224
+
+
+def test_throughput_smoke(tmp_path):
+    output = tmp_path / "smoke.json"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke",
+                           "--sections", "train,infer,loader,options,draft,memory", "--output", str(output)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    machine = results["machine"]
+    for key in ("cpu_model", "cpu_count", "torch", "loadavg_start", "device"):
+        assert key in machine
+    per = results["sizes"]["32"]
+    train, infer = per["train"], per["infer"]
+    for name in ("encoder_alone", "joint_plain_loop", "joint_train_one_epoch"):
+        assert train["bare"][name]["images_per_s"] > 0 and train["bare"][name]["images"] > 0
+        assert len(train["bare"][name]["loadavg_before"]) == 3
+    for name in ("encoder_alone", "e2e_jpeg", "e2e_cache"):
+        assert train["end_to_end"][name]["images_per_s"] > 0
+        assert all(len(r["loadavg_before"]) == 3 for r in train["end_to_end"][name]["rounds"])
+    for name in ("encoder_alone", "joint_predict_proba"):
+        assert infer["bare"][name]["images_per_s"] > 0
+    for name in ("joint_predict_proba", "predict_to_csv_jpeg", "predict_to_csv_cache"):
+        assert infer["end_to_end"][name]["images_per_s"] > 0
+    ratios = {**train["ratios"], **infer["ratios"]}
+    for key in ("joint_train_one_epoch/encoder_alone", "e2e_jpeg/encoder_alone", "e2e_cache/encoder_alone",
+                "predict_to_csv_jpeg/joint_predict_proba", "predict_to_csv_cache/joint_predict_proba"):
+        assert math.isfinite(ratios[key]) and ratios[key] > 0
+    assert per["loader"]["eval_jpeg_workers0"]["per_worker_images_per_s"] > 0
+    assert per["image_cache"]["build_seconds"] >= 0 and per["image_cache"]["images"] > 0
+    options = per["options"]
+    for key in ("draft", "channels_last_train", "channels_last_forward"):
+        assert key in options
+    assert options["draft"]["32"]["ratio_draft/no_draft"] > 0
+    memory = results["memory"]
+    assert memory["predict_8"]["returncode"] == 0 and memory["predict_16"]["returncode"] == 0
+    assert memory["predict_16"]["peak_tree_rss_mib"] > 0
+    assert "ratio_peak_tree_rss_many/few" in memory
+    assert results["summary"]["32"]["train_ratios"] == train["ratios"]
+
+
+def test_predict_from_cache_matches_jpegs(jpegs, tmp_path):
+    from accelerate import Accelerator
+
+    from multimodal.config import ModelConfig
+    from multimodal.inference import predict_to_csv
+    from multimodal.labels import LabelCodec
+    from multimodal.model import MultimodalClassifier
+    from multimodal.text import train_caption_tokenizer
+
+    image_dir, names = jpegs
+    frame = pd.DataFrame({"ImageID": names, "Caption": ["a dog", "two cats", "", "a car", "dog and car", "x"]})
+    codec = LabelCodec.from_labels([(1,), (2,), (3,)])
+    tokenizer = train_caption_tokenizer(frame["Caption"])
+    torch.manual_seed(0)
+    model = MultimodalClassifier(ModelConfig(num_labels=3, image_encoder=ENCODER, image_size=32,
+                                             vocab_size=tokenizer.get_vocab_size())).eval()
+    model.codec, model.tokenizer = codec, tokenizer
+    config = resolve_image_config(ENCODER, 32)
+    cache = build_image_cache(names, image_dir, tmp_path / "cache", eval_resize_size(config), config["interpolation"],
+                              crop=32)
+    outputs = {}
+    for name, kwargs in (("jpeg", {}), ("cache", {"image_cache": cache}), ("nodraft", {"draft_size": None})):
+        result = predict_to_csv(model, frame, image_dir, tmp_path / f"{name}.csv", Accelerator(cpu=True),
+                                probabilities=tmp_path / f"{name}.prob.csv", batch_size=4, workers=0, **kwargs)
+        assert result["rows"] == len(names)
+        outputs[name] = pd.read_csv(tmp_path / f"{name}.prob.csv")
+    for name in ("cache", "nodraft"):
+        assert list(outputs[name]["ImageID"]) == names
+        np.testing.assert_allclose(outputs[name].iloc[:, 1:].to_numpy(), outputs["jpeg"].iloc[:, 1:].to_numpy(),
+                                   atol=2e-6)

@@ -1,0 +1,82 @@
+"""Cached image features: the encoder split is exact, and the cache is invalidated by whatever it depends on."""
+import os
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from multimodal.data import ImageCaptionDataset
+from multimodal.features import FeatureDataset, cached_features
+from multimodal.model import ImageEncoder
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return ImageEncoder("tf_efficientnet_lite0").eval()
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    ids = []
+    for i in range(5):
+        Image.new("RGB", (40, 30), (40 * i, 255 - 30 * i, 90)).save(folder / f"{i}.jpg")
+        ids.append(f"{i}.jpg")
+    return pd.DataFrame({"ImageID": ids, "Caption": [""] * len(ids)}), folder
+
+
+@pytest.mark.parametrize("tail", [0, 1, 2])
+def test_stem_then_tail_equals_the_whole_encoder(encoder, tail):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = encoder(x)
+        split = encoder.forward_tail(encoder.forward_stem(x, tail), tail)
+    torch.testing.assert_close(split, whole)
+
+
+def test_freeze_below_tail_leaves_only_the_tail_trainable():
+    enc = ImageEncoder("tf_efficientnet_lite0")
+    enc.freeze_below_tail(1)
+    trainable = {n.split(".")[1] + ("." + n.split(".")[2] if n.split(".")[1] == "blocks" else "")
+                 for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.6", "conv_head", "bn2"}
+
+
+def test_cache_is_reused_and_invalidated(encoder, images, tmp_path):
+    frame, folder = images
+    cache = tmp_path / "cache"
+    feats, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert feats.shape == (5, encoder.num_features) and ok.all()
+    assert len(list(cache.iterdir())) == 1
+    again, _ = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    torch.testing.assert_close(again, feats)
+    assert len(list(cache.iterdir())) == 1  # a hit: nothing new written
+
+    cached_features(encoder, frame, folder, 48, cache, workers=0)  # resolution
+    assert len(list(cache.iterdir())) == 2
+    maps, _ = cached_features(encoder, frame, folder, 32, cache, workers=0, tail_stages=1)  # split point
+    assert maps.ndim == 4 and maps.dtype == torch.float16 and len(list(cache.iterdir())) == 3
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(folder / "3.jpg")  # an image changed
+    os.utime(folder / "3.jpg", ns=(1, 1))
+    changed, _ = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert len(list(cache.iterdir())) == 4
+    assert not torch.allclose(changed[3], feats[3]) and torch.allclose(changed[0], feats[0])
+    other = ImageEncoder("tf_efficientnet_lite0").eval()  # other weights
+    cached_features(other, frame, folder, 32, cache, workers=0)
+    assert len(list(cache.iterdir())) == 5
+
+
+def test_feature_dataset_serves_rows_and_flips_maps(images):
+    frame, _ = images
+    maps = torch.arange(5 * 2 * 3 * 4, dtype=torch.float16).view(5, 2, 3, 4)
+    ok = torch.tensor([True, True, False, True, True])
+    ds = FeatureDataset(ImageCaptionDataset(frame), maps, ok, rows=[4, 2, 0, 1, 3], flip=True)
+    torch.manual_seed(0)
+    seen = [ds[0]["image_features"] for _ in range(20)]
+    assert any(torch.equal(s, maps[4]) for s in seen) and any(torch.equal(s, maps[4].flip(-1)) for s in seen)
+    assert ds[1]["image_ok"] is False and ds[0]["image_ok"] is True
+    plain = FeatureDataset(ImageCaptionDataset(frame), maps, ok, rows=range(5))
+    assert all(torch.equal(plain[i]["image_features"], maps[i]) for i in range(5))

@@ -1,0 +1,512 @@
+"""train.py and predict.py end to end: each test runs the scripts as subprocesses into a temporary folder and checks
+what they wrote (the run folder, the exported model, the CSVs) and what they said.
+
+Everything is tiny (32-pixel demo images, a random EfficientNet-Lite0, one or two epochs of a few batches) so that the
+whole file runs in a few minutes on 2 busy CPU cores; expensive runs are module fixtures shared by several tests.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from multimodal.annotations import read_annotations
+from multimodal.data import Collator, ImageCaptionDataset
+from multimodal.demo import LABELS, make_demo_dataset
+from multimodal.labels import LabelCodec
+from multimodal.model import MultimodalClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+PREDICT = REPO / "predict.py"
+# A small, quick model and run: random weights (no download), 32-pixel images, no worker processes.
+TINY = ("--image-size", "32", "--no-pretrained", "--workers", "0", "--batch-size", "8",
+        "--word-dim", "32", "--caption-hidden", "32")
+# 48 labelled rows -> 38 training rows (5 batches of 8, the last one of 6) and 10 validation rows; 12 test rows.
+NUM_TRAIN, NUM_TEST, NUM_VAL = 48, 12, 10
+BRANCHES = ("image_encoder.", "caption_encoder.", "label_decoder.")
+OUTPUTS = ("image", "caption", "fused", "decoder", "final")
+CLASS_NAMES = [label.name for label in LABELS]
+# Variables that would change how a script launches or behaves; the tests set what they need themselves.
+_LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE",
+                "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
+                "MV2_COMM_WORLD_RANK", "MULTIMODAL_KILL_AFTER_CHECKPOINT")
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+def script_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("ACCELERATE_")}
+    # 2 cores shared by everything: no spinning OpenMP threads, one thread per process; never reach the network.
+    env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run(script: Path, *args: Any, cwd: Path | None = None, env: dict[str, str] | None = None,
+        check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a script with this interpreter; with ``check`` a non-zero exit fails the test, showing the output."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env or script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{script.name} {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def launch(*args: Any, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch ARGS`` (as a module, so no console script is needed)."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f))
+
+
+def checkpoint_keys(model_dir: Path) -> list[str]:
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The script's one-line ``error: ...`` report; there must be no traceback."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def copy_images(data_dir: Path, dst: Path) -> Path:
+    shutil.copytree(data_dir / "data", dst)
+    return dst
+
+
+def break_image(image_dir: Path, image_id: str, how: str) -> None:
+    if how == "missing":
+        (image_dir / image_id).unlink()
+    else:
+        (image_dir / image_id).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+
+
+def layout(run_dir: Path) -> set[str]:
+    """The files of a run folder with numbers (steps, ranks, timestamps, pids) replaced by N."""
+    return {re.sub(r"\d+", "N", p.relative_to(run_dir).as_posix()) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("data"), num_train=NUM_TRAIN, num_test=NUM_TEST, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python train.py`` with the default data (the demo, generated into ./data/demo) and the default run folder
+    (./runs/<timestamp>, ./runs/latest), the full model, tuned thresholds and charts."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    proc = run(TRAIN, "--limit", NUM_TRAIN, "--epochs", 1, "--tune-thresholds", "--log-every", 2, *TINY, cwd=cwd)
+    return cwd, proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(default_run: tuple[Path, subprocess.CompletedProcess]) -> Path:
+    cwd, _ = default_run
+    return cwd / "runs" / os.readlink(cwd / "runs" / "latest")
+
+
+@pytest.fixture(scope="module")
+def caption_only(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("caption_only") / "run"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 1, "--no-plots", *TINY,
+        "--output-dir", out)
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def image_only_bf16(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image-only ablation, trained under bf16 autocast (on CPU): also the mixed-precision smoke run."""
+    out = tmp_path_factory.mktemp("image_only") / "run"
+    run(TRAIN, "--data-dir", data_dir, "--no-caption", "--mixed-precision", "bf16", "--max-steps", 3, "--no-plots",
+        *TINY, "--output-dir", out)
+    return out
+
+
+RESUMABLE = ("--epochs", 2, "--checkpoint-every", 3, "--keep-checkpoints", 2, "--no-plots")
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 1-process run: 2 epochs of 5 steps, checkpoints at steps 3, 5 (epoch), 6, 9, 10 (epoch)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(TRAIN, "--data-dir", data_dir, *RESUMABLE, *TINY, "--output-dir", out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+
+def test_help_lists_every_flag_grouped_with_defaults() -> None:
+    text = run(TRAIN, "--help").stdout
+    for group in ("data:", "model:", "optimisation:", "run:"):
+        assert f"\n{group}\n" in text
+    for flag in ("--encoder", "--pretrained", "--no-pretrained", "--pretrained-file", "--image-size", "--epochs",
+                 "--max-steps", "--batch-size", "--lr", "--backbone-lr", "--weight-decay", "--workers",
+                 "--val-fraction", "--seed", "--mixed-precision {no,fp16,bf16}", "--grad-accum", "--output-dir",
+                 "--checkpoint-every", "--resume", "--no-image", "--no-caption", "--no-decoder",
+                 "--freeze-image-encoder", "--tune-thresholds", "--skip-bad-images", "--data-dir", "--demo-dir"):
+        assert re.search(rf"^\s+{re.escape(flag)}(?=[\s,]|$)", text, re.MULTILINE), flag
+    flat = " ".join(text.split())  # help lines are wrapped
+    assert "(default: 32)" in flat and "(default: tf_efficientnet_lite0)" in flat and "(default: no)" in flat
+    # every option but --help states its default
+    assert flat.count("(default: ") == len(re.findall(r"^  -", text.split("\ndata:\n")[1], re.MULTILINE))
+    text = run(PREDICT, "--help").stdout
+    for flag in ("--checkpoint", "--data-dir", "--csv", "--image-dir", "--output", "--probabilities", "--threshold",
+                 "--batch-size", "--workers", "--mixed-precision {no,fp16,bf16}", "--skip-bad-images"):
+        assert re.search(rf"^\s+{re.escape(flag)}(?=[\s,]|$)", text, re.MULTILINE), flag
+
+
+def test_default_run_trains_on_demo_data_and_exports(default_run: tuple[Path, subprocess.CompletedProcess],
+                                                     run_dir: Path) -> None:
+    cwd, proc = default_run
+    assert (cwd / "data" / "demo" / "train.csv").is_file()  # the demo data, generated on first use
+    latest = cwd / "runs" / "latest"
+    assert latest.is_symlink() and re.fullmatch(r"\d{8}-\d{6}(-\d+)?", os.readlink(latest))
+    assert sorted(p.name for p in (run_dir / "model").iterdir()) == ["config.json", "model.safetensors",
+                                                                       "tokenizer.json"]
+    model = MultimodalClassifier.from_pretrained(run_dir / "model")  # loads: complete and consistent
+    assert model.image_encoder is not None and model.caption_encoder is not None and model.label_decoder is not None
+
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    args = saved["args"]
+    assert args["data_dir"] is None and args["limit"] == NUM_TRAIN and args["epochs"] == 1
+    assert args["image_size"] == 32 and args["pretrained"] is False and args["tune_thresholds"] is True
+    assert args["backbone_lr"] == args["lr"]  # resolved: no pretrained weights, one rate
+    assert saved["num_processes"] == 1 and saved["train_rows"] + saved["val_rows"] == NUM_TRAIN
+    assert saved["model"]["image_size"] == 32 and saved["model"]["num_labels"] == len(LABELS)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    said = re.search(r"validation samples-F1 ([0-9.]+) \(trivial baseline: .*?([0-9.]+)\)", proc.stderr)
+    assert said, proc.stderr[-3000:]
+    assert float(said[1]) == pytest.approx(metrics["val"]["final"]["samples_f1"], abs=1e-4)
+    assert float(said[2]) == pytest.approx(metrics["trivial_samples_f1"], abs=1e-4)
+    assert metrics["num_val_samples"] == saved["val_rows"]
+
+
+def test_log_has_every_epoch_metric_per_output_and_class(run_dir: Path) -> None:
+    records = read_log(run_dir)
+    epochs = [r for r in records if "epoch" in r]
+    assert len(epochs) == 1
+    epoch = epochs[0]
+    for term in ("loss", "image_loss", "caption_loss", "fused_loss", "decoder_loss"):
+        assert np.isfinite(epoch[f"train_epoch/{term}"])
+    for out in OUTPUTS:
+        for metric in ("samples_f1", "micro_f1", "macro_f1", "map"):
+            assert f"val/{out}/{metric}" in epoch, (out, metric)
+        for name in CLASS_NAMES:
+            assert 0.0 <= epoch[f"val/{out}/per_class_f1/{name}"] <= 1.0
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4]  # --log-every 2
+    for png in ("training_curves.png", "per_class_f1.png"):
+        data = (run_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_tuned_thresholds_are_stored_in_the_exported_config(run_dir: Path) -> None:
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    thresholds = config["thresholds"]
+    assert isinstance(thresholds, list) and len(thresholds) == len(LABELS)
+    assert all(0.0 < t < 1.0 for t in thresholds)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "val_tuned" in metrics
+
+
+@pytest.mark.parametrize("which", ["full", "caption_only", "image_only"])
+def test_ablated_branches_have_no_weights_in_the_export(which: str, run_dir: Path, caption_only: Path,
+                                                        image_only_bf16: Path) -> None:
+    model_dir, absent = {"full": (run_dir / "model", ()),
+                         "caption_only": (caption_only, ("image_encoder.", "label_decoder.")),
+                         "image_only": (image_only_bf16 / "model", ("caption_encoder.",))}[which]
+    keys = checkpoint_keys(model_dir)
+    for prefix in BRANCHES:
+        found = any(k.startswith(prefix) for k in keys)
+        assert found == (prefix not in absent), (which, prefix)
+    if "image_encoder." in absent:
+        assert not any(k.startswith("image_head.") for k in keys)
+    if "caption_encoder." in absent:
+        assert not any(k.startswith("caption_head.") for k in keys)
+        assert not (model_dir / "tokenizer.json").exists()
+    MultimodalClassifier.from_pretrained(model_dir)  # and it loads
+
+
+def test_bf16_training_runs_on_cpu(image_only_bf16: Path) -> None:
+    assert json.loads((image_only_bf16 / "run_config.json").read_text())["args"]["mixed_precision"] == "bf16"
+    metrics = json.loads((image_only_bf16 / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and np.isfinite(metrics["val"]["final"]["samples_f1"])
+    weights = load_file(str(image_only_bf16 / "model" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
+    args = ("--data-dir", data_dir, *RESUMABLE, *TINY)  # default run folder: ./runs/<timestamp>
+    killed = run(TRAIN, *args, cwd=tmp_path, env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"), check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "runs" / os.readlink(tmp_path / "runs" / "latest")
+    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()  # it did stop early
+    # Complete checkpoints only: the epoch-0 one (step 5) and step 6; step 3 pruned; no temporary folder left.
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000005", "step_00000006"]
+    for checkpoint in checkpoints.iterdir():
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"progress.json", "model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= names
+    assert json.loads((checkpoints / "step_00000006" / "progress.json").read_text()) == {
+        "epoch": 1, "batches_done": 1, "step": 6}  # mid-epoch: resuming must skip one batch of epoch 1
+
+    resumed = run(TRAIN, "--resume", "latest", "--workers", 0, cwd=tmp_path)
+    assert "resumed from" in resumed.stderr and "epoch 1, batch 1, step 6" in resumed.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 10
+    assert not list(checkpoints.glob(".tmp-*"))
+
+    expected = load_file(str(reference_run / "model" / "model.safetensors"))
+    actual = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    differ = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:5]}"
+
+
+@pytest.mark.slow
+def test_cpu_data_parallel_two_processes(data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = cwd / "ddp"
+    proc = launch("--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", free_port(),
+                  TRAIN, "--data-dir", data_dir, *RESUMABLE, *TINY, "--output-dir", out,
+                  cwd=cwd, env=script_env(ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf")))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    # Data parallel: the same parameters on both ranks after training ...
+    checksums = metrics["param_checksum_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    # ... each rank trained on its own samples: per epoch, 2 full rounds of 2 x 8 rows (the 6 left over dropped).
+    order = metrics["data_order_per_rank"]
+    assert len(order) == 2 and all(len(epochs) == 2 for epochs in order)
+    for epoch in range(2):
+        rank0, rank1 = order[0][epoch], order[1][epoch]
+        assert len(rank0) == len(rank1) == 16 and len(set(rank0)) == len(set(rank1)) == 16
+        assert not set(rank0) & set(rank1), epoch
+    assert metrics["steps"] == 4
+    # ... every validation row counted exactly once.
+    assert metrics["num_val_samples"] == NUM_VAL and sorted(metrics["val_index"]) == list(range(NUM_VAL))
+
+    # Only the main process wrote: the run folder holds what a 1-process run writes, plus each rank's RNG state in
+    # the checkpoints; the log holds each record once; the summary was printed once.
+    assert layout(out) == layout(reference_run)
+    for checkpoint in (out / "checkpoints").iterdir():
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    assert sorted(p.name for p in cwd.iterdir()) == ["ddp"]
+    records = read_log(out)
+    assert sum("config" in r for r in records) == 1 and [r["epoch"] for r in records if "epoch" in r] == [0, 1]
+    assert proc.stderr.count("validation samples-F1") == 1 and proc.stderr.count("exported") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reproduces a launch on a machine without GPUs")
+def test_multi_gpu_launch_without_gpus_stops_instead_of_training_copies(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = launch("--multi_gpu", "--num_processes", 2, "--main_process_port", free_port(),
+                  TRAIN, "--data-dir", data_dir, *TINY, "--epochs", 1, "--output-dir", out,
+                  cwd=tmp_path, env=script_env(HF_HOME=str(tmp_path / "hf")), timeout=300)
+    assert proc.returncode != 0
+    assert "each process would train its own copy" in proc.stderr and "ACCELERATE_USE_CPU=true" in proc.stderr
+    assert "WORLD_SIZE=2" in proc.stderr
+    assert not out.exists()  # stopped before writing anything
+
+
+def test_non_finite_loss_stops_with_the_step(data_dir: Path, tmp_path: Path) -> None:
+    # One step at an absurd rate sends the weights to ~1e30: the next forward pass overflows.
+    proc = run(TRAIN, "--data-dir", data_dir, *TINY, "--lr", "1e30", "--epochs", 1, "--no-plots",
+               "--output-dir", tmp_path / "run", check=False)
+    line = error_line(proc)
+    assert "non-finite loss at step 2 " in line and "epoch 0, batch 1" in line
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_train_stops_on_a_missing_image_naming_it(data_dir: Path, tmp_path: Path) -> None:
+    # (A corrupt image stops a run from inside the data loader: see the predict test, which also uses workers.)
+    images = copy_images(data_dir, tmp_path / "images")
+    break_image(images, "3.jpg", "missing")
+    proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, *TINY, "--epochs", 1, "--no-plots",
+               "--output-dir", tmp_path / "run", check=False)
+    line = error_line(proc)
+    assert str(images / "3.jpg") in line and "missing" in line
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_path: Path) -> None:
+    images = copy_images(data_dir, tmp_path / "images")
+    break_image(images, "3.jpg", "missing")
+    break_image(images, "4.jpg", "corrupt")
+    out = tmp_path / "run"
+    proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, "--skip-bad-images", *TINY, "--epochs", 1,
+               "--no-plots", "--output-dir", out)
+    assert json.loads((out / "metrics.json").read_text())["bad_images"] == ["3.jpg", "4.jpg"]
+    assert "skipped 2 unreadable image(s): 3.jpg, 4.jpg" in proc.stderr
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_train_reports_a_bad_csv_with_file_and_line(data_dir: Path, tmp_path: Path) -> None:
+    lines = (data_dir / "train.csv").read_text().splitlines()
+    lines[3] = re.sub(r"^(\d+\.jpg),[^,]*,", r"\1,1 x,", lines[3])
+    bad = tmp_path / "train.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    proc = run(TRAIN, "--train-csv", bad, "--image-dir", data_dir / "data", *TINY, "--epochs", 1,
+               "--output-dir", tmp_path / "run", check=False)
+    line = error_line(proc)
+    assert f"{bad}, line 4: label 'x' is not a non-negative integer" in line
+
+
+# ---------------------------------------------------------------------------------------------------------- predict
+
+def test_predict_writes_one_row_per_input_in_order_by_the_stored_thresholds(run_dir: Path, data_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    # A copy of the model whose stored thresholds let every even class through and no odd one.
+    model_dir = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["thresholds"] = [0.0 if c % 2 == 0 else 1.01 for c in range(len(LABELS))]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    codec = LabelCodec.from_dict(config["codec"])
+    assert list(codec.label_ids) == [label.id for label in LABELS]  # original ids (no 5), not class indices
+
+    out, probs = tmp_path / "predictions.csv", tmp_path / "probabilities.csv"
+    run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", out, "--probabilities", probs,
+        "--batch-size", 5, "--workers", 0)  # 12 rows in batches of 5, 5, 2
+    expected_ids = list(read_annotations(data_dir / "test.csv")["ImageID"])
+    rows = read_rows(out)
+    assert read_header(out) == ["ImageID", "Labels"] and [r["ImageID"] for r in rows] == expected_ids
+    even = " ".join(str(label.id) for label in LABELS[::2])
+    assert [r["Labels"] for r in rows] == [even] * NUM_TEST
+
+    assert read_header(probs) == ["ImageID", *map(str, codec.label_ids)]
+    prob_rows = read_rows(probs)
+    assert [r["ImageID"] for r in prob_rows] == expected_ids
+    p = np.array([[float(r[str(i)]) for i in codec.label_ids] for r in prob_rows])
+    assert ((p >= 0) & (p <= 1)).all() and len({tuple(row) for row in p}) == NUM_TEST  # a prediction per row
+
+
+def test_predict_a_folder_without_csv_with_a_threshold_override(run_dir: Path, data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "predictions.csv"
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--image-dir", data_dir / "data", "--output", out,
+               "--threshold", 1.01, "--workers", 0, "--mixed-precision", "bf16")  # bf16 autocast on CPU works too
+    rows = read_rows(out)
+    assert [r["ImageID"] for r in rows] == sorted(p.name for p in (data_dir / "data").iterdir())
+    assert proc.stderr.count("empty captions") == 1  # one warning, not one per image or batch
+    # --threshold overrides the stored ones: nothing reaches 1.01, so each image gets its single most probable label
+    assert all(len(r["Labels"].split()) == 1 for r in rows)
+
+
+def test_caption_only_model_needs_no_images(caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "predictions.csv"
+    run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "test.csv", "--image-dir", tmp_path / "nowhere",
+        "--output", out, "--workers", 0)
+    rows = read_rows(out)
+    assert [r["ImageID"] for r in rows] == list(read_annotations(data_dir / "test.csv")["ImageID"])
+    assert all(r["Labels"] for r in rows)
+
+
+def test_predict_stops_on_a_corrupt_image_naming_it(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    # (A missing image is found up front by the check train.py runs too: see the train test.)
+    images = copy_images(data_dir, tmp_path / "images")
+    break_image(images, f"{NUM_TRAIN + 5}.jpg", "corrupt")
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", data_dir / "test.csv", "--image-dir", images,
+               "--output", tmp_path / "predictions.csv", "--batch-size", 4, "--workers", 2, check=False)
+    line = error_line(proc)  # raised in a DataLoader worker, still reported as one line
+    assert str(images / f"{NUM_TRAIN + 5}.jpg") in line and "cannot decode" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no partial output
+
+
+def test_predict_skip_bad_images_falls_back_on_the_caption(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    images = copy_images(data_dir, tmp_path / "images")
+    bad = [f"{NUM_TRAIN + 1}.jpg", f"{NUM_TRAIN + 6}.jpg"]
+    break_image(images, bad[0], "missing")
+    break_image(images, bad[1], "corrupt")
+    out, probs = tmp_path / "predictions.csv", tmp_path / "probabilities.csv"
+    run(PREDICT, "--checkpoint", run_dir / "model", "--csv", data_dir / "test.csv", "--image-dir", images,
+        "--output", out, "--probabilities", probs, "--skip-bad-images", "--batch-size", 4, "--workers", 0)
+    frame = read_annotations(data_dir / "test.csv")
+    rows = read_rows(out)
+    assert [r["ImageID"] for r in rows] == list(frame["ImageID"]) and all(r["Labels"] for r in rows)
+    report = read_rows(tmp_path / "predictions.bad_images.csv")
+    assert [r["ImageID"] for r in report] == bad and all(r["error"] for r in report)
+
+    # The bad rows got the caption branch's own prediction.
+    model = MultimodalClassifier.from_pretrained(run_dir / "model")
+    dataset = ImageCaptionDataset(frame[frame["ImageID"].isin(bad)], None, tokenizer=model.tokenizer)
+    batch = Collator()([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        caption_probs = torch.sigmoid(model.caption_head(model.caption_encoder(batch["caption_ids"],
+                                                                               batch["caption_lengths"]))).numpy()
+    written = {r["ImageID"]: [float(r[str(i)]) for i in model.codec.label_ids] for r in read_rows(probs)}
+    np.testing.assert_allclose([written[i] for i in bad], caption_probs, atol=2e-6)
+
+
+def test_predict_skip_bad_images_without_caption_branch_gives_no_labels(image_only_bf16: Path, data_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    images = copy_images(data_dir, tmp_path / "images")
+    bad = f"{NUM_TRAIN + 2}.jpg"
+    break_image(images, bad, "corrupt")
+    out, probs = tmp_path / "predictions.csv", tmp_path / "probabilities.csv"
+    run(PREDICT, "--checkpoint", image_only_bf16 / "model", "--csv", data_dir / "test.csv", "--image-dir", images,
+        "--output", out, "--probabilities", probs, "--skip-bad-images", "--workers", 0)
+    labels = {r["ImageID"]: r["Labels"] for r in read_rows(out)}
+    assert len(labels) == NUM_TEST and labels.pop(bad) == "" and all(labels.values())
+    assert all(v == "nan" for k, v in next(r for r in read_rows(probs) if r["ImageID"] == bad).items()
+               if k != "ImageID")
+    assert [r["ImageID"] for r in read_rows(tmp_path / "predictions.bad_images.csv")] == [bad]
+
+
+def test_predict_reports_a_duplicate_image_id_with_file_and_line(run_dir: Path, data_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    lines = (data_dir / "test.csv").read_text().splitlines()
+    bad = tmp_path / "test.csv"
+    bad.write_text("\n".join([*lines, lines[2]]) + "\n")
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", bad, "--image-dir", data_dir / "data",
+               "--output", tmp_path / "predictions.csv", check=False)
+    line = error_line(proc)
+    first_id = lines[2].split(",")[0]
+    assert f"{bad}, line {len(lines) + 1}: duplicate ImageID '{first_id}' (first on line 3)" in line
+    assert not (tmp_path / "predictions.csv").exists()
