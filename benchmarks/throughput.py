@@ -104,19 +104,24 @@ def loadavg() -> list[float]:
 
 class Timed:
     """Iterates ``batches``; times from the moment the first ``warmup`` batches have been consumed (the consumer asks
-    for the next one) to the end, and counts the images of the timed batches. ``sync`` waits for the device."""
+    for the next one) to the end, and counts the images of the timed batches. ``sync`` waits for the device.
+    ``first_batch_seconds``: from asking for an iterator to the first batch (a DataLoader's start-up)."""
 
     def __init__(self, batches: Iterable[dict[str, Any]], warmup: int, sync: Callable[[], None],
                  length: Optional[int] = None) -> None:
         self.batches, self.warmup, self.sync = batches, warmup, sync
         self.length = length if length is not None else len(batches)  # type: ignore[arg-type]
         self.images, self.seconds, self.t0 = 0, float("nan"), None
+        self.first_batch_seconds = float("nan")
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        start = time.perf_counter()
         for i, batch in enumerate(self.batches):
+            if i == 0:
+                self.first_batch_seconds = time.perf_counter() - start
             if i == self.warmup:
                 self.sync()
                 self.t0 = time.perf_counter()
@@ -310,17 +315,28 @@ def _transformed(batches: Iterable[dict[str, Any]], transform: BatchImageTransfo
         yield batch
 
 
+class PilFromCache:
+    """A PIL transform applied to a cached uint8 image [S, S, 3]."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+        return self.transform(Image.fromarray(image.numpy()))
+
+
 def train_end_to_end(s: Setup, cache: bool) -> tuple[int, float]:
     """`train_one_epoch` over a DataLoader reading the JPEGs (or the uint8 cache) with the training transform."""
     n = (s.args.train_batches + s.args.warmup) * s.args.batch_size
     rows = s.rows(n)
     dataset = s.dataset(rows, training=True, cache=cache)
     transform = None
-    if cache:  # uint8 batches: augmented on the GPU, or per image in the DataLoader workers on a CPU
+    if cache and s.device.type == "cuda":  # uint8 batches augmented on the GPU
         transform = BatchImageTransform(s.args.encoder, s.size, training=True,
                                         channels_last=s.args.channels_last).to(s.device)
-        if s.device.type != "cuda":
-            dataset.transform, transform = transform, None
+    elif cache:  # on a CPU: timm's PIL augmentation of the cached image, in the DataLoader workers
+        dataset.transform = PilFromCache(build_transform(s.args.encoder, s.size, training=True))
     loader = s.acc.prepare(s.loader(dataset, s.args.workers, shuffle=True, persistent=True))
     result = train_joint_engine(s, loader, length=len(loader), transform=transform)
     del loader
@@ -487,7 +503,7 @@ def predict_end_to_end(s: Setup, cache: bool, workdir: Path, draft: Any = "auto"
     model = s.joint_model().eval()
     accelerator = s.acc
     kwargs = dict(batch_size=s.args.batch_size, workers=s.args.workers, draft_size=draft,
-                  image_cache=s.ensure_cache() if cache else None)
+                  image_cache=s.ensure_cache() if cache else None, channels_last=s.args.channels_last)
     warm_rows = s.rows(s.args.warmup * s.args.batch_size)
     predict_to_csv(model, warm_rows, s.image_dir, workdir / "warmup.csv", accelerator, **kwargs)
     rows = s.rows(s.args.infer_images)
@@ -540,10 +556,14 @@ def section_infer(s: Setup, workdir: Path) -> dict[str, Any]:
 # Data loader and speed options
 
 
+FIRST_BATCH: list[float] = []  # start-up of the loaders measured by `iterate_loader`, read by `section_loader`
+
+
 def iterate_loader(loader: Iterable[dict[str, Any]], warmup: int) -> tuple[int, float]:
     timed = Timed(loader, warmup, lambda: None, length=0)
     for _ in timed:
         pass
+    FIRST_BATCH.append(timed.first_batch_seconds)
     return timed.images, timed.seconds
 
 
@@ -571,6 +591,7 @@ def section_loader(s: Setup) -> dict[str, Any]:
     for name, training, workers, cache in configs:
         result = measure(name, lambda: loader_rate(s, training, workers, cache=cache))
         result["per_worker_images_per_s"] = round(result["images_per_s"] / max(1, workers), 3)
+        result["first_batch_seconds"] = round(FIRST_BATCH[-1], 3)  # worker start-up + one batch
         out[name] = result
     # The transform's arithmetic on the device from cached bytes (what the cache leaves to the GPU/CPU).
     if args.cache:
@@ -800,7 +821,7 @@ def run_with_peak_memory(cmd: list[str], env: Optional[dict[str, str]] = None, i
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"tree_rss": 0, "tree_pss": 0, "processes": 0}
+    peak = {"tree_rss": 0, "tree_pss": 0, "processes": 0, "process_rss": 0}
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
@@ -815,7 +836,9 @@ def run_with_peak_memory(cmd: list[str], env: Optional[dict[str, str]] = None, i
             rss = pss = 0
             for p in procs:
                 with contextlib.suppress(psutil.Error):
-                    rss += p.memory_info().rss
+                    one = p.memory_info().rss
+                    rss += one
+                    peak["process_rss"] = max(peak["process_rss"], one)
                     if tick % 5 == 0:
                         pss += getattr(p.memory_full_info(), "pss", 0)
             peak["tree_rss"] = max(peak["tree_rss"], rss)
@@ -831,6 +854,7 @@ def run_with_peak_memory(cmd: list[str], env: Optional[dict[str, str]] = None, i
     result = {"command": " ".join(cmd), "returncode": proc.returncode, "seconds": round(seconds, 2),
               "peak_tree_rss_mib": round(peak["tree_rss"] / 2 ** 20, 1),
               "peak_tree_pss_mib": round(peak["tree_pss"] / 2 ** 20, 1),
+              "peak_single_process_rss_mib": round(peak["process_rss"] / 2 ** 20, 1),
               "max_processes": peak["processes"], "children_ru_maxrss_mib_so_far": round(children_maxrss_kib / 1024, 1),
               "loadavg_after": loadavg()}
     if proc.returncode != 0:

@@ -60,7 +60,7 @@ def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFr
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the features feed layers that are trained (--train-tail-stages)
 def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 64, workers: int = 2,
                      device: str | torch.device = "cpu", channels_last: bool = True,
                      progress: bool = True, tail_stages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:

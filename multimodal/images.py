@@ -54,7 +54,7 @@ def load_image(path: str | Path, draft_size: Optional[int] = None) -> Image.Imag
     """
     try:
         with Image.open(path) as img:
-            if draft_size is not None:
+            if draft_size is not None and min(img.size) >= 2 * draft_size:  # else no 1/2^k reduction is possible
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             return _to_rgb(img)

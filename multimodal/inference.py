@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .annotations import read_annotations
-from .data import Collator, ImageCaptionDataset
+from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init
 from .engine import model_inputs
 from .images import BatchImageTransform, build_transform, draft_size_for
 from .metrics import binarize
@@ -87,13 +87,16 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
 def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], output: str | Path,
                    accelerator: Any, *, thresholds: Any = None, probabilities: Optional[str | Path] = None,
                    batch_size: int = 64, workers: int = 2, skip_bad_images: bool = False,
-                   draft_size: Optional[int] | str = "auto", image_cache: Any = None) -> dict[str, Any]:
+                   draft_size: Optional[int] | str = "auto", image_cache: Any = None,
+                   channels_last: bool = True) -> dict[str, Any]:
     """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
 
     Speed options: ``draft_size`` (``"auto"``: `images.draft_size_for` the model's evaluation transform, so JPEGs at
     least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
     (a `data.ImageCache` built at the evaluation resize size: images are read from it as uint8 and preprocessed by
-    `images.BatchImageTransform`, batched on a GPU, per image in the DataLoader workers on a CPU).
+    `images.BatchImageTransform`, batched on a GPU, per image in the DataLoader workers on a CPU), and
+    ``channels_last`` (the image encoder and its input in channels-last memory format, on CPU and GPU alike; the model
+    is converted in place; see benchmarks/SPEED.md for the measured gains).
 
     Returns:
         ``rows`` written and ``bad_images`` (ImageID, error) pairs of images that could not be read.
@@ -107,6 +110,9 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
         draft_size = draft_size_for(model.config.image_encoder, model.config.image_size) if use_image else None
     cache = image_cache if use_image else None
     on_device = cache is not None and accelerator.device.type == "cuda"
+    channels_last = channels_last and use_image
+    if channels_last:
+        model.image_encoder.to(memory_format=torch.channels_last)
     if cache is not None:  # uint8 from the cache: preprocessed on the GPU, or by the workers on a CPU
         transform = BatchImageTransform(model.image_encoder, model.config.image_size, training=False,
                                         channels_last=on_device)
@@ -117,7 +123,7 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
         dataset.check_images()  # a missing file stops the run now, naming it, not after hours of predictions
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=Collator(pad_id=PAD_ID), pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=bounded_heap_worker_init)
     bad: list[tuple[str, str]] = []
     rows = 0
     output = Path(output)
@@ -132,8 +138,9 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
             prob_writer = csv.writer(f_p) if tmp_prob else None
             if prob_writer:
                 prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
-            batches = _on_device_transform(loader, transform.to(accelerator.device), accelerator.device) \
-                if on_device else loader
+            device_transform = transform.to(accelerator.device) if on_device else None
+            batches = _prepare_images(loader, accelerator.device, device_transform, channels_last) \
+                if on_device or channels_last else loader
             for ids, probs, usable, errors in iter_predictions(model, batches, accelerator):
                 bad.extend(errors)
                 pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
@@ -154,10 +161,15 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     return {"rows": rows, "bad_images": bad}
 
 
-def _on_device_transform(loader: Any, transform: Any, device: torch.device) -> Iterator[dict[str, Any]]:
-    """Batches of cached uint8 images [B, S, S, 3] moved to ``device`` and preprocessed there."""
+def _prepare_images(loader: Any, device: torch.device, transform: Any = None,
+                    channels_last: bool = False) -> Iterator[dict[str, Any]]:
+    """Batches whose images are moved to ``device`` and there preprocessed (``transform``: cached uint8 images
+    [B, S, S, 3] -> float [B, 3, s, s]) and/or made channels-last."""
     for batch in loader:
-        batch["image"] = transform(batch["image"].to(device, non_blocking=True))
+        if "image" in batch:
+            image = batch["image"].to(device, non_blocking=True)
+            image = transform(image) if transform is not None else image
+            batch["image"] = image.contiguous(memory_format=torch.channels_last) if channels_last else image
         yield batch
 
 

@@ -13,7 +13,6 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -197,8 +196,8 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
                  image_dir: Path, codec: LabelCodec, tokenizer: Any,
                  features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                  num_processes: int = 1) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders; with ``features`` (cached pooled image features of every row of the full
-    frame, see `features.cached_features`) the samples carry those instead of images.
+    """Training and validation loaders; with ``features`` (cached pooled features or feature maps of every row of
+    the full frame, see `features.cached_features`) the samples carry those instead of images.
 
     With several processes the training loader drops each epoch's last incomplete round of batches (a different one
     every epoch, as the order is reshuffled): Accelerate would otherwise fill it up with samples from the start of the
@@ -216,7 +215,7 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
             dataset.check_images()  # fail fast, naming the file and row, before any training
         if features is not None:
             dataset = FeatureDataset(dataset, *features, rows=frame["_row"], flip=training)
-        augmenting = training and with_images
+        augmenting = training and (with_images or (features is not None and features[0].ndim == 4))  # map flips
         if augmenting:  # augmentation as a function of (seed, epoch, row): reproducible and resumable
             dataset = SeededAugmentation(dataset, args.seed)
         loaders.append(DataLoader(
@@ -401,9 +400,12 @@ def main(args: argparse.Namespace) -> int:
             thresholds = tune_thresholds(predictions["final"], targets).tolist()
             summary["val_tuned"] = compute_metrics(predictions["final"], targets, thresholds)  # optimistic
             summary["val_tuned_crossfit"] = crossfit_tuned_metrics(predictions["final"], targets)  # honest
-        log(f"validation samples-F1 {final['samples_f1']:.4f} (trivial baseline: always the most frequent labels, "
-            f"{summary['trivial_samples_f1']:.4f})" + (f"; with per-class thresholds {summary['val_tuned_crossfit']['samples_f1']:.4f} (tuned on held-out folds)"
-                                                       if thresholds else ""))
+        message = (f"validation samples-F1 {final['samples_f1']:.4f} (trivial baseline: always the most frequent "
+                   f"labels, {summary['trivial_samples_f1']:.4f})")
+        if thresholds:
+            message += (f"; with per-class thresholds {summary['val_tuned_crossfit']['samples_f1']:.4f} "
+                        f"(tuned on held-out folds)")
+        log(message)
     summary["param_checksum_per_rank"] = accelerator.gather(
         torch.tensor([param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()
     seen_per_rank = gather_object([seen_ids])  # plain gathers: these are per-rank records, not metrics to dedupe

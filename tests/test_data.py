@@ -53,7 +53,8 @@ def test_sample_and_batch(folder, parts):
     torch.testing.assert_close(sample["targets"], torch.ones(3))
 
     batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=Collator())))
-    keys = {"image", "image_ok", "caption_ids", "caption_lengths", "targets", "label_seq", "index", "image_id"}
+    keys = {"image", "image_ok", "error", "caption_ids", "caption_lengths", "targets", "label_seq", "index",
+            "image_id"}
     assert set(batch) == keys
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
     assert batch["image_ok"].dtype == torch.bool and batch["image_ok"].all()
@@ -144,3 +145,20 @@ def test_real_dataset(comp5329_dir):
     assert batch["image"].shape == (4, 3, 64, 64) and batch["targets"].shape == (4, 18)
     assert batch["image_id"] == ["0.jpg", "1014.jpg", "2259.jpg", "6751.jpg"]
     assert batch["label_seq"][:, 0].tolist() == [codec.index(1), codec.index(18), codec.index(1), codec.index(4)]
+
+
+def test_errors_name_the_row_of_the_annotation_file_after_a_split(folder, parts):
+    frame, codec, tokenizer, transform = parts
+    frame = frame.assign(_row=range(len(frame)))
+    (folder / "2.jpg").unlink()
+    _, val = train_val_split(frame, 0.5, seed=3)
+    position = val.index[val["ImageID"] == "2.jpg"]
+    if len(position) == 0:
+        val, _ = train_val_split(frame, 0.5, seed=3)
+        position = val.index[val["ImageID"] == "2.jpg"]
+    dataset = ImageCaptionDataset(val, folder, codec, tokenizer, transform)
+    with pytest.raises(ImageLoadError) as info:
+        dataset[int(position[0])]
+    assert "row 2 (ImageID '2.jpg')" in str(info.value)
+    with pytest.raises(ImageLoadError, match=r"row 2 \(ImageID '2.jpg'\)"):
+        dataset.check_images()

@@ -80,3 +80,21 @@ def test_feature_dataset_serves_rows_and_flips_maps(images):
     assert ds[1]["image_ok"] is False and ds[0]["image_ok"] is True
     plain = FeatureDataset(ImageCaptionDataset(frame), maps, ok, rows=range(5))
     assert all(torch.equal(plain[i]["image_features"], maps[i]) for i in range(5))
+
+
+def test_freshly_computed_maps_train_the_tail(images, tmp_path):
+    """The first run (cache miss) trains on the tensors just computed: they must be usable by autograd."""
+    from multimodal.config import ModelConfig
+    from multimodal.data import Collator
+    from multimodal.model import MultimodalClassifier
+    frame, folder = images
+    model = MultimodalClassifier(ModelConfig(num_labels=3, image_encoder="tf_efficientnet_lite0", image_size=32,
+                                             use_decoder=False))
+    maps, ok = cached_features(model.image_encoder, frame, folder, 32, tmp_path / "cache", workers=0, tail_stages=1)
+    model.image_encoder.freeze_below_tail(1)
+    model.tail_stages = 1
+    batch = Collator()([FeatureDataset(ImageCaptionDataset(frame), maps, ok, range(5), flip=True)[i] for i in range(5)])
+    model.train()
+    model(image_features=batch["image_features"])["fused_logits"].sum().backward()
+    assert model.image_encoder.backbone.conv_head.weight.grad is not None
+    assert model.image_encoder.backbone.conv_stem.weight.grad is None
