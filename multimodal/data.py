@@ -23,7 +23,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from multimodal.images import ImageLoadError, load_image, resize_for_cache
+from multimodal.images import ImageLoadError, load_image, resize_for_cache, update_files_digest
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, caption_token_ids, pad_token_ids
 
@@ -277,12 +277,7 @@ def image_cache_fingerprint(image_ids: Sequence[str], image_dir: str | Path, siz
                             crop: Optional[int] = None) -> str:
     """SHA-256 of the cache's parameters and of the image files' names, sizes and modification times."""
     h = hashlib.sha256(f"{size}\0{interpolation}\0{crop}\n".encode())
-    for image_id in image_ids:
-        try:
-            st = os.stat(Path(image_dir) / image_id)
-            h.update(f"{image_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except FileNotFoundError:
-            h.update(f"{image_id}\0missing\n".encode())
+    update_files_digest(h, image_ids, image_dir)
     return h.hexdigest()
 
 

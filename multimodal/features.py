@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import Collator, ImageCaptionDataset
-from .images import build_transform
+from .images import build_transform, update_files_digest
 from .model import ImageEncoder
 
 logger = logging.getLogger("multimodal")
@@ -41,12 +41,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 def images_digest(frame: pd.DataFrame, image_dir: str | Path) -> str:
     """SHA-256 of the image files' names, sizes and modification times, in row order (a cheap change detector)."""
     h = hashlib.sha256()
-    for image_id in frame["ImageID"]:
-        try:
-            st = os.stat(Path(image_dir) / image_id)
-            h.update(f"{image_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except FileNotFoundError:
-            h.update(f"{image_id}\0missing\n".encode())
+    update_files_digest(h, frame["ImageID"], image_dir)
     return h.hexdigest()
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import timm
@@ -257,3 +258,14 @@ class BatchImageTransform(torch.nn.Module):
         x = ((x - mean) * factors[1] + mean).clamp(0, 255)  # contrast
         grey = (x * grey_weights).sum(1, keepdim=True)  # [B, 1, H, W]
         return ((x - grey) * factors[2] + grey).clamp(0, 255)  # saturation
+
+
+def update_files_digest(h: Any, image_ids: Iterable[str], image_dir: str | Path) -> None:
+    """Feed each image file's name, size and modification time into the hash ``h`` (a cheap change detector for
+    caches keyed by the images)."""
+    for image_id in image_ids:
+        try:
+            st = os.stat(Path(image_dir) / image_id)
+            h.update(f"{image_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{image_id}\0missing\n".encode())
