@@ -161,14 +161,19 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
+    @staticmethod
+    def complete(run_dir: str | Path) -> list[Path]:
+        """The run's finished checkpoints (those with ``progress.json``), oldest first."""
+        return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "progress.json").is_file())
+
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / "progress.json").is_file())
+        done = self.complete(self.root.parent)
         for old in done[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
     def latest(run_dir: str | Path) -> Optional[Path]:
-        done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "progress.json").is_file())
+        done = CheckpointManager.complete(run_dir)
         return done[-1] if done else None
 
     def load(self, checkpoint: str | Path) -> Progress:

@@ -4,6 +4,7 @@ Rows are written batch by batch as they are predicted, so memory stays flat howe
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 from pathlib import Path
@@ -68,8 +69,6 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
         for batch in loader:
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             inputs = model_inputs(batch)
-            if inputs.get("image") is not None and accelerator.device.type == "cuda":
-                inputs["image"] = inputs["image"].contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
                 probs = model.predict_proba(**inputs).float()
                 usable = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
@@ -132,7 +131,7 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     tmp_prob = Path(str(probabilities) + ".tmp") if probabilities else None
     try:
         with open(tmp_out, "w", newline="") as f_out, \
-                (open(tmp_prob, "w", newline="") if tmp_prob else _null()) as f_p:
+                (open(tmp_prob, "w", newline="") if tmp_prob else contextlib.nullcontext()) as f_p:
             out = csv.writer(f_out)
             out.writerow(["ImageID", "Labels"])
             prob_writer = csv.writer(f_p) if tmp_prob else None
@@ -171,11 +170,3 @@ def _prepare_images(loader: Any, device: torch.device, transform: Any = None,
             image = transform(image) if transform is not None else image
             batch["image"] = image.contiguous(memory_format=torch.channels_last) if channels_last else image
         yield batch
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
