@@ -35,6 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="Accelerate precision")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="read images from a uint8 cache in DIR, resized once to the model's evaluation size and "
+                        "built on first use: later predictions over the same images skip JPEG decoding "
+                        "(invalidated when the images or the preprocessing change)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="predict unreadable images from their caption (or no labels) and report them")
     return p
@@ -55,9 +59,18 @@ def main(args: argparse.Namespace) -> int:
         logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
     if model.image_encoder is None:
         image_dir = None
+    cache = None
+    if args.image_cache and image_dir is not None:
+        from multimodal.data import build_image_cache
+        from multimodal.images import image_cache_settings
+        settings = image_cache_settings(model.image_encoder, model.config.image_size, model.config.image_crop)
+        cache = build_image_cache(frame["ImageID"], image_dir, args.image_cache, **settings, workers=args.workers,
+                                  skip_bad_images=args.skip_bad_images)
+        logger.info("image cache %s: %s", cache.path, "reused" if cache.meta["reused"]
+                    else f"built in {cache.meta['build_seconds']:.1f} s")
     result = predict_to_csv(model, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
-                            skip_bad_images=args.skip_bad_images)
+                            skip_bad_images=args.skip_bad_images, image_cache=cache)
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
     report = Path(args.output).with_suffix(".bad_images.csv")
     report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one

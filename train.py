@@ -41,6 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="skip unreadable images (reported by id) instead of stopping with an error")
     g.add_argument("--max-caption-length", type=int, default=64, help="caption tokens kept")
     g.add_argument("--min-word-freq", type=int, default=1, help="minimum count of a word in the vocabulary")
+    g.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="decode and resize every image once into a uint8 cache in DIR and train from it (no JPEG "
+                        "decoding per epoch; training crops come from the cached square; invalidated when the "
+                        "images or the preprocessing change)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
 
     g = p.add_argument_group("model")
@@ -50,12 +54,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random image encoder")
     g.add_argument("--pretrained-file", default=None, help="local .pth/.safetensors ImageNet weights")
     g.add_argument("--image-size", type=int, default=None, help="input resolution (default: 224; demo data: 64)")
+    g.add_argument("--image-crop", default="center", choices=["center", "full"],
+                   help="evaluation preprocessing: timm's centre crop, or the full image resized to a square "
+                        "(keeps objects near the borders; see benchmarks/RESULTS.md)")
     g.add_argument("--no-image", action="store_true", help="ablation: no image branch")
     g.add_argument("--no-caption", action="store_true", help="ablation: no caption branch")
     g.add_argument("--no-decoder", action="store_true", help="ablation: no CNN-RNN label decoder")
     g.add_argument("--word-dim", type=int, default=128, help="word embedding size")
     g.add_argument("--caption-hidden", type=int, default=256, help="caption LSTM hidden size per direction")
     g.add_argument("--caption-layers", type=int, default=1, help="caption LSTM layers")
+    g.add_argument("--caption-embed-dropout", type=float, default=0.0, help="dropout on the word embeddings")
+    g.add_argument("--caption-word-skip", action="store_true",
+                   help="also feed the max over the caption's word embeddings to the heads (a bag-of-words path)")
     g.add_argument("--glove", default=None, help="GloVe-format text file to initialise the word embeddings")
     g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
     g.add_argument("--combine", default="fused", choices=["fused", "fused_decoder", "mean"],
@@ -81,7 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-tail-stages", type=int, default=0, metavar="K",
                    help="with --cache-features: cache the feature maps below the image encoder's last K stages and "
                         "fine-tune those K stages and its head convolution (0: cache pooled features, all frozen)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the image encoder")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format for the image encoder and its input (1.3-1.6x faster training "
+                        "steps on CPU, see benchmarks/SPEED.md)")
     g.add_argument("--focal-gamma", type=float, default=0.0, help="focal BCE gamma (0: plain BCE)")
     g.add_argument("--decoder-loss-weight", type=float, default=1.0, help="weight of the decoder's sequence loss")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and data order")

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 COMBINE_RULES = ("fused", "fused_decoder", "mean")
 CAPTION_POOLS = ("max", "mean", "last")
+IMAGE_CROPS = ("center", "full")  # as multimodal.images.CROP_MODES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ModelConfig:
     # Image branch.
     image_encoder: Optional[str] = "tf_efficientnet_lite0"
     image_size: int = 224
+    image_crop: str = "center"  # evaluation preprocessing: "center" crop (timm's default) or the "full" image
     image_drop_rate: float = 0.2
     # Caption branch.
     vocab_size: Optional[int] = None
@@ -46,6 +48,8 @@ class ModelConfig:
     caption_layers: int = 1
     bidirectional: bool = True
     caption_pool: str = "max"
+    caption_embed_dropout: float = 0.0  # dropout on the word embeddings (training only)
+    caption_word_skip: bool = False  # append the max over word embeddings to the pooled LSTM states
     # Label decoder (CNN-RNN).
     use_decoder: bool = True
     label_embed_dim: int = 128
@@ -65,6 +69,8 @@ class ModelConfig:
             raise ValueError("at least one of the image and caption branches must be on")
         if self.combine not in COMBINE_RULES:
             raise ValueError(f"combine must be one of {COMBINE_RULES}, got {self.combine!r}")
+        if self.image_crop not in IMAGE_CROPS:
+            raise ValueError(f"image_crop must be one of {IMAGE_CROPS}, got {self.image_crop!r}")
         if self.caption_pool not in CAPTION_POOLS:
             raise ValueError(f"caption_pool must be one of {CAPTION_POOLS}, got {self.caption_pool!r}")
         if self.combine == "fused_decoder" and not self.use_decoder:

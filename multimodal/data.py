@@ -227,8 +227,9 @@ def bounded_heap_worker_init(worker_id: int) -> None:
 
 
 class ImageCache:
-    """Images decoded once, resized (short side) and centre-cropped to ``size`` x ``size``: a uint8 [N, S, S, 3]
-    ``.npy`` file read through a memory map, with a JSON sidecar (image ids, readable flags, fingerprint, build time).
+    """Images decoded once, resized (short side) and centre-cropped, or squashed, to ``size`` x ``size``: a uint8
+    [N, S, S, 3] ``.npy`` file read through a memory map, with a JSON sidecar (image ids, readable flags,
+    fingerprint, build time).
 
     Reading a cached image is a copy of S * S * 3 bytes, against a JPEG decode and a bicubic resize, so the data
     loader stops being the bottleneck of a fast GPU. Build it with `build_image_cache`. Built at
@@ -274,9 +275,9 @@ class ImageCache:
 
 
 def image_cache_fingerprint(image_ids: Sequence[str], image_dir: str | Path, size: int, interpolation: str,
-                            crop: Optional[int] = None) -> str:
+                            crop: Optional[int] = None, squash: bool = False) -> str:
     """SHA-256 of the cache's parameters and of the image files' names, sizes and modification times."""
-    h = hashlib.sha256(f"{size}\0{interpolation}\0{crop}\n".encode())
+    h = hashlib.sha256(f"{size}\0{interpolation}\0{crop}\n".encode() + (b"squash\n" if squash else b""))
     update_files_digest(h, image_ids, image_dir)
     return h.hexdigest()
 
@@ -285,9 +286,9 @@ class _CacheWriter(Dataset):
     """Decodes, resizes and writes one image into the cache file; run by DataLoader workers in parallel."""
 
     def __init__(self, image_ids: Sequence[str], image_dir: Path, path: Path, size: int, interpolation: str,
-                 crop: Optional[int]) -> None:
+                 crop: Optional[int], squash: bool) -> None:
         self.image_ids, self.image_dir, self.path = list(image_ids), image_dir, path
-        self.size, self.interpolation, self.crop = size, interpolation, crop
+        self.size, self.interpolation, self.crop, self.squash = size, interpolation, crop, squash
         self._array: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -299,14 +300,14 @@ class _CacheWriter(Dataset):
         try:
             image = load_image(self.image_dir / self.image_ids[index])
         except ImageLoadError as err:
-            return index, str(err)
-        self._array[index] = resize_for_cache(image, self.size, self.interpolation, self.crop)
+            return index, err.reason
+        self._array[index] = resize_for_cache(image, self.size, self.interpolation, self.crop, self.squash)
         return index, None
 
 
 def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir: str | Path, size: int,
-                      interpolation: str = "bicubic", crop: Optional[int] = None, workers: int = 0,
-                      skip_bad_images: bool = False, rebuild: bool = False) -> ImageCache:
+                      interpolation: str = "bicubic", crop: Optional[int] = None, squash: bool = False,
+                      workers: int = 0, skip_bad_images: bool = False, rebuild: bool = False) -> ImageCache:
     """The `ImageCache` of these images at ``size``, reused from ``cache_dir`` when its fingerprint matches.
 
     The file is named by a fingerprint of the size, the interpolation and the image files (name, size, modification
@@ -321,17 +322,23 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
         interpolation: resize filter, the encoder's (``resolve_image_config(...)["interpolation"]``).
         crop: the model's input size: aligns each square so that its centre crop of this size is exactly the
             evaluation transform's crop (see `images.resize_for_cache`).
+        squash: resize whole images to ``size`` x ``size`` (the evaluation transform of ``crop="full"`` models).
+            `images.image_cache_settings` gives ``size``, ``interpolation``, ``crop`` and ``squash`` for a model.
         workers: decoding processes (DataLoader workers); 0 decodes in this process.
         skip_bad_images: record unreadable images as such instead of raising.
         rebuild: build even when a matching cache exists.
 
     Raises:
-        ImageLoadError: an image is missing or unreadable and ``skip_bad_images`` is off.
+        ImageLoadError: an image is missing or unreadable and ``skip_bad_images`` is off; the message names the file,
+            its ImageID and its position in ``image_ids`` (the data row when they are a frame's column).
     """
-    image_ids = list(dict.fromkeys(image_ids))
+    first_row: dict[str, int] = {}
+    for row, image_id in enumerate(image_ids):
+        first_row.setdefault(image_id, row)
+    image_ids = list(first_row)  # duplicates stored once
     image_dir = Path(image_dir)
-    fingerprint = image_cache_fingerprint(image_ids, image_dir, size, interpolation, crop)
-    path = Path(cache_dir) / f"images-{size}-{interpolation}-{fingerprint[:20]}.npy"
+    fingerprint = image_cache_fingerprint(image_ids, image_dir, size, interpolation, crop, squash)
+    path = Path(cache_dir) / f"images-{size}-{interpolation}{'-squash' if squash else ''}-{fingerprint[:20]}.npy"
     if path.is_file() and path.with_suffix(".json").is_file() and not rebuild:
         cache = ImageCache(path)
         cache.meta["reused"] = True
@@ -340,7 +347,7 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     tmp = path.with_name(path.stem + ".tmp.npy")
     start = time.perf_counter()
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3)).flush()
-    loader = torch.utils.data.DataLoader(_CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop),
+    loader = torch.utils.data.DataLoader(_CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop, squash),
                                          batch_size=32, num_workers=workers, collate_fn=list,
                                          worker_init_fn=bounded_heap_worker_init)
     errors: dict[str, str] = {}
@@ -349,10 +356,12 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
             if error is not None:
                 if not skip_bad_images:
                     tmp.unlink(missing_ok=True)
-                    raise ImageLoadError(image_dir / image_ids[index], error)
+                    image_id = image_ids[index]
+                    raise ImageLoadError(image_dir / image_id,
+                                         f"data row {first_row[image_id]} (ImageID {image_id!r}): {error}")
                 errors[image_ids[index]] = error
     build_seconds = time.perf_counter() - start
-    meta = {"size": size, "interpolation": interpolation, "crop": crop, "fingerprint": fingerprint,
+    meta = {"size": size, "interpolation": interpolation, "crop": crop, "squash": squash, "fingerprint": fingerprint,
             "image_dir": str(image_dir), "build_seconds": build_seconds, "workers": workers, "ids": image_ids,
             "ok": [image_id not in errors for image_id in image_ids], "errors": errors}
     tmp_meta = path.with_name(path.stem + ".tmp.json")

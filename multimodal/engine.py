@@ -61,6 +61,27 @@ class JSONLinesTracker(GeneralTracker):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}, default=float) + "\n")
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the lines logged after ``step``: what a run that died after its last checkpoint logged before dying,
+        which the run resumed from that checkpoint logs again. A torn last line goes too. Returns how many lines
+        were dropped; the file is rewritten atomically."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+
+        def kept(line: str) -> bool:
+            try:
+                return (json.loads(line).get("step") or 0) <= step
+            except ValueError:
+                return False
+
+        keep = [line for line in lines if line.strip() and kept(line)]
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        return len(lines) - len(keep)
+
 
 class SeededAugmentation(Dataset):
     """A map-style dataset whose sample ``i`` of epoch ``e`` is made under RNGs seeded by ``(seed, e, i)``.

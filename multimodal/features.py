@@ -46,8 +46,8 @@ def images_digest(frame: pd.DataFrame, image_dir: str | Path) -> str:
 
 
 def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFrame, image_dir: str | Path,
-                        tail_stages: Optional[int] = None) -> str:
-    transform = build_transform(encoder, image_size, training=False)
+                        tail_stages: Optional[int] = None, crop: str = "center") -> str:
+    transform = build_transform(encoder, image_size, training=False, crop=crop)
     parts = {"encoder": encoder.name, "weights": weights_digest(encoder), "image_size": image_size,
              "transform": repr(transform), "images": images_digest(frame, image_dir)}
     if tail_stages is not None:
@@ -92,14 +92,15 @@ def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 
 def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str | Path, image_size: int,
                     cache_dir: str | Path, *, batch_size: int = 64, workers: int = 2,
                     device: str | torch.device = "cpu", skip_bad_images: bool = False,
-                    tail_stages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`compute_features` for the rows of ``frame``, read from ``cache_dir`` when a matching cache exists.
+                    tail_stages: Optional[int] = None, crop: str = "center") -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_features` for the rows of ``frame``, read from ``cache_dir`` when a matching cache exists; ``crop``
+    is the evaluation transform's crop mode (`images.CROP_MODES`).
 
     Returns:
         ``features`` ([N, F], or [N, C, h, w] with ``tail_stages``) aligned with the rows of ``frame``, ``ok`` [N].
     """
-    fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir, tail_stages)
-    kind = "" if tail_stages is None else f"-below{tail_stages}"
+    fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir, tail_stages, crop)
+    kind = ("" if tail_stages is None else f"-below{tail_stages}") + ("" if crop == "center" else f"-{crop}")
     path = Path(cache_dir) / f"features-{encoder.name}-{image_size}{kind}-{fingerprint[:20]}.safetensors"
     if path.is_file():
         tensors = load_file(str(path))
@@ -107,7 +108,7 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
         return tensors["features"], tensors["ok"].bool()
     logger.info("image features: computing %d x %s at %d px (cache %s)", len(frame), encoder.name, image_size, path)
     dataset = ImageCaptionDataset(frame[["ImageID", "Caption"]], image_dir,
-                                  transform=build_transform(encoder, image_size, training=False),
+                                  transform=build_transform(encoder, image_size, training=False, crop=crop),
                                   skip_bad_images=skip_bad_images)
     features, ok = compute_features(encoder, dataset, batch_size, workers, device, tail_stages=tail_stages)
     path.parent.mkdir(parents=True, exist_ok=True)

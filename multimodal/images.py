@@ -14,7 +14,12 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 __all__ = ["ImageLoadError", "load_image", "build_transform", "resolve_image_config", "eval_resize_size",
-           "draft_size_for", "resize_for_cache", "BatchImageTransform"]
+           "draft_size_for", "resize_for_cache", "image_cache_settings", "BatchImageTransform", "CROP_MODES"]
+
+# How evaluation fits an image to the square input: "center" is timm's default (short side resized to
+# size / crop_pct, then the centre square cut out: a 4:3 photo loses a third of its width); "full" resizes the whole
+# image to size x size (timm's crop_mode="squash" with crop_pct=1), so objects near the borders are kept.
+CROP_MODES = ("center", "full")
 
 # Errors Pillow raises for unreadable files: OSError (truncated, undecodable; UnidentifiedImageError is one),
 # SyntaxError/ValueError/struct.error/EOFError from some format plugins, DecompressionBombError for huge images.
@@ -80,42 +85,54 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resolve_image_config(encoder: Union[str, torch.nn.Module], image_size: Optional[int] = None) -> dict[str, Any]:
+def resolve_image_config(encoder: Union[str, torch.nn.Module], image_size: Optional[int] = None,
+                         crop: str = "center") -> dict[str, Any]:
     """Preprocessing config (input size, interpolation, mean, std, crop) of a timm model or model name.
 
     A module that is not itself a timm model (e.g. a wrapper) is searched for a submodule carrying ``pretrained_cfg``.
-    A name is resolved from timm's registry of pretrained configs without building the model.
+    A name is resolved from timm's registry of pretrained configs without building the model. ``crop`` is one of
+    `CROP_MODES`: ``"full"`` sets ``crop_pct=1`` and ``crop_mode="squash"`` (whole image resized to the input size).
     """
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
     args = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
     if isinstance(encoder, str):
         pretrained_cfg = timm.get_pretrained_cfg(encoder)
         if pretrained_cfg is None:  # not in the registry: build it to read its default config
-            return resolve_data_config(args, model=timm.create_model(encoder, pretrained=False))
-        return resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
-    model = next((m for m in encoder.modules() if getattr(m, "pretrained_cfg", None)), encoder)
-    return resolve_data_config(args, model=model)
+            config = resolve_data_config(args, model=timm.create_model(encoder, pretrained=False))
+        else:
+            config = resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
+    else:
+        model = next((m for m in encoder.modules() if getattr(m, "pretrained_cfg", None)), encoder)
+        config = resolve_data_config(args, model=model)
+    if crop == "full":
+        config.update(crop_pct=1.0, crop_mode="squash")
+    return config
 
 
 def build_transform(
-    encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, training: bool, **kwargs: Any
+    encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, training: bool, crop: str = "center",
+    **kwargs: Any
 ) -> Callable[[Image.Image], torch.Tensor]:
     """timm preprocessing for an image encoder at a given resolution.
 
     Mean, std, interpolation and crop percentage follow the encoder's pretrained config, so they always match the
     weights. Training uses timm's standard augmentation (random resized crop, horizontal flip, colour jitter; no
-    auto-augment unless asked for); evaluation resizes and centre-crops per the config's ``crop_pct``.
+    auto-augment unless asked for); evaluation resizes and centre-crops per the config's ``crop_pct``, or with
+    ``crop="full"`` resizes the whole image to ``image_size`` x ``image_size``.
 
     Args:
         encoder_name_or_model: a timm model name (e.g. ``"tf_efficientnet_lite0"``) or a model.
         image_size: output height and width.
         training: augmenting training transform or deterministic evaluation transform.
+        crop: one of `CROP_MODES` (evaluation only; training always takes random resized crops).
         **kwargs: passed to ``timm.data.create_transform``, e.g. ``scale=(0.5, 1.0)`` or
             ``auto_augment="rand-m9-mstd0.5"``.
 
     Returns:
         A callable mapping an RGB PIL image to a float tensor [3, image_size, image_size].
     """
-    config = resolve_image_config(encoder_name_or_model, image_size)
+    config = resolve_image_config(encoder_name_or_model, image_size, crop)
     return create_transform(**config, is_training=training, **kwargs)
 
 
@@ -124,26 +141,39 @@ def build_transform(
 
 
 def eval_resize_size(config: dict[str, Any]) -> int:
-    """The short side timm's evaluation transform resizes to before its centre crop (``floor(size / crop_pct)``)."""
+    """The short side timm's evaluation transform resizes to before its centre crop (``floor(size / crop_pct)``);
+    with ``crop_mode="squash"`` both sides are resized to it."""
     return int(math.floor(config["input_size"][-1] / config["crop_pct"]))
 
 
-def draft_size_for(encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, training: bool = False) -> int:
+def image_cache_settings(encoder_name_or_model: Union[str, torch.nn.Module], image_size: int,
+                         crop: str = "center") -> dict[str, Any]:
+    """Keyword arguments of `multimodal.data.build_image_cache` (``size``, ``interpolation``, ``crop``, ``squash``)
+    for which the cache reproduces the evaluation transform of this encoder, resolution and crop mode exactly."""
+    config = resolve_image_config(encoder_name_or_model, image_size, crop)
+    return {"size": eval_resize_size(config), "interpolation": config["interpolation"], "crop": int(image_size),
+            "squash": config.get("crop_mode") == "squash"}
+
+
+def draft_size_for(encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, training: bool = False,
+                   crop: str = "center") -> int:
     """The ``draft_size`` for `load_image` that loses nothing the transform keeps.
 
     Evaluation resizes the short side to `eval_resize_size` and then crops, so a JPEG may be decoded at 1/2, 1/4 or
     1/8 scale as long as its short side stays at least that large: the bicubic resize that follows is still a
     reduction. Training crops a random part of the image (``RandomResizedCrop``), so the draft keeps the short side
-    at least ``image_size`` (a full-image crop keeps its detail; small crops are enlarged either way).
+    at least ``image_size`` (a full-image crop keeps its detail; small crops are enlarged either way). With
+    ``crop="full"`` both sides are resized to ``image_size``, which the draft keeps as its minimum side.
     """
     if training:
         return int(image_size)
-    return eval_resize_size(resolve_image_config(encoder_name_or_model, image_size))
+    return eval_resize_size(resolve_image_config(encoder_name_or_model, image_size, crop))
 
 
 def resize_for_cache(image: Image.Image, size: int, interpolation: str = "bicubic",
-                     crop: Optional[int] = None) -> np.ndarray:
-    """Short side resized to ``size``, then a ``size`` x ``size`` square cut out: uint8 [size, size, 3].
+                     crop: Optional[int] = None, squash: bool = False) -> np.ndarray:
+    """Short side resized to ``size``, then a ``size`` x ``size`` square cut out: uint8 [size, size, 3]. With
+    ``squash`` the whole image is resized to ``size`` x ``size`` instead (timm's ``crop_mode="squash"``).
 
     The resize is torchvision's ``Resize`` on the PIL image, as in timm's evaluation transform. The square is the
     centre one; with ``crop`` it is shifted (by at most half a pixel) so that the centre ``crop`` x ``crop`` of the
@@ -154,6 +184,9 @@ def resize_for_cache(image: Image.Image, size: int, interpolation: str = "bicubi
     from timm.data.transforms import str_to_interp_mode
     from torchvision.transforms import functional as TF
 
+    if squash:
+        image = TF.resize(image, [size, size], interpolation=str_to_interp_mode(interpolation))
+        return np.asarray(TF.center_crop(image, [crop, crop]) if crop is not None else image, dtype=np.uint8)
     image = TF.resize(image, size, interpolation=str_to_interp_mode(interpolation))
     W, H = image.size
     top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))

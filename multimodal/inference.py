@@ -104,9 +104,12 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     thresholds = model.thresholds if thresholds is None else thresholds
     thresholds = 0.5 if thresholds is None else thresholds
     use_image = model.image_encoder is not None
-    transform = build_transform(model.config.image_encoder, model.config.image_size, False) if use_image else None
+    crop = model.config.image_crop
+    transform = build_transform(model.config.image_encoder, model.config.image_size, False,
+                                crop=crop) if use_image else None
     if draft_size == "auto":
-        draft_size = draft_size_for(model.config.image_encoder, model.config.image_size) if use_image else None
+        draft_size = draft_size_for(model.config.image_encoder, model.config.image_size, crop=crop) \
+            if use_image else None
     cache = image_cache if use_image else None
     on_device = cache is not None and accelerator.device.type == "cuda"
     channels_last = channels_last and use_image

@@ -132,20 +132,27 @@ class CaptionEncoder(nn.Module):
     Packing means the LSTM never sees padding, so a caption's embedding does not depend on the batch it is in.
     An empty caption (length 0) is run as a single pad token (packing needs length >= 1) and its pooled vector is
     then replaced by a learned "empty caption" embedding.
+
+    Options: ``embed_dropout`` drops word-embedding units before the LSTM (training only); ``word_skip`` appends the
+    max over the caption's word embeddings to the pooled LSTM states, a direct bag-of-words path next to the
+    sequence model (``num_features`` grows by ``word_dim``).
     """
 
     def __init__(self, vocab_size: int, word_dim: int = 128, hidden: int = 256, num_layers: int = 1,
-                 bidirectional: bool = True, pool: str = "max", pad_id: int = 0, dropout: float = 0.0):
+                 bidirectional: bool = True, pool: str = "max", pad_id: int = 0, dropout: float = 0.0,
+                 embed_dropout: float = 0.0, word_skip: bool = False):
         super().__init__()
         if pool not in ("max", "mean", "last"):
             raise ValueError(f"pool must be 'max', 'mean' or 'last', got {pool!r}")
         self.pool = pool
         self.pad_id = pad_id
+        self.word_skip = word_skip
         self.embedding = nn.Embedding(vocab_size, word_dim, padding_idx=pad_id)
+        self.embed_drop = nn.Dropout(embed_dropout)
         self.lstm = nn.LSTM(word_dim, hidden, num_layers=num_layers, batch_first=True,
                             bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
         self.num_directions = 2 if bidirectional else 1
-        self.num_features: int = hidden * self.num_directions
+        self.num_features: int = hidden * self.num_directions + (word_dim if word_skip else 0)
         self.empty_embedding = nn.Parameter(torch.zeros(self.num_features))
 
     def load_glove(self, path: str | os.PathLike, tokenizer_vocab: dict[str, int]) -> int:
@@ -169,13 +176,13 @@ class CaptionEncoder(nn.Module):
             L = 1
         empty = caption_lengths <= 0  # [B]
         lengths = caption_lengths.clamp(1, L)  # [B]
-        x = self.embedding(caption_ids)  # [B, L, E]
+        x = self.embed_drop(self.embedding(caption_ids))  # [B, L, E]
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, (h_n, _) = self.lstm(packed)
         if self.pool == "last":
             # h_n [layers * dirs, B, H] (restored to batch order) -> last layer, both directions: [B, dirs * H]
             h_last = h_n[-self.num_directions:]  # [dirs, B, H]
-            pooled = h_last.transpose(0, 1).reshape(B, self.num_features)
+            pooled = h_last.transpose(0, 1).reshape(B, -1)
         else:
             out, _ = pad_packed_sequence(out, batch_first=True)  # [B, max(lengths), dirs * H]
             steps = torch.arange(out.shape[1], device=out.device)
@@ -184,6 +191,11 @@ class CaptionEncoder(nn.Module):
                 pooled = out.masked_fill(~valid, float("-inf")).amax(1)  # [B, D]
             else:
                 pooled = (out * valid).sum(1) / lengths.to(out)[:, None]  # [B, D]
+        if self.word_skip:
+            steps = torch.arange(L, device=x.device)
+            word_valid = (steps[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)  # [B, L, 1]
+            words = x.masked_fill(~word_valid, float("-inf")).amax(1)  # [B, E]
+            pooled = torch.cat([pooled, words.to(pooled.dtype)], dim=1)  # [B, dirs * H + E]
         empty = empty.to(pooled.device)[:, None]  # [B, 1]
         return torch.where(empty, self.empty_embedding.to(pooled.dtype), pooled)
 
@@ -356,7 +368,8 @@ class MultimodalClassifier(nn.Module):
         if config.use_caption:
             self.caption_encoder = CaptionEncoder(
                 config.vocab_size, config.word_dim, config.caption_hidden, config.caption_layers,
-                config.bidirectional, config.caption_pool, config.pad_id, config.dropout)
+                config.bidirectional, config.caption_pool, config.pad_id, config.dropout,
+                config.caption_embed_dropout, config.caption_word_skip)
             self.caption_head = nn.Linear(self.caption_encoder.num_features, C)
         self.num_features: int = sum(enc.num_features for enc in (self.image_encoder, self.caption_encoder)
                                      if enc is not None)

@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
 from .config import LossConfig, ModelConfig, save_json
-from .data import Collator, ImageCaptionDataset, train_val_split
+from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, build_image_cache, train_val_split
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_optimizer,
                      collect_predictions, evaluate, lr_lambda, resolve_checkpoint, train_one_epoch)
-from .images import ImageLoadError, build_transform
+from .images import BatchImageTransform, ImageLoadError, build_transform, image_cache_settings
 from .labels import LabelCodec
 from .losses import JointLoss
 from .metrics import binarize, compute_metrics, crossfit_tuned_metrics, samples_f1, tune_thresholds
@@ -78,9 +78,10 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # Environment variables by which launchers tell a process how many processes there are and which one it is:
-# torchrun / `accelerate launch` (WORLD_SIZE, RANK, LOCAL_RANK) and the MPI implementations Accelerate reads.
-WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-RANK_VARS = ("RANK", "LOCAL_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+# torchrun / `accelerate launch` (WORLD_SIZE, RANK, LOCAL_RANK), the MPI implementations Accelerate reads, and Slurm's
+# srun (SLURM_STEP_NUM_TASKS is set inside a job step only, not in a batch script that merely asked for --ntasks).
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+RANK_VARS = ("RANK", "LOCAL_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
 
 
 def check_launch(state: PartialState) -> None:
@@ -106,7 +107,10 @@ def check_launch(state: PartialState) -> None:
             f"error: launched as several processes ({seen}) but Accelerate sees {state.num_processes} process(es) "
             f"(distributed type {state.distributed_type.value}): each process would train its own copy. On a machine "
             f"without GPUs set ACCELERATE_USE_CPU=true (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
-            f"--num_processes {world} train.py ...`).")
+            f"--num_processes {world} train.py ...`)."
+            + (" Under Slurm, let srun start one `accelerate launch` per node (`srun --ntasks-per-node=1 accelerate "
+               "launch --num_machines N --machine_rank $SLURM_NODEID ...`), not one train.py per process."
+               if any(name.startswith("SLURM_") for name in {**launched, **ranked}) else ""))
 
 
 def new_run_name(root: Path) -> str:
@@ -178,11 +182,14 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         num_labels=codec.num_labels,
         image_encoder=None if args.no_image else args.encoder,
         image_size=args.image_size,
+        image_crop=getattr(args, "image_crop", "center"),
         vocab_size=None if args.no_caption else tokenizer.get_vocab_size(),
         pad_id=PAD_ID,
         word_dim=args.word_dim,
         caption_hidden=args.caption_hidden,
         caption_layers=args.caption_layers,
+        caption_embed_dropout=getattr(args, "caption_embed_dropout", 0.0),
+        caption_word_skip=getattr(args, "caption_word_skip", False),
         use_decoder=not args.no_decoder,
         max_labels=int(frame["Labels"].map(len).max()),
         beam_width=args.beam_width,
@@ -195,9 +202,12 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
 def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd.DataFrame, pd.DataFrame],
                  image_dir: Path, codec: LabelCodec, tokenizer: Any,
                  features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 num_processes: int = 1) -> tuple[DataLoader, DataLoader]:
+                 num_processes: int = 1, image_cache: Any = None) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders; with ``features`` (cached pooled features or feature maps of every row of
-    the full frame, see `features.cached_features`) the samples carry those instead of images.
+    the full frame, see `features.cached_features`) the samples carry those instead of images. With ``image_cache``
+    (a `data.ImageCache` built with `images.image_cache_settings`) images are read from it as uint8 and preprocessed
+    by `images.BatchImageTransform` in the loader: the evaluation transform exactly, timm's training augmentation
+    (random resized crop, flip, colour jitter) on the cached square.
 
     With several processes the training loader drops each epoch's last incomplete round of batches (a different one
     every epoch, as the order is reshuffled): Accelerate would otherwise fill it up with samples from the start of the
@@ -207,10 +217,16 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
     loaders = []
     for frame, training in zip(frames, (True, False)):
         with_images = config.use_image and features is None
-        transform = build_transform(config.image_encoder, config.image_size, training) if with_images else None
+        cache = image_cache if with_images else None
+        if cache is not None:
+            transform = BatchImageTransform(config.image_encoder, config.image_size, training, channels_last=False)
+        elif with_images:
+            transform = build_transform(config.image_encoder, config.image_size, training, crop=config.image_crop)
+        else:
+            transform = None
         dataset = ImageCaptionDataset(frame, image_dir if with_images else None, codec, tokenizer, transform,
                                       skip_bad_images=args.skip_bad_images,
-                                      max_caption_length=args.max_caption_length)
+                                      max_caption_length=args.max_caption_length, image_cache=cache)
         if with_images and not args.skip_bad_images:
             dataset.check_images()  # fail fast, naming the file and row, before any training
         if features is not None:
@@ -223,7 +239,8 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
             collate_fn=Collator(pad_id=PAD_ID), pin_memory=torch.cuda.is_available(),
             # persistent workers would keep a stale copy of the dataset's epoch
             persistent_workers=args.workers > 0 and not augmenting, drop_last=training and num_processes > 1,
-            generator=torch.Generator().manual_seed(args.seed)))
+            generator=torch.Generator().manual_seed(args.seed),
+            worker_init_fn=bounded_heap_worker_init))  # workers' memory stays flat (see data.py)
     if len(loaders[0]) < num_processes:
         raise ValueError(f"{len(frames[0])} training rows cannot give each of {num_processes} processes a full batch "
                          f"of {args.batch_size}: lower --batch-size")
@@ -266,7 +283,8 @@ def main(args: argparse.Namespace) -> int:
     # The data first: a malformed CSV stops the run before it leaves an empty run folder behind.
     frame, image_dir, names_csv = load_frames(args, state)
     run_dir = make_run_dir(args, state)
-    trackers: list[Any] = [JSONLinesTracker(run_dir / "log.jsonl")]
+    jsonl = JSONLinesTracker(run_dir / "log.jsonl")
+    trackers: list[Any] = [jsonl]
     if is_tensorboard_available():
         trackers.append("tensorboard")
     accelerator = Accelerator(
@@ -315,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
             features = cached_features(model.image_encoder, frame, image_dir, config.image_size, args.cache_features,
                                        batch_size=2 * args.batch_size, workers=args.workers,
                                        device=accelerator.device, skip_bad_images=args.skip_bad_images,
-                                       tail_stages=tail or None)
+                                       tail_stages=tail or None, crop=config.image_crop)
         if tail:  # fine-tune the top stages on cached feature maps; everything below stays frozen
             frozen = model.image_encoder.freeze_below_tail(tail)
             model.tail_stages = tail
@@ -324,11 +342,20 @@ def main(args: argparse.Namespace) -> int:
     if args.freeze_image_encoder and model.image_encoder is not None:
         model.image_encoder.requires_grad_(False)
         frozen = [model.image_encoder]
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if getattr(args, "channels_last", False) and model.image_encoder is not None:
+        model.image_encoder.to(memory_format=torch.channels_last)
     criterion = JointLoss(LossConfig(decoder_weight=args.decoder_loss_weight, focal_gamma=args.focal_gamma))
+    image_cache = None
+    if getattr(args, "image_cache", None) and model.image_encoder is not None and features is None:
+        settings = image_cache_settings(config.image_encoder, config.image_size, config.image_crop)
+        with accelerator.main_process_first():  # the main process builds the cache, the others then reuse it
+            image_cache = build_image_cache(frame["ImageID"], image_dir, args.image_cache, **settings,
+                                            workers=args.workers, skip_bad_images=args.skip_bad_images)
+        log(f"image cache {image_cache.path}: " + ("reused" if image_cache.meta["reused"]
+                                                    else f"built in {image_cache.meta['build_seconds']:.1f} s"))
     train_loader, val_loader = make_loaders(args, config, (train_frame, val_frame), image_dir, codec, tokenizer,
-                                            features, num_processes=accelerator.num_processes)
+                                            features, num_processes=accelerator.num_processes,
+                                            image_cache=image_cache)
     optimizer = build_optimizer(model, args.lr, args.backbone_lr, args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = -(-len(train_loader) // args.grad_accum)
@@ -346,6 +373,10 @@ def main(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         progress = checkpoints.load(checkpoint)
         log(f"resumed from {checkpoint}: epoch {progress.epoch}, batch {progress.batches_done}, step {progress.step}")
+        if accelerator.is_main_process:  # what the run logged after this checkpoint is about to be logged again
+            dropped = jsonl.truncate_after(progress.step)
+            if dropped:
+                log(f"log.jsonl: dropped {dropped} line(s) logged after step {progress.step} by the interrupted run")
     kill_at = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0"))
 
     def on_checkpoint(p: Progress) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from multimodal.data import Collator, ImageCaptionDataset, build_image_cache
 from multimodal.images import (BatchImageTransform, ImageLoadError, build_transform, draft_size_for, eval_resize_size,
-                               resolve_image_config)
+                               image_cache_settings, resolve_image_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODER = "efficientnet_b0"
@@ -37,15 +37,16 @@ def jpegs(tmp_path) -> tuple[Path, list[str]]:
     return tmp_path, names
 
 
+@pytest.mark.parametrize("crop", ["center", "full"])
 @pytest.mark.parametrize("size", [32, 28, 24])
-def test_cache_reproduces_the_eval_transform(jpegs, tmp_path, size):
+def test_cache_reproduces_the_eval_transform(jpegs, tmp_path, size, crop):
     image_dir, names = jpegs
-    config = resolve_image_config(ENCODER, size)
-    cache = build_image_cache(names, image_dir, tmp_path / "cache", eval_resize_size(config), config["interpolation"],
-                              crop=size)
+    cache = build_image_cache(names, image_dir, tmp_path / "cache", **image_cache_settings(ENCODER, size, crop))
+    assert cache.meta["squash"] is (crop == "full")
     frame = pd.DataFrame({"ImageID": names, "Caption": [""] * len(names)})
-    reference = torch.stack([ImageCaptionDataset(frame, image_dir, transform=build_transform(ENCODER, size, False))[i]
-                             ["image"] for i in range(len(names))])
+    transform = build_transform(ENCODER, size, False, crop=crop)
+    reference = torch.stack([ImageCaptionDataset(frame, image_dir, transform=transform)[i]["image"]
+                             for i in range(len(names))])
     cached = ImageCaptionDataset(frame, image_dir, image_cache=cache)
     batch = next(iter(DataLoader(cached, batch_size=len(names), collate_fn=Collator())))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (len(names), cache.size, cache.size, 3)
@@ -69,7 +70,7 @@ def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
 def test_cache_bad_images(jpegs, tmp_path):
     image_dir, names = jpegs
     (image_dir / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ImageLoadError, match="bad.jpg"):
+    with pytest.raises(ImageLoadError, match=rf"bad.jpg: data row {len(names)} \(ImageID 'bad.jpg'\): cannot decode"):
         build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36)
     cache = build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36, skip_bad_images=True)
     assert list(cache.ok) == [True] * len(names) + [False]
@@ -142,7 +143,8 @@ def test_throughput_smoke(tmp_path):
     assert results["summary"]["32"]["train_ratios"] == train["ratios"]
 
 
-def test_predict_from_cache_matches_jpegs(jpegs, tmp_path):
+@pytest.mark.parametrize("crop", ["center", "full"])
+def test_predict_from_cache_matches_jpegs(jpegs, tmp_path, crop):
     from accelerate import Accelerator
 
     from multimodal.config import ModelConfig
@@ -156,12 +158,15 @@ def test_predict_from_cache_matches_jpegs(jpegs, tmp_path):
     codec = LabelCodec.from_labels([(1,), (2,), (3,)])
     tokenizer = train_caption_tokenizer(frame["Caption"])
     torch.manual_seed(0)
-    model = MultimodalClassifier(ModelConfig(num_labels=3, image_encoder=ENCODER, image_size=32,
-                                             vocab_size=tokenizer.get_vocab_size())).eval()
+    # Real (offline) ImageNet weights: a randomly initialised EfficientNet's pooled features are about 1e-6, so the
+    # probabilities would hardly depend on the pixels and the comparisons below would prove nothing.
+    encoder = "tf_efficientnet_lite0"
+    model = MultimodalClassifier(ModelConfig(num_labels=3, image_encoder=encoder, image_size=32, image_crop=crop,
+                                             vocab_size=tokenizer.get_vocab_size()), pretrained=True).eval()
     model.codec, model.tokenizer = codec, tokenizer
-    config = resolve_image_config(ENCODER, 32)
-    cache = build_image_cache(names, image_dir, tmp_path / "cache", eval_resize_size(config), config["interpolation"],
-                              crop=32)
+    with torch.no_grad():  # logits of order 1 from the image features
+        model.fused_head.weight.normal_(0.0, 0.2)
+    cache = build_image_cache(names, image_dir, tmp_path / "cache", **image_cache_settings(encoder, 32, crop))
     outputs = {}
     for name, kwargs in (("jpeg", {}), ("cache", {"image_cache": cache}), ("nodraft", {"draft_size": None})):
         result = predict_to_csv(model, frame, image_dir, tmp_path / f"{name}.csv", Accelerator(cpu=True),
@@ -172,3 +177,13 @@ def test_predict_from_cache_matches_jpegs(jpegs, tmp_path):
         assert list(outputs[name]["ImageID"]) == names
         np.testing.assert_allclose(outputs[name].iloc[:, 1:].to_numpy(), outputs["jpeg"].iloc[:, 1:].to_numpy(),
                                    atol=2e-6)
+    # The model's crop mode is what prediction applies: the same weights with the other mode predict otherwise.
+    import dataclasses
+    other = MultimodalClassifier(dataclasses.replace(model.config, image_crop={"center": "full"}.get(crop, "center")))
+    other.load_state_dict(model.state_dict())
+    other.codec, other.tokenizer = codec, tokenizer
+    predict_to_csv(other.eval(), frame, image_dir, tmp_path / "other.csv", Accelerator(cpu=True),
+                   probabilities=tmp_path / "other.prob.csv", batch_size=4, workers=0)
+    difference = np.abs(pd.read_csv(tmp_path / "other.prob.csv").iloc[:, 1:].to_numpy()
+                        - outputs["jpeg"].iloc[:, 1:].to_numpy())
+    assert difference.max() > 0.05

@@ -59,14 +59,16 @@ def test_cache_is_reused_and_invalidated(encoder, images, tmp_path):
     assert len(list(cache.iterdir())) == 2
     maps, _ = cached_features(encoder, frame, folder, 32, cache, workers=0, tail_stages=1)  # split point
     assert maps.ndim == 4 and maps.dtype == torch.float16 and len(list(cache.iterdir())) == 3
+    full, _ = cached_features(encoder, frame, folder, 32, cache, workers=0, crop="full")  # preprocessing
+    assert len(list(cache.iterdir())) == 4 and full.shape == feats.shape  # (solid images: same values)
     Image.new("RGB", (40, 30), (0, 0, 0)).save(folder / "3.jpg")  # an image changed
     os.utime(folder / "3.jpg", ns=(1, 1))
     changed, _ = cached_features(encoder, frame, folder, 32, cache, workers=0)
-    assert len(list(cache.iterdir())) == 4
+    assert len(list(cache.iterdir())) == 5
     assert not torch.allclose(changed[3], feats[3]) and torch.allclose(changed[0], feats[0])
     other = ImageEncoder("tf_efficientnet_lite0").eval()  # other weights
     cached_features(other, frame, folder, 32, cache, workers=0)
-    assert len(list(cache.iterdir())) == 5
+    assert len(list(cache.iterdir())) == 6
 
 
 def test_feature_dataset_serves_rows_and_flips_maps(images):

@@ -96,6 +96,21 @@ def test_eval_transform_follows_the_weights_config():
         torch.testing.assert_close(out[:, 20, 20], expected.float(), atol=1e-3, rtol=0)
 
 
+def test_full_crop_keeps_the_borders_that_the_centre_crop_cuts():
+    # A 4:3 image with red stripes at its left and right edges and grey elsewhere.
+    array = np.full((60, 80, 3), 128, dtype=np.uint8)
+    array[:, :6] = array[:, -6:] = (255, 0, 0)
+    image = Image.fromarray(array)
+    centre = build_transform("tf_efficientnet_lite0", 40, training=False)(image)
+    full = build_transform("tf_efficientnet_lite0", 40, training=False, crop="full")(image)
+    assert centre.shape == full.shape == (3, 40, 40)
+    red_minus_green = lambda x: (x[0] - x[1])[:, [0, -1]]  # noqa: E731  left and right columns
+    assert (red_minus_green(full) > 1.5).all() and (red_minus_green(centre).abs() < 0.1).all()
+    assert resolve_image_config("tf_efficientnet_lite0", 40, "full")["crop_pct"] == 1.0
+    with pytest.raises(ValueError, match="crop must be one of"):
+        build_transform("tf_efficientnet_lite0", 40, training=False, crop="squash")
+
+
 def test_training_transform_augments():
     transform = build_transform("tf_efficientnet_lite0", 32, training=True)
     names = [type(t).__name__ for t in transform.transforms]

@@ -199,17 +199,24 @@ def test_greedy_decode_agrees_with_teacher_forcing() -> None:
                 assert scores[i, token] >= masked.softmax(-1)[token] - 1e-6
 
 
-@pytest.mark.parametrize("pool", ["max", "mean", "last"])
-def test_caption_padding_does_not_change_the_result(pool: str) -> None:
+@pytest.mark.parametrize("pool,word_skip", [("max", False), ("mean", False), ("last", False), ("max", True)])
+def test_caption_padding_does_not_change_the_result(pool: str, word_skip: bool) -> None:
     torch.manual_seed(0)
-    encoder = CaptionEncoder(VOCAB, 8, 8, num_layers=2, bidirectional=True, pool=pool).eval()
+    encoder = CaptionEncoder(VOCAB, 8, 8, num_layers=2, bidirectional=True, pool=pool, word_skip=word_skip,
+                             embed_dropout=0.5).eval()
+    assert encoder.num_features == 16 + 8 * word_skip
     caption = torch.tensor([[5, 9, 7]])
     alone = encoder(caption, torch.tensor([3]))
+    assert alone.shape == (1, encoder.num_features)
+    if word_skip:  # the bag-of-words part is the max over the words' embeddings
+        torch.testing.assert_close(alone[0, 16:], encoder.embedding.weight[[5, 9, 7]].amax(0))
     batch = torch.tensor([[5, 9, 7, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9], [2, 0, 0, 0, 0, 0, 0]])
     together = encoder(batch, torch.tensor([3, 7, 1]))
     torch.testing.assert_close(together[0:1], alone, rtol=1e-5, atol=1e-6)
+    encoder.train()  # embedding dropout acts in training only
+    assert not torch.allclose(encoder(caption, torch.tensor([3])), alone)
 
-    model = MultimodalClassifier(make_config(image=False, caption_pool=pool)).eval()
+    model = MultimodalClassifier(make_config(image=False, caption_pool=pool, caption_word_skip=word_skip)).eval()
     single = model(caption_ids=caption, caption_lengths=torch.tensor([3]))
     padded = model(caption_ids=batch, caption_lengths=torch.tensor([3, 7, 1]))
     torch.testing.assert_close(padded["fused_logits"][0:1], single["fused_logits"], rtol=1e-5, atol=1e-6)

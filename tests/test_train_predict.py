@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
@@ -156,10 +157,13 @@ def caption_only(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def image_only_bf16(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The image-only ablation, trained under bf16 autocast (on CPU): also the mixed-precision smoke run."""
+    """The image-only ablation, trained under bf16 autocast (on CPU) from the uint8 image cache, with the full-image
+    crop mode: also the mixed-precision and image-cache smoke run."""
     out = tmp_path_factory.mktemp("image_only") / "run"
-    run(TRAIN, "--data-dir", data_dir, "--no-caption", "--mixed-precision", "bf16", "--max-steps", 3, "--no-plots",
-        *TINY, "--output-dir", out)
+    proc = run(TRAIN, "--data-dir", data_dir, "--no-caption", "--mixed-precision", "bf16", "--max-steps", 3,
+               "--no-plots", "--image-cache", out.parent / "image_cache", "--image-crop", "full", *TINY,
+               "--output-dir", out)
+    assert "image cache" in proc.stderr and "built in" in proc.stderr
     return out
 
 
@@ -270,6 +274,9 @@ def test_ablated_branches_have_no_weights_in_the_export(which: str, run_dir: Pat
 
 def test_bf16_training_runs_on_cpu(image_only_bf16: Path) -> None:
     assert json.loads((image_only_bf16 / "run_config.json").read_text())["args"]["mixed_precision"] == "bf16"
+    assert json.loads((image_only_bf16 / "model" / "config.json").read_text())["model"]["image_crop"] == "full"
+    cache = list((image_only_bf16.parent / "image_cache").glob("images-*-squash-*.npy"))
+    assert len(cache) == 1 and np.load(cache[0], mmap_mode="r").shape[0] == NUM_TRAIN  # the training CSV's images
     metrics = json.loads((image_only_bf16 / "metrics.json").read_text())
     assert metrics["steps"] == 3 and np.isfinite(metrics["val"]["final"]["samples_f1"])
     weights = load_file(str(image_only_bf16 / "model" / "model.safetensors"))
@@ -292,8 +299,15 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
     assert json.loads((checkpoints / "step_00000006" / "progress.json").read_text()) == {
         "epoch": 1, "batches_done": 1, "step": 6}  # mid-epoch: resuming must skip one batch of epoch 1
 
+    # What a run that died between checkpoints leaves in its log: lines after the checkpoint, and a torn last line.
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 8, "train/loss": 123.0}) + "\n" + '{"step": 9, "train/lo')
     resumed = run(TRAIN, "--resume", "latest", "--workers", 0, cwd=tmp_path)
     assert "resumed from" in resumed.stderr and "epoch 1, batch 1, step 6" in resumed.stderr
+    assert "dropped 2 line(s) logged after step 6" in resumed.stderr
+    log = read_log(run_dir)  # every line parses, the stale ones are gone, each epoch's validation logged once
+    assert not any(line.get("train/loss") == 123.0 for line in log)
+    assert [line["epoch"] for line in log if "epoch" in line] == [0, 1]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 10
     assert not list(checkpoints.glob(".tmp-*"))
 
@@ -414,6 +428,11 @@ def test_predict_writes_one_row_per_input_in_order_by_the_stored_thresholds(run_
     out, probs = tmp_path / "predictions.csv", tmp_path / "probabilities.csv"
     run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", out, "--probabilities", probs,
         "--batch-size", 5, "--workers", 0)  # 12 rows in batches of 5, 5, 2
+    cached = tmp_path / "cached.csv"  # the same from the uint8 image cache (built by this call)
+    run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", tmp_path / "cached_labels.csv",
+        "--probabilities", cached, "--batch-size", 5, "--workers", 0, "--image-cache", tmp_path / "cache")
+    np.testing.assert_allclose(pd.read_csv(cached).iloc[:, 1:].to_numpy(), pd.read_csv(probs).iloc[:, 1:].to_numpy(),
+                               atol=2e-6)
     expected_ids = list(read_annotations(data_dir / "test.csv")["ImageID"])
     rows = read_rows(out)
     assert read_header(out) == ["ImageID", "Labels"] and [r["ImageID"] for r in rows] == expected_ids
