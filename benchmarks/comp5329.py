@@ -79,6 +79,13 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
               "--epochs", "6", "--backbone-lr", "5e-4", "--dropout", "0.4", "--weight-decay", "0.05",
               "--caption-word-skip", "--tune-thresholds", "--batch-size", "64", "--cache-features", FRESH_CACHE,
               "--workers", "2"]),
+    "cpu_tail2": dict(
+        label="CPU candidate: image + caption + decoder, Lite0 (224 px) with its last two stages fine-tuned on "
+              "cached maps, caption word-skip path; timed from nothing",
+        from_nothing=True,
+        args=["--encoder", "tf_efficientnet_lite0", "--train-tail-stages", "2", "--epochs", "6",
+              "--backbone-lr", "5e-4", "--dropout", "0.4", "--weight-decay", "0.05", "--caption-word-skip",
+              "--tune-thresholds", "--batch-size", "64", "--cache-features", FRESH_CACHE, "--workers", "2"]),
     # Full end-to-end fine-tuning for one H100/H200 (benchmarks/gpu_recipe.sh); too slow for a CPU.
     "gpu_recipe": dict(
         label="GPU: image + caption + decoder, Lite2 fine-tuned end to end (288 px, bf16)",
@@ -87,6 +94,7 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
               "--caption-word-skip", "--workers", "14", "--tune-thresholds"]),
 }
 CPU_ROWS = [r for r in NEURAL_ROWS if r != "gpu_recipe"]
+CLASSICAL_ROWS = ["tfidf_logreg", "linear_probe", "linear_probe_full"]
 
 
 def machine() -> str:
@@ -178,8 +186,10 @@ def run_tfidf(data_dir: Path) -> None:
     })
 
 
-def run_linear_probe(data_dir: Path, encoder: str = "tf_efficientnet_lite0", image_size: int = 224) -> None:
-    """Logistic regression on frozen pooled features of the pretrained encoder (the same cache as the neural rows)."""
+def run_linear_probe(data_dir: Path, encoder: str = "tf_efficientnet_lite0", image_size: int = 224,
+                     crop: str = "center") -> None:
+    """Logistic regression on frozen pooled features of the pretrained encoder (the same cache as the neural rows);
+    ``crop="full"`` resizes whole images instead of the centre crop (row ``linear_probe_full``)."""
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
@@ -191,7 +201,8 @@ def run_linear_probe(data_dir: Path, encoder: str = "tf_efficientnet_lite0", ima
     train, val, codec = split(data_dir)
     t0 = time.perf_counter()
     torch.set_num_threads(2)
-    features, _ = cached_features(ImageEncoder(encoder, pretrained=True), frame, data_dir / "data", image_size, CACHE)
+    features, _ = cached_features(ImageEncoder(encoder, pretrained=True), frame, data_dir / "data", image_size, CACHE,
+                                  crop=crop)
     index = {image_id: i for i, image_id in enumerate(frame["ImageID"])}
     x_train = features[[index[i] for i in train["ImageID"]]].numpy()
     x_val = features[[index[i] for i in val["ImageID"]]].numpy()
@@ -202,9 +213,11 @@ def run_linear_probe(data_dir: Path, encoder: str = "tf_efficientnet_lite0", ima
     clf.fit(scaler.transform(x_train), y_train)
     probs = clf.predict_proba(scaler.transform(x_val))
     seconds = time.perf_counter() - t0
-    write_result("linear_probe", {
-        "row": "linear_probe", "label": f"linear probe on frozen {encoder} features ({image_size} px)",
-        "kind": "classical", "command": "python benchmarks/comp5329.py --row linear_probe",
+    name = "linear_probe" if crop == "center" else f"linear_probe_{crop}"
+    write_result(name, {
+        "row": name, "label": f"linear probe on frozen {encoder} features ({image_size} px"
+                              + (", whole image resized, no crop)" if crop == "full" else ")"),
+        "kind": "classical", "command": f"python benchmarks/comp5329.py --row {name}",
         "metrics": compute_metrics(probs, y_val), "tuned": crossfit_tuned_metrics(probs, y_val),
         "params": int(sum(e.coef_.size + 1 for e in clf.estimators_)), "size_mb": None,
         "train_seconds": seconds, "wall_seconds": seconds, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -237,13 +250,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("MULTIMODAL_COMP5329"), help="COMP5329 folder")
     p.add_argument("--row", action="append", default=[],
-                   help=f"a row to run: {', '.join(['tfidf_logreg', 'linear_probe', *NEURAL_ROWS])}")
+                   help="a row to run: " + ", ".join(CLASSICAL_ROWS + list(NEURAL_ROWS)))
     p.add_argument("--all", action="store_true", help="run every CPU row, then write the report")
     p.add_argument("--report", action="store_true", help="write RESULTS.md, results.csv and charts from results/")
     p.add_argument("--predict-test", action="store_true",
                    help="predict test.csv with the best_cpu model (benchmarks/comp5329_test_predictions.csv)")
     args, extra = p.parse_known_args()
-    rows = list(args.row) + (["tfidf_logreg", "linear_probe", *CPU_ROWS] if args.all else [])
+    rows = list(args.row) + ([*CLASSICAL_ROWS, *CPU_ROWS] if args.all else [])
     if (rows or args.predict_test) and not args.data_dir:
         p.error("give --data-dir or set MULTIMODAL_COMP5329")
     data_dir = Path(args.data_dir).resolve() if args.data_dir else None
@@ -252,6 +265,8 @@ def main() -> int:
             run_tfidf(data_dir)
         elif row == "linear_probe":
             run_linear_probe(data_dir)
+        elif row == "linear_probe_full":
+            run_linear_probe(data_dir, crop="full")
         elif row in NEURAL_ROWS:
             run_neural(row, data_dir, extra)
         else:

@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["tfidf_logreg", "linear_probe", "caption_only", "caption_word_skip", "image_only_lite0", "image_only_lite1",
-         "image_caption", "image_caption_decoder", "tail_lite0_224", "best_cpu", "gpu_recipe"]
+ORDER = ["tfidf_logreg", "linear_probe", "linear_probe_full", "caption_only", "caption_word_skip", "image_only_lite0",
+         "image_only_lite1", "image_caption", "image_caption_decoder", "tail_lite0_224", "cpu_tail2", "best_cpu",
+         "gpu_recipe"]
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -215,7 +216,8 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             "- `train s` is the training loop's time; `wall s` is the whole `train.py` command (start-up, feature "
             "cache, training, validation, export). Rows marked \"from nothing\" start with an empty feature cache "
             "and no run folder, so their wall time covers everything from the JPEGs to the exported model, on an "
-            "otherwise idle machine. The other frozen-encoder rows reuse a feature cache built earlier.",
+            "otherwise idle machine. The wall time of the other rows is not a from-nothing figure: some built their "
+            "feature cache, others reused one built earlier.",
             "- The neural rows' settings (epochs, dropout, weight decay) were chosen on this validation split; the "
             "classical rows choose their regularisation on a split of the training part."]
     return "\n".join(out) + "\n"

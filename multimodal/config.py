@@ -59,6 +59,7 @@ class ModelConfig:
     # Fusion.
     dropout: float = 0.2
     fusion_hidden: int = 0  # 0: linear fused head; > 0: MLP with this many hidden units
+    modality_dropout: float = 0.0  # training: per sample, drop one branch's embedding from the fused input
     combine: str = "fused"
     decoder_weight: float = 0.5
 
@@ -75,6 +76,8 @@ class ModelConfig:
             raise ValueError(f"caption_pool must be one of {CAPTION_POOLS}, got {self.caption_pool!r}")
         if self.combine == "fused_decoder" and not self.use_decoder:
             raise ValueError("combine='fused_decoder' needs use_decoder=True")
+        if not 0.0 <= self.modality_dropout <= 0.5:
+            raise ValueError(f"modality_dropout must be in [0, 0.5], got {self.modality_dropout}")
         if not 0.0 <= self.decoder_weight <= 1.0:
             raise ValueError(f"decoder_weight must be in [0, 1], got {self.decoder_weight}")
 

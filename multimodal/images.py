@@ -184,9 +184,9 @@ def resize_for_cache(image: Image.Image, size: int, interpolation: str = "bicubi
     from timm.data.transforms import str_to_interp_mode
     from torchvision.transforms import functional as TF
 
-    if squash:
-        image = TF.resize(image, [size, size], interpolation=str_to_interp_mode(interpolation))
-        return np.asarray(TF.center_crop(image, [crop, crop]) if crop is not None else image, dtype=np.uint8)
+    if squash:  # no alignment needed: the square is the whole resized image, as in the evaluation transform
+        return np.asarray(TF.resize(image, [size, size], interpolation=str_to_interp_mode(interpolation)),
+                          dtype=np.uint8)
     image = TF.resize(image, size, interpolation=str_to_interp_mode(interpolation))
     W, H = image.size
     top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))

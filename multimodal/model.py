@@ -424,7 +424,15 @@ class MultimodalClassifier(nn.Module):
             outputs["image_logits"] = self.image_head(self.head_drop(features["image"]))
         if self.caption_head is not None:
             outputs["caption_logits"] = self.caption_head(self.head_drop(features["caption"]))
-        context = torch.cat([features[k] for k in ("image", "caption") if k in features], dim=1)  # [B, D]
+        parts = [features[k] for k in ("image", "caption") if k in features]
+        p = self.config.modality_dropout
+        if self.training and p > 0 and len(parts) == 2:
+            # Per sample: the image embedding zeroed with probability p, else the caption's with probability p, never
+            # both, before the fused head and the decoder (the branch heads keep theirs), so that the fused output
+            # cannot lean on one modality alone.
+            u = torch.rand(parts[0].shape[0], 1, device=parts[0].device)  # [B, 1]
+            parts = [parts[0] * (u >= p).to(parts[0].dtype), parts[1] * ((u < p) | (u >= 2 * p)).to(parts[1].dtype)]
+        context = torch.cat(parts, dim=1)  # [B, D]
         outputs["features"] = context
         outputs["fused_logits"] = self.fused_head(self.head_drop(context))
         if self.label_decoder is not None and label_seq is not None:

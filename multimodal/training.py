@@ -195,6 +195,7 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         beam_width=args.beam_width,
         dropout=args.dropout,
         fusion_hidden=getattr(args, "fusion_hidden", 0),
+        modality_dropout=getattr(args, "modality_dropout", 0.0),
         combine=args.combine,
     )
 

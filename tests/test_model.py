@@ -240,6 +240,25 @@ def test_empty_captions_are_finite() -> None:
     assert torch.isfinite(scores).all() and all(label_sets)
 
 
+def test_modality_dropout_zeroes_one_branch_per_sample_in_training_only() -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(modality_dropout=0.3, dropout=0.0))
+    n_image = model.image_encoder.num_features
+    n_caption = model.caption_encoder.num_features
+    features = {"image": torch.rand(2000, n_image) + 1.0, "caption": torch.rand(2000, n_caption) + 1.0}
+    context = model.train().forward_head(features)["features"]
+    image_off = (context[:, :n_image] == 0).all(1)
+    caption_off = (context[:, n_image:] == 0).all(1)
+    assert not (image_off & caption_off).any()  # never both
+    assert abs(image_off.float().mean() - 0.3) < 0.05 and abs(caption_off.float().mean() - 0.3) < 0.05
+    kept = ~image_off & ~caption_off
+    torch.testing.assert_close(context[kept], torch.cat([features["image"], features["caption"]], 1)[kept])
+    outputs = model.eval().forward_head(features)
+    torch.testing.assert_close(outputs["features"], torch.cat([features["image"], features["caption"]], 1))
+    with pytest.raises(ValueError, match="modality_dropout"):
+        make_config(modality_dropout=0.6)
+
+
 def test_image_features_replace_the_image() -> None:
     torch.manual_seed(0)
     model = MultimodalClassifier(make_config()).eval()
