@@ -61,13 +61,9 @@ def main(args: argparse.Namespace) -> int:
         image_dir = None
     cache = None
     if args.image_cache and image_dir is not None:
-        from multimodal.data import build_image_cache
-        from multimodal.images import image_cache_settings
-        settings = image_cache_settings(model.image_encoder, model.config.image_size, model.config.image_crop)
-        cache = build_image_cache(frame["ImageID"], image_dir, args.image_cache, **settings, workers=args.workers,
-                                  skip_bad_images=args.skip_bad_images)
-        logger.info("image cache %s: %s", cache.path, "reused" if cache.meta["reused"]
-                    else f"built in {cache.meta['build_seconds']:.1f} s")
+        from multimodal.data import build_model_image_cache
+        cache = build_model_image_cache(model.config, frame["ImageID"], image_dir, args.image_cache,
+                                        workers=args.workers, skip_bad_images=args.skip_bad_images)
     result = predict_to_csv(model, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, image_cache=cache)

@@ -16,6 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import sys
 
+from multimodal.config import IMAGE_CROPS  # standard library only: --help still needs no torch
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" to each flag's help unless the help already says what the default is."""
@@ -54,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random image encoder")
     g.add_argument("--pretrained-file", default=None, help="local .pth/.safetensors ImageNet weights")
     g.add_argument("--image-size", type=int, default=None, help="input resolution (default: 224; demo data: 64)")
-    g.add_argument("--image-crop", default="center", choices=["center", "full"],
+    g.add_argument("--image-crop", default="center", choices=IMAGE_CROPS,
                    help="evaluation preprocessing: timm's centre crop, or the full image resized to a square "
                         "(keeps objects near the borders; see benchmarks/RESULTS.md)")
     g.add_argument("--no-image", action="store_true", help="ablation: no image branch")

@@ -13,7 +13,10 @@ from typing import Any, Optional
 
 COMBINE_RULES = ("fused", "fused_decoder", "mean")
 CAPTION_POOLS = ("max", "mean", "last")
-IMAGE_CROPS = ("center", "full")  # as multimodal.images.CROP_MODES
+# How evaluation fits an image to the square input: "center" is timm's default (short side resized to
+# size / crop_pct, then the centre square cut out: a 4:3 photo loses a third of its width); "full" resizes the whole
+# image to size x size (timm's crop_mode="squash" with crop_pct=1), so objects near the borders are kept.
+IMAGE_CROPS = ("center", "full")
 
 
 @dataclass(frozen=True)

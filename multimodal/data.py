@@ -23,12 +23,13 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from multimodal.images import ImageLoadError, load_image, resize_for_cache, update_files_digest
+from multimodal.images import (ImageLoadError, image_cache_settings, load_image, resize_for_cache,
+                               update_files_digest)
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, caption_token_ids, pad_token_ids
 
 __all__ = ["ImageCaptionDataset", "Collator", "train_val_split", "LABEL_PAD", "ImageCache", "build_image_cache",
-           "bounded_heap_worker_init"]
+           "build_model_image_cache", "bounded_heap_worker_init"]
 
 LABEL_PAD = -100  # the default ignore_index of torch's cross-entropy
 logger = logging.getLogger(__name__)
@@ -342,6 +343,7 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     if path.is_file() and path.with_suffix(".json").is_file() and not rebuild:
         cache = ImageCache(path)
         cache.meta["reused"] = True
+        logger.info("image cache: reused %s (%d images at %d px)", path, len(cache), size)
         return cache
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npy")
@@ -370,8 +372,17 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     os.replace(tmp_meta, path.with_suffix(".json"))
     cache = ImageCache(path)
     cache.meta["reused"] = False
-    logger.info("image cache: %d images at %d px in %.1f s -> %s", len(image_ids), size, build_seconds, path)
+    logger.info("image cache: %d images at %d px built in %.1f s -> %s", len(image_ids), size, build_seconds, path)
     return cache
+
+
+def build_model_image_cache(config: Any, image_ids: Sequence[str], image_dir: str | Path, cache_dir: str | Path, *,
+                            workers: int = 0, skip_bad_images: bool = False) -> ImageCache:
+    """`build_image_cache` with the settings under which it reproduces the evaluation transform of a model's image
+    branch: `images.image_cache_settings` of the `config.ModelConfig`'s encoder, resolution and crop mode."""
+    settings = image_cache_settings(config.image_encoder, config.image_size, config.image_crop)
+    return build_image_cache(image_ids, image_dir, cache_dir, **settings, workers=workers,
+                             skip_bad_images=skip_bad_images)
 
 
 def train_val_split(frame: pd.DataFrame, val_fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -94,7 +94,7 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
                     device: str | torch.device = "cpu", skip_bad_images: bool = False,
                     tail_stages: Optional[int] = None, crop: str = "center") -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_features` for the rows of ``frame``, read from ``cache_dir`` when a matching cache exists; ``crop``
-    is the evaluation transform's crop mode (`images.CROP_MODES`).
+    is the evaluation transform's crop mode (`config.IMAGE_CROPS`).
 
     Returns:
         ``features`` ([N, F], or [N, C, h, w] with ``tail_stages``) aligned with the rows of ``frame``, ``ok`` [N].

@@ -13,13 +13,10 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-__all__ = ["ImageLoadError", "load_image", "build_transform", "resolve_image_config", "eval_resize_size",
-           "draft_size_for", "resize_for_cache", "image_cache_settings", "BatchImageTransform", "CROP_MODES"]
+from .config import IMAGE_CROPS
 
-# How evaluation fits an image to the square input: "center" is timm's default (short side resized to
-# size / crop_pct, then the centre square cut out: a 4:3 photo loses a third of its width); "full" resizes the whole
-# image to size x size (timm's crop_mode="squash" with crop_pct=1), so objects near the borders are kept.
-CROP_MODES = ("center", "full")
+__all__ = ["ImageLoadError", "load_image", "build_transform", "resolve_image_config", "eval_resize_size",
+           "draft_size_for", "resize_for_cache", "image_cache_settings", "BatchImageTransform"]
 
 # Errors Pillow raises for unreadable files: OSError (truncated, undecodable; UnidentifiedImageError is one),
 # SyntaxError/ValueError/struct.error/EOFError from some format plugins, DecompressionBombError for huge images.
@@ -91,10 +88,11 @@ def resolve_image_config(encoder: Union[str, torch.nn.Module], image_size: Optio
 
     A module that is not itself a timm model (e.g. a wrapper) is searched for a submodule carrying ``pretrained_cfg``.
     A name is resolved from timm's registry of pretrained configs without building the model. ``crop`` is one of
-    `CROP_MODES`: ``"full"`` sets ``crop_pct=1`` and ``crop_mode="squash"`` (whole image resized to the input size).
+    `config.IMAGE_CROPS`: ``"full"`` sets ``crop_pct=1`` and ``crop_mode="squash"`` (whole image resized to the input
+    size).
     """
-    if crop not in CROP_MODES:
-        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+    if crop not in IMAGE_CROPS:
+        raise ValueError(f"crop must be one of {IMAGE_CROPS}, got {crop!r}")
     args = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
     if isinstance(encoder, str):
         pretrained_cfg = timm.get_pretrained_cfg(encoder)
@@ -125,7 +123,7 @@ def build_transform(
         encoder_name_or_model: a timm model name (e.g. ``"tf_efficientnet_lite0"``) or a model.
         image_size: output height and width.
         training: augmenting training transform or deterministic evaluation transform.
-        crop: one of `CROP_MODES` (evaluation only; training always takes random resized crops).
+        crop: one of `config.IMAGE_CROPS` (evaluation only; training always takes random resized crops).
         **kwargs: passed to ``timm.data.create_transform``, e.g. ``scale=(0.5, 1.0)`` or
             ``auto_augment="rand-m9-mstd0.5"``.
 

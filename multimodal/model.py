@@ -177,6 +177,7 @@ class CaptionEncoder(nn.Module):
         empty = caption_lengths <= 0  # [B]
         lengths = caption_lengths.clamp(1, L)  # [B]
         x = self.embed_drop(self.embedding(caption_ids))  # [B, L, E]
+        valid = (torch.arange(L, device=x.device)[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)  # [B, L, 1]
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, (h_n, _) = self.lstm(packed)
         if self.pool == "last":
@@ -184,17 +185,14 @@ class CaptionEncoder(nn.Module):
             h_last = h_n[-self.num_directions:]  # [dirs, B, H]
             pooled = h_last.transpose(0, 1).reshape(B, -1)
         else:
-            out, _ = pad_packed_sequence(out, batch_first=True)  # [B, max(lengths), dirs * H]
-            steps = torch.arange(out.shape[1], device=out.device)
-            valid = (steps[None, :] < lengths.to(out.device)[:, None]).unsqueeze(-1)  # [B, T, 1]
+            out, _ = pad_packed_sequence(out, batch_first=True)  # [B, T = max(lengths), dirs * H]
+            out_valid = valid[:, : out.shape[1]]  # [B, T, 1]
             if self.pool == "max":
-                pooled = out.masked_fill(~valid, float("-inf")).amax(1)  # [B, D]
+                pooled = out.masked_fill(~out_valid, float("-inf")).amax(1)  # [B, D]
             else:
-                pooled = (out * valid).sum(1) / lengths.to(out)[:, None]  # [B, D]
+                pooled = (out * out_valid).sum(1) / lengths.to(out)[:, None]  # [B, D]
         if self.word_skip:
-            steps = torch.arange(L, device=x.device)
-            word_valid = (steps[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)  # [B, L, 1]
-            words = x.masked_fill(~word_valid, float("-inf")).amax(1)  # [B, E]
+            words = x.masked_fill(~valid, float("-inf")).amax(1)  # [B, E]
             pooled = torch.cat([pooled, words.to(pooled.dtype)], dim=1)  # [B, dirs * H + E]
         empty = empty.to(pooled.device)[:, None]  # [B, 1]
         return torch.where(empty, self.empty_embedding.to(pooled.dtype), pooled)

@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
 from .config import LossConfig, ModelConfig, save_json
-from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, build_image_cache, train_val_split
+from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, train_val_split
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_optimizer,
                      collect_predictions, evaluate, lr_lambda, resolve_checkpoint, train_one_epoch)
-from .images import BatchImageTransform, ImageLoadError, build_transform, image_cache_settings
+from .images import BatchImageTransform, ImageLoadError, build_transform
 from .labels import LabelCodec
 from .losses import JointLoss
 from .metrics import binarize, compute_metrics, crossfit_tuned_metrics, samples_f1, tune_thresholds
@@ -206,7 +206,7 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
                  num_processes: int = 1, image_cache: Any = None) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders; with ``features`` (cached pooled features or feature maps of every row of
     the full frame, see `features.cached_features`) the samples carry those instead of images. With ``image_cache``
-    (a `data.ImageCache` built with `images.image_cache_settings`) images are read from it as uint8 and preprocessed
+    (a `data.ImageCache` built by `data.build_model_image_cache`) images are read from it as uint8 and preprocessed
     by `images.BatchImageTransform` in the loader: the evaluation transform exactly, timm's training augmentation
     (random resized crop, flip, colour jitter) on the cached square.
 
@@ -348,12 +348,9 @@ def main(args: argparse.Namespace) -> int:
     criterion = JointLoss(LossConfig(decoder_weight=args.decoder_loss_weight, focal_gamma=args.focal_gamma))
     image_cache = None
     if getattr(args, "image_cache", None) and model.image_encoder is not None and features is None:
-        settings = image_cache_settings(config.image_encoder, config.image_size, config.image_crop)
         with accelerator.main_process_first():  # the main process builds the cache, the others then reuse it
-            image_cache = build_image_cache(frame["ImageID"], image_dir, args.image_cache, **settings,
-                                            workers=args.workers, skip_bad_images=args.skip_bad_images)
-        log(f"image cache {image_cache.path}: " + ("reused" if image_cache.meta["reused"]
-                                                    else f"built in {image_cache.meta['build_seconds']:.1f} s"))
+            image_cache = build_model_image_cache(config, frame["ImageID"], image_dir, args.image_cache,
+                                                  workers=args.workers, skip_bad_images=args.skip_bad_images)
     train_loader, val_loader = make_loaders(args, config, (train_frame, val_frame), image_dir, codec, tokenizer,
                                             features, num_processes=accelerator.num_processes,
                                             image_cache=image_cache)
