@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import sys
 
-from multimodal.config import IMAGE_CROPS  # standard library only: --help still needs no torch
+from multimodal.config import COMBINE_RULES, IMAGE_CROPS  # standard library only: --help still needs no torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also feed the max over the caption's word embeddings to the heads (a bag-of-words path)")
     g.add_argument("--glove", default=None, help="GloVe-format text file to initialise the word embeddings")
     g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
-    g.add_argument("--combine", default="fused", choices=["fused", "fused_decoder", "mean"],
+    g.add_argument("--combine", default="fused", choices=COMBINE_RULES,
                    help="how the final probabilities are formed (see ModelConfig)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the heads")
     g.add_argument("--fusion-hidden", type=int, default=0, help="hidden units of an MLP fused head (0: linear)")
