@@ -39,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-dir", default="data/demo", help="where the demo data is generated")
     g.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the training CSV")
     g.add_argument("--limit", type=int, default=None, help="use only the first N rows of the training CSV")
+    g.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on a random share of the training part (learning curves); validation is unchanged")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (reported by id) instead of stopping with an error")
     g.add_argument("--max-caption-length", type=int, default=64, help="caption tokens kept")
@@ -109,7 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept")
     g.add_argument("--resume", default=None,
                    help="checkpoint folder, run folder or 'latest': continue that run with its saved arguments")
-    g.add_argument("--tune-thresholds", action="store_true", help="per-class thresholds tuned on validation")
+    g.add_argument("--tune-thresholds", action="store_true",
+                   help="tune per-class thresholds on the validation split; they are stored with the model only "
+                        "if they beat 0.5 on held-out folds of it")
     g.add_argument("--log-every", type=int, default=10, help="log training losses every N steps")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG charts")
     return p

@@ -185,6 +185,7 @@ class Setup:
         self.tokenizer = train_caption_tokenizer(frame["Caption"])
         self.config = ModelConfig(num_labels=self.codec.num_labels, image_encoder=args.encoder, image_size=size,
                                   vocab_size=self.tokenizer.get_vocab_size(), pad_id=PAD_ID,
+                                  caption_hidden=args.caption_hidden,
                                   max_labels=int(frame["Labels"].map(len).max()))
         self.image_config = resolve_image_config(args.encoder, size)
         self.cache = None
@@ -947,6 +948,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="Accelerate mixed precision")
     g.add_argument("--channels-last", action="store_true", help="channels_last model and inputs everywhere")
     g.add_argument("--compile", action="store_true", help="torch.compile every model measured")
+    g.add_argument("--caption-hidden", type=int, default=ModelConfig.caption_hidden,
+                   help="the caption LSTM's hidden units (train.py's default unless given)")
     g.add_argument("--try-compile", action="store_true", help="measure torch.compile of the bare forward (options)")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="skip the uint8 image cache measurements")
     g.add_argument("--cache-dir", default=None, help="where the uint8 cache is built (default: a temporary folder)")

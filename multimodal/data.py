@@ -277,7 +277,7 @@ class ImageCache:
 
 def image_cache_fingerprint(image_ids: Sequence[str], image_dir: str | Path, size: int, interpolation: str,
                             crop: Optional[int] = None, squash: bool = False) -> str:
-    """SHA-256 of the cache's parameters and of the image files' names, sizes and modification times."""
+    """SHA-256 of the cache's parameters and of the image files' names and contents."""
     h = hashlib.sha256(f"{size}\0{interpolation}\0{crop}\n".encode() + (b"squash\n" if squash else b""))
     update_files_digest(h, image_ids, image_dir)
     return h.hexdigest()
@@ -406,3 +406,21 @@ def train_val_split(frame: pd.DataFrame, val_fraction: float, seed: int = 0) -> 
     permutation = np.random.default_rng(seed).permutation(n)
     val_rows, train_rows = np.sort(permutation[:n_val]), np.sort(permutation[n_val:])
     return frame.iloc[train_rows].reset_index(drop=True), frame.iloc[val_rows].reset_index(drop=True)
+
+
+def subsample_rows(frame: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """A reproducible random share of the rows (at least one), in file order: for learning curves, the training part
+    shrinks while the validation split stays the same.
+
+    Args:
+        frame: annotation frame (usually the training part of `train_val_split`).
+        fraction: share of rows kept, in (0, 1]; 1 returns ``frame`` itself.
+        seed: seed of the draw (independent of the split's permutation with the same seed).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the training fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return frame
+    n = max(1, int(round(len(frame) * fraction)))
+    keep = np.sort(np.random.default_rng([seed, 1]).permutation(len(frame))[:n])
+    return frame.iloc[keep].reset_index(drop=True)

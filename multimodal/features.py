@@ -3,8 +3,8 @@
 On a CPU the image encoder is most of the cost; when it is frozen its output for an image never changes, so the
 features are computed once (eval transform: resize + centre crop) and every epoch reads them from memory. The cache
 file is named by a fingerprint of everything the features depend on: the encoder and the hash of its weights, the
-preprocessing (resolution, mean/std, crop), and the image files (name, size, modification time). Changing any of
-them gives a new fingerprint, so a stale cache is never read.
+preprocessing (resolution, mean/std, crop), and the image files (names and contents). Changing any of them gives a
+new fingerprint, so a stale cache is never read; a copied dataset (same bytes, new file times) keeps its cache.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def images_digest(frame: pd.DataFrame, image_dir: str | Path) -> str:
-    """SHA-256 of the image files' names, sizes and modification times, in row order (a cheap change detector)."""
+    """SHA-256 of the image files' names and contents, in row order (`images.update_files_digest`)."""
     h = hashlib.sha256()
     update_files_digest(h, frame["ImageID"], image_dir)
     return h.hexdigest()

@@ -8,7 +8,7 @@ import contextlib
 import csv
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd

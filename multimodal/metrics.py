@@ -6,7 +6,7 @@ threshold (``at_least_one``); an empty prediction would score 0 for that image.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score
@@ -119,3 +119,24 @@ def crossfit_tuned_metrics(probs: np.ndarray, targets: np.ndarray, folds: int = 
     result = compute_metrics(pred.astype(np.float64), targets, 0.5, at_least_one=False)
     result["map"] = compute_metrics(probs, targets)["map"]
     return result
+
+
+def select_thresholds(probs: np.ndarray, targets: np.ndarray, folds: int = 2, seed: int = 0,
+                      at_least_one: bool = True) -> tuple[Optional[np.ndarray], dict[str, Any]]:
+    """Per-class thresholds tuned on all of ``probs``, kept only if tuning pays on held-out rows.
+
+    Tuning can lose: for a well-calibrated model, per-class thresholds fitted on one split partly fit its noise. The
+    held-out estimate (`crossfit_tuned_metrics`) decides: the thresholds tuned on all rows are returned only when the
+    cross-fitted samples-F1 beats the single threshold 0.5 on the same rows; otherwise ``None`` (predict at 0.5).
+
+    Returns:
+        ``(thresholds or None, report)``; ``report`` has the metrics ``tuned`` (in-sample, optimistic),
+        ``tuned_heldout`` (cross-fitted), the samples-F1 ``at_0_5`` and ``kept``.
+    """
+    tuned = tune_thresholds(probs, targets, at_least_one=at_least_one)
+    heldout = crossfit_tuned_metrics(probs, targets, folds, seed, at_least_one)
+    at_half = compute_metrics(probs, targets, 0.5, at_least_one)["samples_f1"]
+    kept = bool(heldout["samples_f1"] > at_half)
+    report = {"tuned": compute_metrics(probs, targets, tuned, at_least_one), "tuned_heldout": heldout,
+              "at_0_5": at_half, "kept": kept}
+    return (tuned if kept else None), report

@@ -60,8 +60,10 @@ def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
     first = build_image_cache(names, image_dir, tmp_path / "cache", 36)
     assert first.meta["reused"] is False and first.meta["build_seconds"] >= 0 and len(first) == len(names)
     assert build_image_cache(names, image_dir, tmp_path / "cache", 36).meta["reused"] is True
+    os.utime(image_dir / names[0], ns=(1, 1))  # a new file time, the same bytes (a copied dataset): reused
+    assert build_image_cache(names, image_dir, tmp_path / "cache", 36).meta["reused"] is True
     Image.new("RGB", (50, 50), (1, 2, 3)).save(image_dir / names[0])
-    os.utime(image_dir / names[0], ns=(1, 1))  # a changed file: new fingerprint
+    os.utime(image_dir / names[0], ns=(1, 1))  # changed bytes under the old file time: new fingerprint
     rebuilt = build_image_cache(names, image_dir, tmp_path / "cache", 36)
     assert rebuilt.meta["reused"] is False and rebuilt.path != first.path
     assert rebuilt.image(names[0]).float().mean(-1).sub(2).abs().max() < 3

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from multimodal.annotations import read_annotations
-from multimodal.data import Collator, ImageCaptionDataset, train_val_split
+from multimodal.data import Collator, ImageCaptionDataset, subsample_rows, train_val_split
 from multimodal.images import ImageLoadError, build_transform
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, train_caption_tokenizer
@@ -162,3 +162,15 @@ def test_errors_name_the_row_of_the_annotation_file_after_a_split(folder, parts)
     assert "row 2 (ImageID '2.jpg')" in str(info.value)
     with pytest.raises(ImageLoadError, match=r"row 2 \(ImageID '2.jpg'\)"):
         dataset.check_images()
+
+
+def test_subsample_rows_shrinks_the_training_part_reproducibly():
+    frame = pd.DataFrame({"ImageID": [f"{i}.jpg" for i in range(50)], "_row": range(50)})
+    part = subsample_rows(frame, 0.4, seed=1)
+    assert len(part) == 20 and part["_row"].is_monotonic_increasing  # file order kept
+    assert part.equals(subsample_rows(frame, 0.4, seed=1)) and not part.equals(subsample_rows(frame, 0.4, seed=2))
+    assert set(subsample_rows(frame, 0.2, seed=1)["_row"]) != set(part["_row"][:10])  # a draw, not a prefix rule
+    assert subsample_rows(frame, 1.0) is frame and len(subsample_rows(frame, 0.001)) == 1
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="training fraction"):
+            subsample_rows(frame, bad)

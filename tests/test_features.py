@@ -1,5 +1,6 @@
 """Cached image features: the encoder split is exact, and the cache is invalidated by whatever it depends on."""
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -61,8 +62,14 @@ def test_cache_is_reused_and_invalidated(encoder, images, tmp_path):
     assert maps.ndim == 4 and maps.dtype == torch.float16 and len(list(cache.iterdir())) == 3
     full, _ = cached_features(encoder, frame, folder, 32, cache, workers=0, crop="full")  # preprocessing
     assert len(list(cache.iterdir())) == 4 and full.shape == feats.shape  # (solid images: same values)
-    Image.new("RGB", (40, 30), (0, 0, 0)).save(folder / "3.jpg")  # an image changed
-    os.utime(folder / "3.jpg", ns=(1, 1))
+    copy = shutil.copytree(folder, tmp_path / "copy")  # the same bytes elsewhere, with new file times: a hit
+    for path in copy.iterdir():
+        os.utime(path, ns=(10**18, 10**18))
+    torch.testing.assert_close(cached_features(encoder, frame, copy, 32, cache, workers=0)[0], feats)
+    assert len(list(cache.iterdir())) == 4
+    stat = (folder / "3.jpg").stat()
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(folder / "3.jpg")  # an image changed, its file time put back
+    os.utime(folder / "3.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     changed, _ = cached_features(encoder, frame, folder, 32, cache, workers=0)
     assert len(list(cache.iterdir())) == 5
     assert not torch.allclose(changed[3], feats[3]) and torch.allclose(changed[0], feats[0])

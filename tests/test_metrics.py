@@ -50,3 +50,19 @@ def test_crossfit_tuning_is_not_optimistic_on_noise():
     in_sample = compute_metrics(probs, targets, tune_thresholds(probs, targets))["samples_f1"]
     crossfit = crossfit_tuned_metrics(probs, targets)["samples_f1"]
     assert crossfit < in_sample  # tuning on the scored rows overfits the noise; held-out tuning does not
+
+
+def test_select_thresholds_keeps_tuning_only_when_it_pays_held_out():
+    from multimodal.metrics import select_thresholds
+    rng = np.random.default_rng(3)
+    targets = rng.random((400, 3)) > 0.5
+    probs = np.where(targets, 0.7, 0.3) + rng.normal(0, 0.05, targets.shape)
+    probs[:, 2] = np.where(targets[:, 2], 0.35, 0.15)  # class 2 never clears 0.5: tuning must pay
+    thresholds, report = select_thresholds(probs, targets)
+    assert report["kept"] and report["tuned_heldout"]["samples_f1"] > report["at_0_5"] + 0.05
+    assert thresholds is not None and 0.15 < thresholds[2] <= 0.35
+
+    targets[~targets.any(axis=1), 0] = True  # every image has a label, as in the data
+    separable = np.where(targets, 0.9, 0.1)  # perfect at 0.5: nothing to gain, so nothing is stored
+    thresholds, report = select_thresholds(separable, targets)
+    assert report["at_0_5"] == 1.0 and not report["kept"] and thresholds is None

@@ -282,7 +282,8 @@ def test_predict_proba_combine_rules(combine: str, weight: float) -> None:
     heads = [torch.sigmoid(out[k]) for k in ("image_logits", "caption_logits", "fused_logits")]
     decoder_scores = model.decode(**inputs)[1]
     expected = {"fused": heads[2], "fused_decoder": 0.7 * heads[2] + 0.3 * decoder_scores,
-                "mean": 0.5 * torch.stack(heads).mean(0) + 0.5 * decoder_scores if weight else torch.stack(heads).mean(0)}
+                "mean": (0.5 * torch.stack(heads).mean(0) + 0.5 * decoder_scores if weight
+                         else torch.stack(heads).mean(0))}
     torch.testing.assert_close(model.predict_proba(**inputs), expected[combine])
     torch.testing.assert_close(model.predict_proba(**inputs, outputs=out, decoder_scores=decoder_scores),
                                expected[combine])

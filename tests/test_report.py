@@ -47,3 +47,26 @@ def test_table_lists_rows_in_order_with_wall_time_and_from_nothing(tmp_path: Pat
     assert [r["row"] for r in written] == ["tfidf_logreg", "caption_only", "best_cpu"]
     assert written[2]["from_nothing"] == "True" and written[2]["wall_seconds"] == "700"
     assert (tmp_path / "per_class_f1.png").stat().st_size > 0
+
+
+def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for r in (result("best_cpu", 0.875), result("best_cpu_train80", 0.870)):
+        (results / f"{r['row']}.json").write_text(json.dumps(r))
+    (results / "refit_best_cpu_all.json").write_text(json.dumps({  # no validation rows: no metrics
+        "refit": "best_cpu_all", "label": "the recipe refit on every row", "command": "python x --row best_cpu_all",
+        "train_command": "python train.py --val-fraction 0", "params": 10, "train_seconds": 900.0,
+        "wall_seconds": 950.0, "steps": 1500, "machine": "test machine"}))
+    (results / "test_predictions.json").write_text(json.dumps({
+        "model_row": "best_cpu_all", "rows": 5, "seconds": 12.0, "labels_per_image": {"1": 5},
+        "command": "python predict.py ...", "machine": "test machine"}))
+    write_report(results, tmp_path, data_dir=None)
+
+    text = (tmp_path / "RESULTS.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| label of")]
+    assert [line.split("`")[1] for line in table] == ["best_cpu", "best_cpu_train80"]  # the refit is no row
+    assert "0.8700 from 10,240 training images, 0.8750 from 12,800 (+0.0050 for 25 % more)" in text
+    assert "5 rows by the `best_cpu_all` model" in text
+    assert "The `best_cpu_all` model is the recipe refit on every row" in text and "1500 steps" in text
+    assert "best_cpu_all" not in (tmp_path / "results.csv").read_text()

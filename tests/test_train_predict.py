@@ -245,13 +245,17 @@ def test_log_has_every_epoch_metric_per_output_and_class(run_dir: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_tuned_thresholds_are_stored_in_the_exported_config(run_dir: Path) -> None:
-    config = json.loads((run_dir / "model" / "config.json").read_text())
-    thresholds = config["thresholds"]
-    assert isinstance(thresholds, list) and len(thresholds) == len(LABELS)
-    assert all(0.0 < t < 1.0 for t in thresholds)
+def test_tuned_thresholds_are_stored_only_when_they_beat_one_half_held_out(run_dir: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert "val_tuned" in metrics
+    assert "val_tuned" in metrics and "val_tuned_crossfit" in metrics
+    kept = metrics["val_tuned_crossfit"]["samples_f1"] > metrics["val"]["final"]["samples_f1"]
+    assert metrics["thresholds_stored"] is kept
+    thresholds = json.loads((run_dir / "model" / "config.json").read_text())["thresholds"]
+    if kept:
+        assert isinstance(thresholds, list) and len(thresholds) == len(LABELS)
+        assert all(0.0 < t < 1.0 for t in thresholds)
+    else:
+        assert thresholds is None
 
 
 @pytest.mark.parametrize("which", ["full", "caption_only", "image_only"])
@@ -456,6 +460,19 @@ def test_predict_a_folder_without_csv_with_a_threshold_override(run_dir: Path, d
     assert proc.stderr.count("empty captions") == 1  # one warning, not one per image or batch
     # --threshold overrides the stored ones: nothing reaches 1.01, so each image gets its single most probable label
     assert all(len(r["Labels"].split()) == 1 for r in rows)
+
+
+def test_train_fraction_shrinks_training_and_keeps_the_validation_split(caption_only: Path, data_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    out = tmp_path / "half"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 1, "--no-plots", *TINY,
+        "--train-fraction", 0.5, "--output-dir", out)
+    full = json.loads((caption_only.parent / "run_config.json").read_text())
+    half = json.loads((out / "run_config.json").read_text())
+    assert half["args"]["train_fraction"] == 0.5
+    assert half["train_rows"] == round(full["train_rows"] / 2) and half["val_rows"] == full["val_rows"]
+    full_val = json.loads((caption_only.parent / "metrics.json").read_text())["val_index"]
+    assert json.loads((out / "metrics.json").read_text())["val_index"] == full_val  # the same validation rows
 
 
 def test_caption_only_model_needs_no_images(caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
