@@ -119,8 +119,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations that cannot work, refused before anything is loaded."""
+    if not 0.0 < args.train_fraction <= 1.0:
+        parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.tune_thresholds and args.val_fraction == 0:
+        parser.error("--tune-thresholds needs a validation split: --val-fraction above 0")
+
+
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
     from multimodal.training import main, resolve_presets, run_cli  # after parsing: --help needs no torch
 
     sys.exit(run_cli(main, resolve_presets(args)))

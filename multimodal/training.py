@@ -407,9 +407,10 @@ def main(args: argparse.Namespace) -> int:
         if len(val_frame):
             predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad)
             val_metrics = evaluate(predictions)
-            accelerator.log(epoch_log_values(val_metrics, terms, codec) | {"epoch": progress.epoch}, step=progress.step)
-            log(f"epoch {progress.epoch}: loss {terms.get('loss', float('nan')):.4f}  val samples-F1 " +
-                "  ".join(f"{out} {m['samples_f1']:.4f}" for out, m in val_metrics.items()))
+        # Logged with or without a validation split (--val-fraction 0 still gets its per-epoch losses).
+        accelerator.log(epoch_log_values(val_metrics, terms, codec) | {"epoch": progress.epoch}, step=progress.step)
+        log(f"epoch {progress.epoch}: loss {terms.get('loss', float('nan')):.4f}" + ("  val samples-F1 " + "  ".join(
+            f"{out} {m['samples_f1']:.4f}" for out, m in val_metrics.items()) if val_metrics else ""))
         if epoch_done:
             progress.epoch += 1
             progress.batches_done = 0

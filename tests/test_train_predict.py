@@ -475,6 +475,23 @@ def test_train_fraction_shrinks_training_and_keeps_the_validation_split(caption_
     assert json.loads((out / "metrics.json").read_text())["val_index"] == full_val  # the same validation rows
 
 
+def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    proc = run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
+               "--val-fraction", 0, "--output-dir", out)
+    assert json.loads((out / "run_config.json").read_text())["train_rows"] == NUM_TRAIN
+    epochs = [r for r in read_log(out) if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1] and all(np.isfinite(r["train_epoch/loss"]) for r in epochs)
+    assert re.search(r"epoch 1: loss [0-9.]+\n", proc.stderr), proc.stderr[-2000:]
+    assert "val" not in json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "model" / "config.json").read_text())["thresholds"] is None
+    MultimodalClassifier.from_pretrained(out / "model")
+    for bad, said in ((("--val-fraction", 0, "--tune-thresholds"), "--tune-thresholds needs a validation split"),
+                      (("--train-fraction", 0), "--train-fraction must be in (0, 1]")):
+        proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
+        assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists()
+
+
 def test_caption_only_model_needs_no_images(caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "predictions.csv"
     run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "test.csv", "--image-dir", tmp_path / "nowhere",
