@@ -25,7 +25,9 @@ logger = logging.getLogger("multimodal")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/latest/model", help="exported model folder")
+    p.add_argument("--checkpoint", nargs="+", default=["runs/latest/model"],
+                   help="exported model folder; several folders make an ensemble (the mean of their probabilities, "
+                        "thresholded at 0.5 or --threshold)")
     p.add_argument("--data-dir", default=None, help="dataset folder (test.csv, data/)")
     p.add_argument("--csv", default=None, help="CSV with ImageID,Caption (default DATA_DIR/test.csv when present)")
     p.add_argument("--image-dir", default=None, help="image folder (default DATA_DIR/data)")
@@ -53,20 +55,26 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    model = MultimodalClassifier.from_pretrained(args.checkpoint).to(accelerator.device)
+    models = [MultimodalClassifier.from_pretrained(c).to(accelerator.device) for c in args.checkpoint]
     frame, image_dir, has_captions = resolve_inputs(args.data_dir, args.csv, args.image_dir)
-    if not has_captions and model.caption_encoder is not None:
+    with_captions = any(m.caption_encoder is not None for m in models)
+    if not has_captions and with_captions:
         logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
-    if model.image_encoder is None:
+    if all(m.image_encoder is None for m in models):
         image_dir = None
-    cache = None
+    caches = [None] * len(models)
     if args.image_cache and image_dir is not None:
         from multimodal.data import build_model_image_cache
-        cache = build_model_image_cache(model.config, frame["ImageID"], image_dir, args.image_cache,
-                                        workers=args.workers, skip_bad_images=args.skip_bad_images)
-    result = predict_to_csv(model, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
-                            probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
-                            skip_bad_images=args.skip_bad_images, image_cache=cache)
+        caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,
+                                          workers=args.workers, skip_bad_images=args.skip_bad_images)
+                  if m.image_encoder is not None else None for m in models]
+    if len(models) > 1:
+        logger.info("ensemble of %d models: mean probabilities, threshold %s", len(models),
+                    args.threshold if args.threshold is not None else 0.5)
+    result = predict_to_csv(models if len(models) > 1 else models[0], frame, image_dir, args.output, accelerator,
+                            thresholds=args.threshold, probabilities=args.probabilities, batch_size=args.batch_size,
+                            workers=args.workers, skip_bad_images=args.skip_bad_images,
+                            image_cache=caches if len(models) > 1 else caches[0])
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
     report = Path(args.output).with_suffix(".bad_images.csv")
     report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one
@@ -77,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
             writer.writerows(result["bad_images"])
         logger.warning("%d image(s) could not be read and were predicted %s; listed in %s",
                        len(result["bad_images"]),
-                       "from their caption" if model.caption_encoder is not None else "as no labels", report)
+                       "from their caption" if with_captions else "as no labels", report)
     return 0
 
 

@@ -8,7 +8,7 @@ import contextlib
 import csv
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -83,26 +83,11 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
             yield list(batch["image_id"]), probs.cpu().numpy(), usable.cpu().numpy(), errors
 
 
-def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], output: str | Path,
-                   accelerator: Any, *, thresholds: Any = None, probabilities: Optional[str | Path] = None,
-                   batch_size: int = 64, workers: int = 2, skip_bad_images: bool = False,
-                   draft_size: Optional[int] | str = "auto", image_cache: Any = None,
-                   channels_last: bool = True) -> dict[str, Any]:
-    """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
-
-    Speed options: ``draft_size`` (``"auto"``: `images.draft_size_for` the model's evaluation transform, so JPEGs at
-    least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
-    (a `data.ImageCache` built at the evaluation resize size: images are read from it as uint8 and preprocessed by
-    `images.BatchImageTransform`, batched on a GPU, per image in the DataLoader workers on a CPU), and
-    ``channels_last`` (the image encoder and its input in channels-last memory format, on CPU and GPU alike; the model
-    is converted in place; see benchmarks/SPEED.md for the measured gains).
-
-    Returns:
-        ``rows`` written and ``bad_images`` (ImageID, error) pairs of images that could not be read.
-    """
-    codec = model.codec
-    thresholds = model.thresholds if thresholds is None else thresholds
-    thresholds = 0.5 if thresholds is None else thresholds
+def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], accelerator: Any, *,
+                   batch_size: int, workers: int, skip_bad_images: bool, draft_size: Optional[int] | str,
+                   image_cache: Any, channels_last: bool
+                   ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
+    """`iter_predictions` of one model over ``frame`` with that model's own preprocessing (see `predict_to_csv`)."""
     use_image = model.image_encoder is not None
     crop = model.config.image_crop
     transform = build_transform(model.config.image_encoder, model.config.image_size, False,
@@ -126,6 +111,64 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=Collator(pad_id=PAD_ID), pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=False, worker_init_fn=bounded_heap_worker_init)
+    device_transform = transform.to(accelerator.device) if on_device else None
+    batches = _prepare_images(loader, accelerator.device, device_transform, channels_last) \
+        if on_device or channels_last else loader
+    return iter_predictions(model, batches, accelerator)
+
+
+def _ensemble(streams: list[Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]]
+              ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
+    """The models' batches in lockstep: per row, the mean of the probabilities of the models that could predict it;
+    a row is usable if any model could predict it; each unreadable image is reported once."""
+    for parts in zip(*streams, strict=True):
+        ids = parts[0][0]
+        if any(p[0] != ids for p in parts[1:]):
+            raise RuntimeError("the models of an ensemble went out of step (different rows in one batch)")
+        probs = np.stack([p[1] for p in parts])  # [M, B, C]
+        usable = np.stack([p[2] for p in parts])  # [M, B]
+        weight = usable[:, :, None].astype(probs.dtype)
+        mean = (probs * weight).sum(0) / np.maximum(weight.sum(0), 1.0)
+        errors = list(dict.fromkeys(e for p in parts for e in p[3]))
+        yield ids, mean, usable.any(0), errors
+
+
+def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier], frame: pd.DataFrame,
+                   image_dir: Optional[Path], output: str | Path, accelerator: Any, *, thresholds: Any = None,
+                   probabilities: Optional[str | Path] = None, batch_size: int = 64, workers: int = 2,
+                   skip_bad_images: bool = False, draft_size: Optional[int] | str = "auto", image_cache: Any = None,
+                   channels_last: bool = True) -> dict[str, Any]:
+    """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
+
+    ``model`` may be a list of models with the same labels: an ensemble. Each runs with its own preprocessing
+    (resolution, crop, vocabulary), all in step batch by batch, and the mean of their probabilities is thresholded
+    (at ``thresholds``, else 0.5: the per-class thresholds stored with each model were tuned for that model alone).
+
+    Speed options: ``draft_size`` (``"auto"``: `images.draft_size_for` the model's evaluation transform, so JPEGs at
+    least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
+    (a `data.ImageCache` built at the evaluation resize size, or one per model of an ensemble: images are read from
+    it as uint8 and preprocessed by `images.BatchImageTransform`, batched on a GPU, per image in the DataLoader
+    workers on a CPU), and ``channels_last`` (the image encoder and its input in channels-last memory format, on CPU
+    and GPU alike; the model is converted in place; see benchmarks/SPEED.md for the measured gains).
+
+    Returns:
+        ``rows`` written and ``bad_images`` (ImageID, error) pairs of images that could not be read.
+    """
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    caches = list(image_cache) if isinstance(image_cache, (list, tuple)) else [image_cache] * len(models)
+    if not models or len(caches) != len(models):
+        raise ValueError(f"{len(models)} model(s) and {len(caches)} image cache(s)")
+    codec = models[0].codec
+    for other in models[1:]:
+        if tuple(other.codec.label_ids) != tuple(codec.label_ids):
+            raise ValueError(f"the models of an ensemble must predict the same labels: {list(codec.label_ids)} vs "
+                             f"{list(other.codec.label_ids)}")
+    if thresholds is None:
+        thresholds = models[0].thresholds if len(models) == 1 else None
+    thresholds = 0.5 if thresholds is None else thresholds
+    streams = [_model_batches(m, frame, image_dir, accelerator, batch_size=batch_size, workers=workers,
+                              skip_bad_images=skip_bad_images, draft_size=draft_size, image_cache=c,
+                              channels_last=channels_last) for m, c in zip(models, caches)]
     bad: list[tuple[str, str]] = []
     rows = 0
     output = Path(output)
@@ -140,10 +183,7 @@ def predict_to_csv(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
             prob_writer = csv.writer(f_p) if tmp_prob else None
             if prob_writer:
                 prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
-            device_transform = transform.to(accelerator.device) if on_device else None
-            batches = _prepare_images(loader, accelerator.device, device_transform, channels_last) \
-                if on_device or channels_last else loader
-            for ids, probs, usable, errors in iter_predictions(model, batches, accelerator):
+            for ids, probs, usable, errors in (streams[0] if len(streams) == 1 else _ensemble(streams)):
                 bad.extend(errors)
                 pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
                 for image_id, row in zip(ids, pred):

@@ -492,6 +492,31 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists()
 
 
+def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, caption_only: Path, data_dir: Path,
+                                                             tmp_path: Path) -> None:
+    # Two models with different branches and vocabularies; whatever thresholds are stored with each model, the
+    # ensemble thresholds the mean at 0.5 (stored thresholds were tuned for their model alone).
+    probs = {}
+    for name, model_dir in (("full", run_dir / "model"), ("caption", caption_only)):
+        probs[name] = tmp_path / f"{name}.csv"
+        run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", tmp_path / f"{name}_labels.csv",
+            "--probabilities", probs[name], "--batch-size", 5, "--workers", 0)
+    out, mean = tmp_path / "ensemble.csv", tmp_path / "ensemble_probs.csv"
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", caption_only, "--data-dir", data_dir, "--output", out,
+               "--probabilities", mean, "--batch-size", 5, "--workers", 0)
+    assert "ensemble of 2 models" in proc.stderr
+    single = [pd.read_csv(probs[n]).iloc[:, 1:].to_numpy() for n in ("full", "caption")]
+    ensemble = pd.read_csv(mean).iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(ensemble, (single[0] + single[1]) / 2, atol=2e-6)
+    assert not np.allclose(ensemble, single[0], atol=1e-3)  # both models count
+    rows = read_rows(out)
+    assert [r["ImageID"] for r in rows] == list(read_annotations(data_dir / "test.csv")["ImageID"])
+    label_ids = [int(c) for c in pd.read_csv(mean).columns[1:]]
+    for r, p in zip(rows, ensemble):  # threshold 0.5, at least one label
+        expected = [i for i, v in zip(label_ids, p) if v >= 0.5] or [label_ids[int(np.argmax(p))]]
+        assert r["Labels"] == " ".join(map(str, expected))
+
+
 def test_caption_only_model_needs_no_images(caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "predictions.csv"
     run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "test.csv", "--image-dir", tmp_path / "nowhere",
