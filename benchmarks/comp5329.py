@@ -144,8 +144,9 @@ def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(fresh_cache, ignore_errors=True)
     args = [str(fresh_cache) if a == FRESH_CACHE else a for a in spec["args"]]
+    split = [] if "--val-fraction" in args else ["--val-fraction", str(VAL_FRACTION)]  # a refit row sets its own
     cmd = [sys.executable, "train.py", "--data-dir", str(data_dir), "--output-dir", str(out), "--seed", str(SEED),
-           "--val-fraction", str(VAL_FRACTION), "--no-plots", *args, *extra]
+           *split, "--no-plots", *args, *extra]
     print("+", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
