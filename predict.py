@@ -71,10 +71,9 @@ def main(args: argparse.Namespace) -> int:
     if len(models) > 1:
         logger.info("ensemble of %d models: mean probabilities, threshold %s", len(models),
                     args.threshold if args.threshold is not None else 0.5)
-    result = predict_to_csv(models if len(models) > 1 else models[0], frame, image_dir, args.output, accelerator,
-                            thresholds=args.threshold, probabilities=args.probabilities, batch_size=args.batch_size,
-                            workers=args.workers, skip_bad_images=args.skip_bad_images,
-                            image_cache=caches if len(models) > 1 else caches[0])
+    result = predict_to_csv(models, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
+                            probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
+                            skip_bad_images=args.skip_bad_images, image_cache=caches)
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
     report = Path(args.output).with_suffix(".bad_images.csv")
     report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one

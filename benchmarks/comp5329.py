@@ -45,6 +45,11 @@ SEED, VAL_FRACTION = 0, 0.2
 # chosen on the validation split (runs with 5 and 12 epochs, dropout 0.2 and 0.5: the heads overfit after ~5 epochs).
 REGULARISED = ["--dropout", "0.5", "--weight-decay", "0.05", "--tune-thresholds", "--batch-size", "64"]
 FROZEN = ["--cache-features", str(CACHE), "--workers", "2", *REGULARISED]
+# The CPU recipe (row best_cpu), shared by its learning-curve and refit rows; each row adds its cache and split.
+CPU_RECIPE = ["--encoder", "tf_efficientnet_lite0", "--image-size", "288", "--train-tail-stages", "1", "--epochs", "6",
+              "--backbone-lr", "5e-4", "--dropout", "0.4", "--weight-decay", "0.05", "--caption-word-skip",
+              "--batch-size", "64", "--workers", "2"]
+BEST_CPU_MAPS = RUNS / "best_cpu_feature_cache"  # where the best_cpu row caches its feature maps (see run_neural)
 NEURAL_ROWS: dict[str, dict[str, Any]] = {
     "caption_only": dict(
         label="caption LSTM only", args=["--no-image", "--no-decoder", "--epochs", "6", "--workers", "0",
@@ -74,28 +79,18 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
     "best_cpu": dict(
         label="CPU recipe: image + caption + decoder, Lite0 at 288 px with its last stage fine-tuned on cached "
               "maps, caption word-skip path; timed from nothing",
-        from_nothing=True,
-        args=["--encoder", "tf_efficientnet_lite0", "--image-size", "288", "--train-tail-stages", "1",
-              "--epochs", "6", "--backbone-lr", "5e-4", "--dropout", "0.4", "--weight-decay", "0.05",
-              "--caption-word-skip", "--tune-thresholds", "--batch-size", "64", "--cache-features", FRESH_CACHE,
-              "--workers", "2"]),
+        from_nothing=True, args=[*CPU_RECIPE, "--tune-thresholds", "--cache-features", FRESH_CACHE]),
     # Learning curve: the best_cpu recipe on 80 % of its training rows (same validation split), on the feature maps
     # that the best_cpu row cached (run that row first).
     "best_cpu_train80": dict(
         label="learning curve: the `best_cpu` recipe trained on 80 % of its training rows (10,240 images)",
-        args=["--encoder", "tf_efficientnet_lite0", "--image-size", "288", "--train-tail-stages", "1",
-              "--epochs", "6", "--backbone-lr", "5e-4", "--dropout", "0.4", "--weight-decay", "0.05",
-              "--caption-word-skip", "--tune-thresholds", "--batch-size", "64", "--train-fraction", "0.8",
-              "--cache-features", str(RUNS / "best_cpu_feature_cache"), "--workers", "2"]),
+        args=[*CPU_RECIPE, "--tune-thresholds", "--train-fraction", "0.8", "--cache-features", str(BEST_CPU_MAPS)]),
     # The best_cpu recipe refit on all 16,000 labelled images once its settings were chosen on the split: the model
     # for the test predictions. No validation rows remain, so it has no score of its own (best_cpu_train80 shows
     # what more training data does). Reuses the feature maps that the best_cpu row cached.
     "best_cpu_all": dict(
         label="the `best_cpu` recipe refit on all 16,000 labelled images (no validation split)", refit=True,
-        args=["--encoder", "tf_efficientnet_lite0", "--image-size", "288", "--train-tail-stages", "1",
-              "--epochs", "6", "--backbone-lr", "5e-4", "--dropout", "0.4", "--weight-decay", "0.05",
-              "--caption-word-skip", "--batch-size", "64", "--val-fraction", "0",
-              "--cache-features", str(RUNS / "best_cpu_feature_cache"), "--workers", "2"]),
+        args=[*CPU_RECIPE, "--val-fraction", "0", "--cache-features", str(BEST_CPU_MAPS)]),
     "cpu_tail2": dict(
         label="CPU candidate: image + caption + decoder, Lite0 (224 px) with its last two stages fine-tuned on "
               "cached maps, caption word-skip path; timed from nothing",

@@ -311,9 +311,10 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
                       workers: int = 0, skip_bad_images: bool = False, rebuild: bool = False) -> ImageCache:
     """The `ImageCache` of these images at ``size``, reused from ``cache_dir`` when its fingerprint matches.
 
-    The file is named by a fingerprint of the size, the interpolation and the image files (name, size, modification
-    time), so a stale cache is never read; it is written under a temporary name and renamed when complete. The
-    returned cache's ``meta`` holds ``build_seconds`` (of the build that wrote it) and ``reused``.
+    The file is named by a fingerprint of the size, the interpolation, the crop mode and the image files (names and
+    contents, `images.update_files_digest`), so a stale cache is never read; it is written under a temporary name and
+    renamed when complete. The returned cache's ``meta`` holds ``build_seconds`` (of the build that wrote it) and
+    ``reused``.
 
     Args:
         image_ids: file names, in dataset order (duplicates are stored once).
