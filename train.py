@@ -49,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="decode and resize every image once into a uint8 cache in DIR and train from it (no JPEG "
                         "decoding per epoch; training crops come from the cached square; invalidated when the "
                         "images or the preprocessing change)")
+    g.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --image-cache: run the training augmentation batched on the model's device instead of "
+                        "per image in the loader workers (default: on a GPU yes, on a CPU no)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
 
     g = p.add_argument_group("model")
@@ -73,12 +76,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "embedding with probability P, in the fused head's and decoder's input")
     g.add_argument("--caption-word-skip", action="store_true",
                    help="also feed the max over the caption's word embeddings to the heads (a bag-of-words path)")
+    g.add_argument("--caption-bigram-buckets", type=int, default=0, metavar="N",
+                   help="also feed a fastText-style bag to the heads: the mean embedding of the caption's words and "
+                        "word bigrams, hashed into N buckets (0: off)")
     g.add_argument("--glove", default=None, help="GloVe-format text file to initialise the word embeddings")
     g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
     g.add_argument("--combine", default="fused", choices=COMBINE_RULES,
                    help="how the final probabilities are formed (see ModelConfig)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the heads")
     g.add_argument("--fusion-hidden", type=int, default=0, help="hidden units of an MLP fused head (0: linear)")
+    g.add_argument("--image-attention", type=float, default=0.0, metavar="LAMBDA",
+                   help="class-specific residual attention over the image's last feature map, added with this weight "
+                        "to the image and fused logits (CSRA; 0: off)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: 10; demo data: 8)")
@@ -125,6 +134,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.tune_thresholds and args.val_fraction == 0:
         parser.error("--tune-thresholds needs a validation split: --val-fraction above 0")
+    if args.image_attention and args.cache_features and not args.train_tail_stages:
+        parser.error("--image-attention needs the image's feature map: with --cache-features, also "
+                     "--train-tail-stages >= 1 (a frozen encoder caches pooled features only)")
+    if args.device_augment and not args.image_cache:
+        parser.error("--device-augment augments the uint8 images of --image-cache: give --image-cache DIR")
+    if args.image_attention and args.fusion_hidden:
+        parser.error("--image-attention needs the linear fused head: leave --fusion-hidden at 0")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class ModelConfig:
     image_size: int = 224
     image_crop: str = "center"  # evaluation preprocessing: "center" crop (timm's default) or the "full" image
     image_drop_rate: float = 0.2
+    # Class-specific residual attention (CSRA) over the last feature map, added with this weight to the image and
+    # fused heads' logits (0: off, global average pooling only); see `model.residual_attention`.
+    image_attention: float = 0.0
+    image_attention_temperature: float = 1.0
     # Caption branch.
     vocab_size: Optional[int] = None
     pad_id: int = 0
@@ -53,6 +57,7 @@ class ModelConfig:
     caption_pool: str = "max"
     caption_embed_dropout: float = 0.0  # dropout on the word embeddings (training only)
     caption_word_skip: bool = False  # append the max over word embeddings to the pooled LSTM states
+    caption_bigram_buckets: int = 0  # > 0: append a mean bag of word + hashed-bigram embeddings
     # Label decoder (CNN-RNN).
     use_decoder: bool = True
     label_embed_dim: int = 128
@@ -81,6 +86,11 @@ class ModelConfig:
             raise ValueError("combine='fused_decoder' needs use_decoder=True")
         if not 0.0 <= self.modality_dropout <= 0.5:
             raise ValueError(f"modality_dropout must be in [0, 0.5], got {self.modality_dropout}")
+        if self.image_attention < 0 or self.image_attention_temperature <= 0:
+            raise ValueError(f"image_attention must be >= 0 and its temperature > 0, got {self.image_attention} and "
+                             f"{self.image_attention_temperature}")
+        if self.image_attention > 0 and self.fusion_hidden:
+            raise ValueError("image_attention needs the linear fused head (fusion_hidden=0)")
         if not 0.0 <= self.decoder_weight <= 1.0:
             raise ValueError(f"decoder_weight must be in [0, 1], got {self.decoder_weight}")
 

@@ -352,7 +352,10 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3)).flush()
     loader = torch.utils.data.DataLoader(_CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop, squash),
                                          batch_size=32, num_workers=workers, collate_fn=list,
-                                         worker_init_fn=bounded_heap_worker_init)
+                                         worker_init_fn=bounded_heap_worker_init,
+                                         # its own generator: building the cache must not move the global RNG, or
+                                         # a run that builds it would train differently from one that reuses it
+                                         generator=torch.Generator())
     errors: dict[str, str] = {}
     for batch in loader:
         for index, error in batch:

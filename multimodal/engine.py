@@ -105,7 +105,7 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+        sample_seed = batch_seed(self.seed, self.epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(sample_seed)
@@ -116,6 +116,11 @@ class SeededAugmentation(Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def batch_seed(*keys: int) -> int:
+    """A 32-bit seed from integers (e.g. seed, epoch, batch, process), independent across keys."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -227,11 +232,16 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                     checkpoints: Optional[CheckpointManager] = None,
                     on_checkpoint: Optional[Callable[[Progress], None]] = None,
                     bad_images: Optional[list[str]] = None, use_image: bool = True,
-                    frozen: Iterable[torch.nn.Module] = (), seen_ids: Optional[list[str]] = None) -> dict[str, float]:
+                    frozen: Iterable[torch.nn.Module] = (), seen_ids: Optional[list[str]] = None,
+                    batch_transform: Optional[Callable[..., torch.Tensor]] = None,
+                    augment_seed: int = 0) -> dict[str, float]:
     """One pass over ``loader`` (which may start mid-epoch: ``progress.batches_done`` batches were skipped).
 
     ``frozen`` modules stay in eval mode (their batch-norm statistics do not move); ``seen_ids`` collects the image
     ids this process trained on, and ``bad_images`` the ids of unreadable images that were dropped from batches.
+    ``batch_transform`` (e.g. `images.BatchImageTransform` in training mode) turns the batch's uint8 images into the
+    model's input where the batch is, on the device; it draws from a generator seeded by ``(augment_seed, epoch,
+    batch, process)``, so a resumed run sees the augmented images of an uninterrupted one.
 
     Returns:
         The mean of each loss term over the batches of this call.
@@ -256,6 +266,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                     all_bad = True
             if seen_ids is not None and not all_bad:
                 seen_ids.extend(batch["image_id"])
+            if batch_transform is not None and "image" in batch:
+                generator = torch.Generator(device=batch["image"].device).manual_seed(batch_seed(
+                    augment_seed, progress.epoch, progress.batches_done, accelerator.process_index))
+                batch["image"] = batch_transform(batch["image"], generator=generator)
             with accelerator.accumulate(model):
                 outputs = model(**model_inputs(batch), label_seq=batch.get("label_seq"))
                 terms = criterion(outputs, batch["targets"], batch.get("label_seq"))

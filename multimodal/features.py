@@ -70,7 +70,7 @@ def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=Collator())
+                        collate_fn=Collator(), generator=torch.Generator())  # leaves the global RNG where it was
     features: Optional[torch.Tensor] = None
     ok = torch.ones(len(dataset), dtype=torch.bool)
     for batch in tqdm(loader, desc="image features", disable=not progress, leave=False):

@@ -224,14 +224,15 @@ class BatchImageTransform(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``generator`` (on the images' device) draws the training augmentation; default: torch's global RNG."""
         if images.ndim == 3:  # one image [H, W, 3] -> [3, s, s], e.g. as a DataLoader worker's transform on a CPU
-            return self.forward(images[None])[0]
+            return self.forward(images[None], generator)[0]
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
         x = images.permute(0, 3, 1, 2)  # [B, 3, H, W], channels-last strides
         if self.training_mode:
-            x = self._augment(x.float())  # [B, 3, s, s] in 0..255
+            x = self._augment(x.float(), generator)  # [B, 3, s, s] in 0..255
         else:
             x = self._centre_crop(x).float()  # [B, 3, s, s] in 0..255
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
@@ -245,13 +246,14 @@ class BatchImageTransform(torch.nn.Module):
         top, left = int(round((H - s) / 2.0)), int(round((W - s) / 2.0))  # as torchvision's center_crop
         return x[:, :, top: top + s, left: left + s]
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         B, _, H, W = x.shape
-        device = x.device
+        device, g = x.device, generator
         # RandomResizedCrop boxes, 10 candidates per image as timm/torchvision; the first that fits wins.
         tries = 10
-        area = H * W * torch.empty(B, tries, device=device).uniform_(*self.scale)
-        log_ratio = torch.empty(B, tries, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        area = H * W * torch.empty(B, tries, device=device).uniform_(*self.scale, generator=g)
+        log_ratio = torch.empty(B, tries, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]),
+                                                                  generator=g)
         aspect = torch.exp(log_ratio)
         w = torch.sqrt(area * aspect).round()
         h = torch.sqrt(area / aspect).round()
@@ -262,9 +264,9 @@ class BatchImageTransform(torch.nn.Module):
         fallback = ~fits.any(1)  # the whole image, as the fallback of RandomResizedCrop for these aspect ratios
         w = torch.where(fallback, torch.full_like(w, W), w)
         h = torch.where(fallback, torch.full_like(h, H), h)
-        x0 = torch.floor(torch.rand(B, device=device) * (W - w + 1))
-        y0 = torch.floor(torch.rand(B, device=device) * (H - h + 1))
-        flip = torch.where(torch.rand(B, device=device) < self.hflip, -1.0, 1.0)
+        x0 = torch.floor(torch.rand(B, device=device, generator=g) * (W - w + 1))
+        y0 = torch.floor(torch.rand(B, device=device, generator=g) * (H - h + 1))
+        flip = torch.where(torch.rand(B, device=device, generator=g) < self.hflip, -1.0, 1.0)
         # Affine map from output to input coordinates in grid_sample's [-1, 1] units (align_corners=False).
         theta = torch.zeros(B, 2, 3, device=device)
         theta[:, 0, 0] = w / W * flip
@@ -276,13 +278,14 @@ class BatchImageTransform(torch.nn.Module):
         out = torch.nn.functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
                                               align_corners=False)  # [B, 3, s, s]
         if self.color_jitter > 0:
-            out = self._jitter(out)
+            out = self._jitter(out, g)
         return out
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+    def _jitter(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         B = x.shape[0]
         lo, hi = 1.0 - self.color_jitter, 1.0 + self.color_jitter
-        factors = torch.empty(3, B, 1, 1, 1, device=x.device, dtype=x.dtype).uniform_(max(0.0, lo), hi)
+        factors = torch.empty(3, B, 1, 1, 1, device=x.device, dtype=x.dtype).uniform_(max(0.0, lo), hi,
+                                                                                      generator=generator)
         x = (x * factors[0]).clamp(0, 255)  # brightness
         grey_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         mean = (x * grey_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # [B, 1, 1, 1]

@@ -52,6 +52,11 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.backbone(image)  # [B, 3, H, W] -> [B, F]
 
+    def forward_with_map(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [B, F] and the last feature map they pool [B, F, h, w]."""
+        feature_map = self.backbone.forward_features(image)
+        return self.backbone.forward_head(feature_map), feature_map
+
     def _stages(self) -> nn.Sequential:
         if not hasattr(self.backbone, "blocks") or not hasattr(self.backbone, "conv_head"):
             raise TypeError(f"{self.name} is not a timm EfficientNet: no blocks/conv_head to split")
@@ -67,12 +72,15 @@ class ImageEncoder(nn.Module):
         x = self.backbone.bn1(self.backbone.conv_stem(image))
         return stages[: len(stages) - tail_stages](x)
 
-    def forward_tail(self, feature_map: torch.Tensor, tail_stages: int) -> torch.Tensor:
-        """The last ``tail_stages`` stages, the 1x1 head convolution and pooling: [B, C, h, w] -> [B, F]."""
+    def forward_tail(self, feature_map: torch.Tensor, tail_stages: int, return_map: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The last ``tail_stages`` stages, the 1x1 head convolution and pooling: [B, C, h, w] -> [B, F] (and, with
+        ``return_map``, the map before pooling [B, F, h', w'] too)."""
         stages = self._stages()
         x = stages[len(stages) - tail_stages:](feature_map)
         x = self.backbone.bn2(self.backbone.conv_head(x))
-        return self.backbone.forward_head(x)  # pooling + timm's dropout (no classifier: num_classes=0)
+        pooled = self.backbone.forward_head(x)  # pooling + timm's dropout (no classifier: num_classes=0)
+        return (pooled, x) if return_map else pooled
 
     def freeze_below_tail(self, tail_stages: int) -> list[nn.Module]:
         """Freeze everything below the last ``tail_stages`` stages; returns the frozen modules (keep them in eval)."""
@@ -135,24 +143,36 @@ class CaptionEncoder(nn.Module):
 
     Options: ``embed_dropout`` drops word-embedding units before the LSTM (training only); ``word_skip`` appends the
     max over the caption's word embeddings to the pooled LSTM states, a direct bag-of-words path next to the
-    sequence model (``num_features`` grows by ``word_dim``).
+    sequence model (``num_features`` grows by ``word_dim``); ``bigram_buckets > 0`` appends a fastText-style bag
+    (Joulin et al. 2017): the mean of embeddings of the caption's words and of its word bigrams, the bigrams hashed
+    into that many buckets (``num_features`` grows by ``word_dim``). A linear head on that mean is a linear model on
+    term frequencies, like TF-IDF + logistic regression, the strong classical caption baseline.
     """
+
+    BIGRAM_HASH = 1_000_003  # bigram (a, b) -> (a * BIGRAM_HASH + b) mod buckets
 
     def __init__(self, vocab_size: int, word_dim: int = 128, hidden: int = 256, num_layers: int = 1,
                  bidirectional: bool = True, pool: str = "max", pad_id: int = 0, dropout: float = 0.0,
-                 embed_dropout: float = 0.0, word_skip: bool = False):
+                 embed_dropout: float = 0.0, word_skip: bool = False, bigram_buckets: int = 0):
         super().__init__()
         if pool not in ("max", "mean", "last"):
             raise ValueError(f"pool must be 'max', 'mean' or 'last', got {pool!r}")
+        if bigram_buckets < 0:
+            raise ValueError(f"bigram_buckets must be >= 0, got {bigram_buckets}")
         self.pool = pool
         self.pad_id = pad_id
         self.word_skip = word_skip
+        self.vocab_size = vocab_size
+        self.bigram_buckets = bigram_buckets
         self.embedding = nn.Embedding(vocab_size, word_dim, padding_idx=pad_id)
         self.embed_drop = nn.Dropout(embed_dropout)
         self.lstm = nn.LSTM(word_dim, hidden, num_layers=num_layers, batch_first=True,
                             bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
         self.num_directions = 2 if bidirectional else 1
-        self.num_features: int = hidden * self.num_directions + (word_dim if word_skip else 0)
+        # The n-gram bag has its own table: words first (ids as the tokenizer gives them), then the bigram buckets.
+        self.ngram_embedding = nn.Embedding(vocab_size + bigram_buckets, word_dim) if bigram_buckets else None
+        self.num_features: int = hidden * self.num_directions + (word_dim if word_skip else 0) + (
+            word_dim if bigram_buckets else 0)
         self.empty_embedding = nn.Parameter(torch.zeros(self.num_features))
 
     def load_glove(self, path: str | os.PathLike, tokenizer_vocab: dict[str, int]) -> int:
@@ -194,8 +214,19 @@ class CaptionEncoder(nn.Module):
         if self.word_skip:
             words = x.masked_fill(~valid, float("-inf")).amax(1)  # [B, E]
             pooled = torch.cat([pooled, words.to(pooled.dtype)], dim=1)  # [B, dirs * H + E]
+        if self.ngram_embedding is not None:
+            pooled = torch.cat([pooled, self.ngram_bag(caption_ids, valid[..., 0]).to(pooled.dtype)], dim=1)
         empty = empty.to(pooled.device)[:, None]  # [B, 1]
         return torch.where(empty, self.empty_embedding.to(pooled.dtype), pooled)
+
+    def ngram_bag(self, caption_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean embedding of the words and hashed word bigrams: ids [B, L], valid [B, L] (bool) -> [B, E]."""
+        ids = caption_ids.long()
+        bigrams = (ids[:, :-1] * self.BIGRAM_HASH + ids[:, 1:]) % self.bigram_buckets + self.vocab_size  # [B, L-1]
+        grams = torch.cat([ids, bigrams], dim=1)  # [B, 2L - 1]
+        mask = torch.cat([valid, valid[:, 1:]], dim=1).unsqueeze(-1)  # a bigram is valid where its 2nd word is
+        summed = (self.ngram_embedding(grams) * mask).sum(1)  # [B, E]
+        return summed / mask.sum(1).clamp(min=1)
 
 
 class LabelDecoder(nn.Module):
@@ -342,6 +373,25 @@ class LabelDecoder(nn.Module):
         return label_sets, label_scores[torch.arange(B, device=device), best]
 
 
+def residual_attention(feature_map: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Class-specific attention pooling of a linear classifier's scores (CSRA, Zhu & Wu, ICCV 2021).
+
+    Each class scores every position of the map with its own weight vector, ``s[c, k] = weight[c] . x_k``, and pools
+    the scores with a softmax over positions, ``sum_k softmax_k(T * s[c, :]) * s[c, k]``: a soft maximum that finds a
+    small object that the global average dilutes. Added to the average-pooled logits of the same classifier.
+
+    Args:
+        feature_map: [B, F, h, w].
+        weight: [C, F], the classifier's weights for these features (no bias: the average-pooled logit has it).
+        temperature: ``T``; large values approach max pooling.
+
+    Returns:
+        [B, C] attention logits (float32).
+    """
+    scores = torch.einsum("bfhw,cf->bchw", feature_map.float(), weight.float()).flatten(2)  # [B, C, h * w]
+    return (torch.softmax(temperature * scores, dim=-1) * scores).sum(-1)
+
+
 class MultimodalClassifier(nn.Module):
     """Image branch + caption branch + fused head + CNN-RNN label decoder; see `ModelConfig` for the switches.
 
@@ -367,7 +417,7 @@ class MultimodalClassifier(nn.Module):
             self.caption_encoder = CaptionEncoder(
                 config.vocab_size, config.word_dim, config.caption_hidden, config.caption_layers,
                 config.bidirectional, config.caption_pool, config.pad_id, config.dropout,
-                config.caption_embed_dropout, config.caption_word_skip)
+                config.caption_embed_dropout, config.caption_word_skip, config.caption_bigram_buckets)
             self.caption_head = nn.Linear(self.caption_encoder.num_features, C)
         self.num_features: int = sum(enc.num_features for enc in (self.image_encoder, self.caption_encoder)
                                      if enc is not None)
@@ -397,11 +447,20 @@ class MultimodalClassifier(nn.Module):
         Inputs of a switched-off branch are ignored.
         """
         features = {}
+        attention = self.config.image_attention > 0
         if self.image_encoder is not None:
             if image_features is not None and image_features.ndim == 4:  # cached map below a trainable tail
-                features["image"] = self.image_encoder.forward_tail(image_features.float(), self.tail_stages)
+                features["image"], image_map = self.image_encoder.forward_tail(
+                    image_features.float(), self.tail_stages, return_map=True)
+                if attention:
+                    features["image_map"] = image_map
             elif image_features is not None:
+                if attention:
+                    raise ValueError("image_attention needs the image's feature map: pass `image`, or cached maps "
+                                     "below a trainable tail (tail_stages >= 1), not pooled features")
                 features["image"] = F.dropout(image_features, self.config.image_drop_rate, self.training)
+            elif image is not None and attention:
+                features["image"], features["image_map"] = self.image_encoder.forward_with_map(image)
             elif image is not None:
                 features["image"] = self.image_encoder(image)
             else:
@@ -418,8 +477,13 @@ class MultimodalClassifier(nn.Module):
                      label_seq: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Logits of every head from the branch embeddings (see `forward`)."""
         outputs = {}
+        image_map = features.get("image_map")
+        lam, temperature = self.config.image_attention, self.config.image_attention_temperature
         if self.image_head is not None:
             outputs["image_logits"] = self.image_head(self.head_drop(features["image"]))
+            if image_map is not None:
+                outputs["image_logits"] = outputs["image_logits"] + lam * residual_attention(
+                    image_map, self.image_head.weight, temperature)
         if self.caption_head is not None:
             outputs["caption_logits"] = self.caption_head(self.head_drop(features["caption"]))
         parts = [features[k] for k in ("image", "caption") if k in features]
@@ -433,6 +497,10 @@ class MultimodalClassifier(nn.Module):
         context = torch.cat(parts, dim=1)  # [B, D]
         outputs["features"] = context
         outputs["fused_logits"] = self.fused_head(self.head_drop(context))
+        if image_map is not None:  # the fused head's image part (the first F_img columns) attends over the map too
+            image_weight = self.fused_head.weight[:, : features["image"].shape[1]]  # [C, F_img]
+            outputs["fused_logits"] = outputs["fused_logits"] + lam * residual_attention(
+                image_map, image_weight, temperature)
         if self.label_decoder is not None and label_seq is not None:
             outputs["decoder_logits"] = self.label_decoder(context, label_seq)
         return outputs

@@ -184,6 +184,7 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         image_encoder=None if args.no_image else args.encoder,
         image_size=args.image_size,
         image_crop=getattr(args, "image_crop", "center"),
+        image_attention=getattr(args, "image_attention", 0.0),
         vocab_size=None if args.no_caption else tokenizer.get_vocab_size(),
         pad_id=PAD_ID,
         word_dim=args.word_dim,
@@ -191,6 +192,7 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         caption_layers=args.caption_layers,
         caption_embed_dropout=getattr(args, "caption_embed_dropout", 0.0),
         caption_word_skip=getattr(args, "caption_word_skip", False),
+        caption_bigram_buckets=getattr(args, "caption_bigram_buckets", 0),
         use_decoder=not args.no_decoder,
         max_labels=int(frame["Labels"].map(len).max()),
         beam_width=args.beam_width,
@@ -204,12 +206,14 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
 def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd.DataFrame, pd.DataFrame],
                  image_dir: Path, codec: LabelCodec, tokenizer: Any,
                  features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 num_processes: int = 1, image_cache: Any = None) -> tuple[DataLoader, DataLoader]:
+                 num_processes: int = 1, image_cache: Any = None,
+                 device_augment: bool = False) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders; with ``features`` (cached pooled features or feature maps of every row of
     the full frame, see `features.cached_features`) the samples carry those instead of images. With ``image_cache``
     (a `data.ImageCache` built by `data.build_model_image_cache`) images are read from it as uint8 and preprocessed
     by `images.BatchImageTransform` in the loader: the evaluation transform exactly, timm's training augmentation
-    (random resized crop, flip, colour jitter) on the cached square.
+    (random resized crop, flip, colour jitter) on the cached square. With ``device_augment`` the training loader
+    leaves the cached uint8 images as they are, for `train_one_epoch`'s ``batch_transform`` to augment on the device.
 
     With several processes the training loader drops each epoch's last incomplete round of batches (a different one
     every epoch, as the order is reshuffled): Accelerate would otherwise fill it up with samples from the start of the
@@ -220,7 +224,10 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
     for frame, training in zip(frames, (True, False)):
         with_images = config.use_image and features is None
         cache = image_cache if with_images else None
-        if cache is not None:
+        on_device = training and device_augment and cache is not None
+        if on_device:
+            transform = None  # uint8 [S, S, 3] as cached; augmented batched on the device
+        elif cache is not None:
             transform = BatchImageTransform(config.image_encoder, config.image_size, training, channels_last=False)
         elif with_images:
             transform = build_transform(config.image_encoder, config.image_size, training, crop=config.image_crop)
@@ -233,7 +240,8 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
             dataset.check_images()  # fail fast, naming the file and row, before any training
         if features is not None:
             dataset = FeatureDataset(dataset, *features, rows=frame["_row"], flip=training)
-        augmenting = training and (with_images or (features is not None and features[0].ndim == 4))  # map flips
+        augmenting = training and ((with_images and not on_device) or (features is not None and features[0].ndim == 4))
+        # (cached maps are flipped)
         if augmenting:  # augmentation as a function of (seed, epoch, row): reproducible and resumable
             dataset = SeededAugmentation(dataset, args.seed)
         loaders.append(DataLoader(
@@ -353,9 +361,20 @@ def main(args: argparse.Namespace) -> int:
         with accelerator.main_process_first():  # the main process builds the cache, the others then reuse it
             image_cache = build_model_image_cache(config, frame["ImageID"], image_dir, args.image_cache,
                                                   workers=args.workers, skip_bad_images=args.skip_bad_images)
+    device_augment = image_cache is not None and (
+        args.device_augment if getattr(args, "device_augment", None) is not None
+        else accelerator.device.type != "cpu")  # default: on a GPU, not on a CPU (whose cores run the model)
+    batch_transform = None
+    if device_augment:
+        batch_transform = BatchImageTransform(config.image_encoder, config.image_size, training=True,
+                                              channels_last=getattr(args, "channels_last", False)
+                                              ).to(accelerator.device)
+    if image_cache is not None:
+        log("training augmentation: " + (f"batched on {accelerator.device}" if device_augment
+                                         else "per image in the loader workers"))
     train_loader, val_loader = make_loaders(args, config, (train_frame, val_frame), image_dir, codec, tokenizer,
                                             features, num_processes=accelerator.num_processes,
-                                            image_cache=image_cache)
+                                            image_cache=image_cache, device_augment=device_augment)
     optimizer = build_optimizer(model, args.lr, args.backbone_lr, args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = -(-len(train_loader) // args.grad_accum)
@@ -402,7 +421,8 @@ def main(args: argparse.Namespace) -> int:
             model, loader, criterion, optimizer, scheduler, accelerator, progress,
             total_batches=len(train_loader), max_steps=args.max_steps, log_every=args.log_every,
             checkpoint_every=args.checkpoint_every, checkpoints=checkpoints, on_checkpoint=on_checkpoint,
-            bad_images=bad_images, use_image=config.use_image, frozen=frozen, seen_ids=seen_ids[-1])
+            bad_images=bad_images, use_image=config.use_image, frozen=frozen, seen_ids=seen_ids[-1],
+            batch_transform=batch_transform, augment_seed=args.seed)
         epoch_done = progress.batches_done >= len(train_loader)
         if len(val_frame):
             predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad)

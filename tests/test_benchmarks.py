@@ -57,7 +57,9 @@ def test_cache_reproduces_the_eval_transform(jpegs, tmp_path, size, crop):
 
 def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
     image_dir, names = jpegs
+    rng = torch.get_rng_state()
     first = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    assert torch.equal(torch.get_rng_state(), rng)  # building it leaves training's random stream alone
     assert first.meta["reused"] is False and first.meta["build_seconds"] >= 0 and len(first) == len(names)
     assert build_image_cache(names, image_dir, tmp_path / "cache", 36).meta["reused"] is True
     os.utime(image_dir / names[0], ns=(1, 1))  # a new file time, the same bytes (a copied dataset): reused
@@ -97,6 +99,12 @@ def test_batch_transform_training():
     torch.manual_seed(0)
     a, b = augment(images), augment(images)
     assert a.shape == (6, 3, 32, 32) and torch.isfinite(a).all() and not torch.equal(a, b)
+    # A generator makes the draws reproducible and leaves the global RNG alone.
+    state = torch.get_rng_state()
+    c = augment(images, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(augment(images, generator=torch.Generator().manual_seed(7)), c, atol=0, rtol=0)
+    assert not torch.equal(augment(images, generator=torch.Generator().manual_seed(8)), c)
 
 
 def test_draft_size_for():

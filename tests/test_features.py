@@ -49,7 +49,9 @@ def test_freeze_below_tail_leaves_only_the_tail_trainable():
 def test_cache_is_reused_and_invalidated(encoder, images, tmp_path):
     frame, folder = images
     cache = tmp_path / "cache"
+    rng = torch.get_rng_state()
     feats, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # building it leaves training's random stream alone
     assert feats.shape == (5, encoder.num_features) and ok.all()
     assert len(list(cache.iterdir())) == 1
     again, _ = cached_features(encoder, frame, folder, 32, cache, workers=0)

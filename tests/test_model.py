@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from multimodal.config import LossConfig, ModelConfig
 from multimodal.losses import JointLoss
-from multimodal.model import CaptionEncoder, ImageEncoder, LabelDecoder, MultimodalClassifier, load_glove
+from multimodal.model import (CaptionEncoder, ImageEncoder, LabelDecoder, MultimodalClassifier, load_glove,
+                             residual_attention)
 
 C = 5
 VOCAB = 30
@@ -82,9 +83,11 @@ def test_forward_every_ablation(image: bool, caption: bool, decoder: bool) -> No
     assert ((probs >= 0) & (probs <= 1)).all()
 
 
-def test_every_parameter_gets_a_gradient() -> None:
+@pytest.mark.parametrize("extra", [{}, {"caption_word_skip": True, "caption_bigram_buckets": 16,
+                                          "image_attention": 0.5}])
+def test_every_parameter_gets_a_gradient(extra: dict) -> None:
     torch.manual_seed(0)
-    model = MultimodalClassifier(make_config(caption_layers=2))
+    model = MultimodalClassifier(make_config(caption_layers=2, **extra))
     batch = make_batch(4)
     out = model(**inputs_of(batch), label_seq=batch["label_seq"])
     JointLoss(LossConfig())(out, batch["targets"], batch["label_seq"])["loss"].backward()
@@ -220,6 +223,62 @@ def test_caption_padding_does_not_change_the_result(pool: str, word_skip: bool) 
     single = model(caption_ids=caption, caption_lengths=torch.tensor([3]))
     padded = model(caption_ids=batch, caption_lengths=torch.tensor([3, 7, 1]))
     torch.testing.assert_close(padded["fused_logits"][0:1], single["fused_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_bigram_bag_is_the_mean_of_word_and_bigram_embeddings_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    encoder = CaptionEncoder(VOCAB, 8, 8, bigram_buckets=16).eval()
+    assert encoder.num_features == 16 + 8
+    caption = torch.tensor([[5, 9, 7]])
+    alone = encoder(caption, torch.tensor([3]))
+    rows = [5, 9, 7] + [VOCAB + (a * CaptionEncoder.BIGRAM_HASH + b) % 16 for a, b in ((5, 9), (9, 7))]
+    torch.testing.assert_close(alone[0, 16:], encoder.ngram_embedding.weight[rows].mean(0))
+    padded = encoder(torch.tensor([[5, 9, 7, 0, 0], [1, 2, 3, 4, 5]]), torch.tensor([3, 5]))
+    torch.testing.assert_close(padded[0:1], alone, rtol=1e-5, atol=1e-6)
+    # Word order reaches the bag through the bigrams: the reversed caption has the same words, other bigrams.
+    reversed_bag = encoder(torch.tensor([[7, 9, 5]]), torch.tensor([3]))[0, 16:]
+    assert not torch.allclose(reversed_bag, alone[0, 16:])
+    single_word = encoder(torch.tensor([[4]]), torch.tensor([1]))[0, 16:]  # no bigram at all
+    torch.testing.assert_close(single_word, encoder.ngram_embedding.weight[4])
+    with pytest.raises(ValueError, match="bigram_buckets"):
+        CaptionEncoder(VOCAB, 8, 8, bigram_buckets=-1)
+
+
+def test_residual_attention_lies_between_the_mean_and_the_max_score() -> None:
+    torch.manual_seed(0)
+    feature_map, weight = torch.randn(2, 6, 3, 4), torch.randn(5, 6)
+    scores = torch.einsum("bfhw,cf->bchw", feature_map, weight).flatten(2)  # [B, C, h * w]
+    pooled = residual_attention(feature_map, weight)
+    assert pooled.shape == (2, 5)
+    assert (pooled >= scores.mean(-1) - 1e-5).all() and (pooled <= scores.amax(-1) + 1e-5).all()
+    torch.testing.assert_close(residual_attention(feature_map, weight, temperature=1e4), scores.amax(-1))
+    flat = feature_map.mean((2, 3), keepdim=True).expand_as(feature_map)  # the same at every position: the mean
+    torch.testing.assert_close(residual_attention(flat, weight), scores.mean(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_image_attention_adds_to_both_heads_and_agrees_on_images_and_cached_maps() -> None:
+    torch.manual_seed(0)
+    plain = MultimodalClassifier(make_config()).eval()
+    model = MultimodalClassifier(make_config(image_attention=0.5)).eval()
+    model.load_state_dict(plain.state_dict())  # attention adds no parameters
+    batch = make_batch()
+    base, out = plain(**inputs_of(batch)), model(**inputs_of(batch))
+    _, feature_map = model.image_encoder.forward_with_map(batch["image"])
+    w_img = model.fused_head.weight[:, : model.image_encoder.num_features]
+    torch.testing.assert_close(out["fused_logits"], base["fused_logits"] + 0.5 * residual_attention(feature_map, w_img))
+    torch.testing.assert_close(out["image_logits"],
+                               base["image_logits"] + 0.5 * residual_attention(feature_map, model.image_head.weight))
+    torch.testing.assert_close(out["caption_logits"], base["caption_logits"])
+    model.tail_stages = 2  # the same model on cached maps below its last two stages
+    stem = model.image_encoder.forward_stem(batch["image"], 2)
+    cached = model(image_features=stem, caption_ids=batch["caption_ids"], caption_lengths=batch["caption_lengths"])
+    torch.testing.assert_close(cached["fused_logits"], out["fused_logits"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="feature map"):
+        model(image_features=plain.image_encoder(batch["image"]), caption_ids=batch["caption_ids"])
+    with pytest.raises(ValueError, match="linear fused head"):
+        make_config(image_attention=0.5, fusion_hidden=16)
+    with pytest.raises(ValueError, match="image_attention"):
+        make_config(image_attention=-1.0)
 
 
 def test_empty_captions_are_finite() -> None:

@@ -323,6 +323,29 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
 
 
 @pytest.mark.slow
+def test_device_augmentation_from_the_image_cache_resumes_to_bit_identical_weights(data_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """``--device-augment``: the loader hands over the cached uint8 images and the training step augments them
+    batched (here on the CPU), drawing from a generator seeded per batch, so a killed and resumed run still ends with
+    the weights of an uninterrupted one."""
+    args = ("--data-dir", data_dir, *RESUMABLE, *TINY, "--no-caption", "--image-cache", tmp_path / "cache",
+            "--device-augment")
+    reference = run(TRAIN, *args, "--output-dir", tmp_path / "reference")
+    assert "training augmentation: batched on cpu" in reference.stderr
+    killed = run(TRAIN, *args, "--output-dir", tmp_path / "killed", check=False,
+                 env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run(TRAIN, "--resume", tmp_path / "killed", "--workers", 0, cwd=tmp_path)
+    expected = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
+    actual = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    # Without the cache there is nothing to augment on the device: refused before anything is loaded.
+    refused = run(TRAIN, "--data-dir", data_dir, "--device-augment", check=False)
+    assert refused.returncode == 2 and "--device-augment" in refused.stderr and "--image-cache" in refused.stderr
+
+
+@pytest.mark.slow
 def test_cpu_data_parallel_two_processes(data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
