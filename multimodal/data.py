@@ -198,10 +198,16 @@ class Collator:
         if "image_features" in first:
             batch["image_features"] = torch.stack([s["image_features"] for s in samples])  # [B, F]
         batch["image_ok"] = torch.tensor([s["image_ok"] for s in samples], dtype=torch.bool)
+        # The same as a host-side bool: a device placement moves the tensor, and reading it back would make the host
+        # wait for the GPU on every batch.
+        batch["all_images_ok"] = all(s["image_ok"] for s in samples)
         batch["error"] = [s.get("error") for s in samples]
         if "caption_ids" in first:
             ids, lengths = pad_token_ids([s["caption_ids"] for s in samples], self.pad_id)
             batch["caption_ids"], batch["caption_lengths"] = ids, lengths
+            # A host-side copy that device placement leaves alone (a list): packing the LSTM's input needs the
+            # lengths on the CPU, and reading them back from a GPU would make the host wait for the device.
+            batch["caption_lengths_host"] = lengths.tolist()
         if "targets" in first:
             batch["targets"] = torch.stack([s["targets"] for s in samples]).float()  # [B, C]
             sequences = [s["label_seq"] for s in samples]

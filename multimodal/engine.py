@@ -125,13 +125,25 @@ def batch_seed(*keys: int) -> int:
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The subset of a batch that the model's forward takes."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "caption_lengths_host" in batch:  # the collator's host copy: the caption LSTM packs without a device sync
+        inputs["caption_lengths"] = torch.tensor(batch["caption_lengths_host"], dtype=torch.long)
+    return inputs
 
 
 def select_rows(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
-    """The rows of a batch where ``keep`` is true (tensors and lists alike)."""
+    """The rows of a batch where ``keep`` is true (tensors and lists alike; other values are kept as they are)."""
     index = keep.nonzero().flatten().tolist()
-    return {k: v[keep] if torch.is_tensor(v) else [v[i] for i in index] for k, v in batch.items()}
+    return {k: v[keep] if torch.is_tensor(v) else [v[i] for i in index] if isinstance(v, list) else v
+            for k, v in batch.items()}
+
+
+def all_images_ok(batch: dict[str, Any]) -> bool:
+    """Whether every image of the batch was read, from the collator's host-side flag when there is one (reading the
+    ``image_ok`` tensor back from a GPU would make the host wait for the device)."""
+    if "all_images_ok" in batch:
+        return bool(batch["all_images_ok"])
+    return bool(batch["image_ok"].all())
 
 
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -257,11 +269,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
     try:  # on an error too: a bar left open would swallow the start of the error message's line
         for batch in loader:
             all_bad = False
-            if use_image and "image_ok" in batch and not bool(batch["image_ok"].all()):
+            if use_image and "image_ok" in batch and not all_images_ok(batch):
                 if bad_images is not None:
                     bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
                 if bool(batch["image_ok"].any()):
-                    batch = select_rows(batch, batch["image_ok"])
+                    batch = select_rows(batch, batch["image_ok"]) | {"all_images_ok": True}
                 else:  # every image unreadable: a zero-weight step keeps the processes (and their all-reduces) in step
                     all_bad = True
             if seen_ids is not None and not all_bad:
@@ -293,14 +305,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
             if not all_bad:
                 seen += len(batch["targets"])
                 count += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                for k, v in terms.items():  # summed where they are: read back once per epoch, not once per batch
+                    sums[k] = sums[k] + v if k in sums else v.clone()
             if accelerator.sync_gradients:
                 progress.step += 1
-                rate = seen * accelerator.num_processes / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{float(terms['loss']):.4f}", img_s=f"{rate:.1f}")
-                if progress.step % log_every == 0:
-                    accelerator.log({f"train/{k}": float(v) for k, v in terms.items()}
+                if progress.step % log_every == 0:  # reading values back waits for the device: only when logging
+                    rate = seen * accelerator.num_processes / max(1e-9, time.perf_counter() - t0)
+                    values = {k: float(v) for k, v in terms.items()}
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.1f}")
+                    accelerator.log({f"train/{k}": v for k, v in values.items()}
                                     | {"train/lr": scheduler.get_last_lr()[-1], "train/images_per_s": rate},
                                     step=progress.step)
                 if checkpoints is not None and checkpoint_every > 0 and progress.step % checkpoint_every == 0:
@@ -313,7 +326,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
             bar.update(1)
     finally:
         bar.close()
-    return {k: v / max(1, count) for k, v in sums.items()}
+    return {k: float(v) / max(1, count) for k, v in sums.items()}
 
 
 @torch.inference_mode()
@@ -331,7 +344,7 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
     core = accelerator.unwrap_model(model)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in loader:
-        if bad_images is not None and "image_ok" in batch:
+        if bad_images is not None and "image_ok" in batch and not all_images_ok(batch):
             bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
         inputs = model_inputs(batch)
         outputs = model(**inputs)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .annotations import read_annotations
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init
-from .engine import model_inputs
+from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, build_transform, draft_size_for
 from .metrics import binarize
 from .model import MultimodalClassifier
@@ -72,7 +72,7 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
             with accelerator.autocast():
                 probs = model.predict_proba(**inputs).float()
                 usable = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
-                if "image_ok" in batch and model.image_encoder is not None and not bool(batch["image_ok"].all()):
+                if "image_ok" in batch and model.image_encoder is not None and not all_images_ok(batch):
                     bad = ~batch["image_ok"]
                     if model.caption_encoder is not None:
                         embedding = model.caption_encoder(batch["caption_ids"][bad], batch["caption_lengths"][bad])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import timm
@@ -186,10 +186,15 @@ class CaptionEncoder(nn.Module):
             self.embedding.weight[self.pad_id] = 0.0
         return hits
 
-    def forward(self, caption_ids: torch.Tensor, caption_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Args: ``caption_ids`` [B, L] padded with ``pad_id``; ``caption_lengths`` [B] (0 for an empty caption)."""
+    def forward(self, caption_ids: torch.Tensor,
+                caption_lengths: Optional[torch.Tensor | Sequence[int]] = None) -> torch.Tensor:
+        """Args: ``caption_ids`` [B, L] padded with ``pad_id``; ``caption_lengths`` [B] (0 for an empty caption), a
+        tensor or a list of ints. Best on the CPU whatever the device of the ids: packing needs them there, and
+        fetching them from a GPU makes the host wait for the device."""
         if caption_lengths is None:
             caption_lengths = (caption_ids != self.pad_id).sum(1)
+        elif not torch.is_tensor(caption_lengths):
+            caption_lengths = torch.tensor(caption_lengths, dtype=torch.long)
         B, L = caption_ids.shape
         if L == 0:  # every caption empty and nothing padded: one pad step keeps packing valid
             caption_ids = caption_ids.new_full((B, 1), self.pad_id)
@@ -438,7 +443,7 @@ class MultimodalClassifier(nn.Module):
         self.thresholds: Optional[list[float]] = None
 
     def forward_features(self, image: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
-                         caption_lengths: Optional[torch.Tensor] = None,
+                         caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
                          image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Branch embeddings: ``{"image": [B, F_img], "caption": [B, F_cap]}`` for the branches that are on.
 
@@ -506,7 +511,8 @@ class MultimodalClassifier(nn.Module):
         return outputs
 
     def forward(self, image: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
-                caption_lengths: Optional[torch.Tensor] = None, label_seq: Optional[torch.Tensor] = None,
+                caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
+                label_seq: Optional[torch.Tensor] = None,
                 image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Returns:
             ``image_logits``/``caption_logits`` [B, C] for the branches that are on, ``fused_logits`` [B, C],
@@ -524,9 +530,9 @@ class MultimodalClassifier(nn.Module):
 
     @torch.no_grad()
     def decode(self, image: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
-               caption_lengths: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
-               beam_width: Optional[int] = None, outputs: Optional[dict[str, torch.Tensor]] = None
-               ) -> tuple[list[list[int]], torch.Tensor]:
+               caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
+               image_features: Optional[torch.Tensor] = None, beam_width: Optional[int] = None,
+               outputs: Optional[dict[str, torch.Tensor]] = None) -> tuple[list[list[int]], torch.Tensor]:
         """Beam-search label sets and per-label scores [B, C] (see `LabelDecoder.decode`).
 
         ``outputs`` (a `forward` result for the same inputs) lets the encoders' work be reused.
@@ -539,8 +545,9 @@ class MultimodalClassifier(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, image: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
-                      caption_lengths: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
-                      beam_width: Optional[int] = None, outputs: Optional[dict[str, torch.Tensor]] = None,
+                      caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
+                      image_features: Optional[torch.Tensor] = None, beam_width: Optional[int] = None,
+                      outputs: Optional[dict[str, torch.Tensor]] = None,
                       decoder_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final label probabilities [B, C] (float32) by ``config.combine``.
 

@@ -299,7 +299,8 @@ def main(args: argparse.Namespace) -> int:
         trackers.append("tensorboard")
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # non_blocking: batches go to the GPU asynchronously (the loaders pin their memory on CUDA machines)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         log_with=trackers, project_dir=str(run_dir))
     accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})

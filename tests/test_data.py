@@ -7,11 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from accelerate.utils import send_to_device
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from multimodal.annotations import read_annotations
 from multimodal.data import Collator, ImageCaptionDataset, subsample_rows, train_val_split
+from multimodal.engine import all_images_ok, model_inputs
 from multimodal.images import ImageLoadError, build_transform
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, train_caption_tokenizer
@@ -53,12 +55,19 @@ def test_sample_and_batch(folder, parts):
     torch.testing.assert_close(sample["targets"], torch.ones(3))
 
     batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=Collator())))
-    keys = {"image", "image_ok", "error", "caption_ids", "caption_lengths", "targets", "label_seq", "index",
-            "image_id"}
+    keys = {"image", "image_ok", "all_images_ok", "error", "caption_ids", "caption_lengths", "caption_lengths_host",
+            "targets", "label_seq", "index", "image_id"}
     assert set(batch) == keys
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
-    assert batch["image_ok"].dtype == torch.bool and batch["image_ok"].all()
+    assert batch["image_ok"].dtype == torch.bool and batch["image_ok"].all() and batch["all_images_ok"] is True
     assert batch["caption_lengths"].tolist() == [6, 6, 0, 9]
+    # Host-side copies (plain Python values, which device placement leaves where they are) for the training loop.
+    assert batch["caption_lengths_host"] == [6, 6, 0, 9]
+    moved = send_to_device(batch, "meta")  # what Accelerate does to a batch, here to a device without data
+    assert moved["caption_lengths"].device.type == "meta" and moved["caption_lengths_host"] == [6, 6, 0, 9]
+    inputs = model_inputs(moved)
+    assert inputs["caption_lengths"].device.type == "cpu" and inputs["caption_lengths"].tolist() == [6, 6, 0, 9]
+    assert moved["all_images_ok"] is True and all_images_ok(moved)
     assert batch["caption_ids"].shape == (4, 9) and batch["caption_ids"].dtype == torch.long
     assert batch["caption_ids"][2].eq(PAD_ID).all() and batch["caption_ids"][0, 6:].eq(PAD_ID).all()
     assert batch["caption_ids"][0, :6].ne(PAD_ID).all()

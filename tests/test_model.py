@@ -216,6 +216,7 @@ def test_caption_padding_does_not_change_the_result(pool: str, word_skip: bool) 
     batch = torch.tensor([[5, 9, 7, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9], [2, 0, 0, 0, 0, 0, 0]])
     together = encoder(batch, torch.tensor([3, 7, 1]))
     torch.testing.assert_close(together[0:1], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encoder(batch, [3, 7, 1]), together)  # lengths as a host-side list of ints
     encoder.train()  # embedding dropout acts in training only
     assert not torch.allclose(encoder(caption, torch.tensor([3])), alone)
 
