@@ -3,19 +3,26 @@
 
     python benchmarks/probe_runs.py average RUN RUN [RUN ...]   # samples F1 of each run and of their averaged probs
     python benchmarks/probe_runs.py flip RUN                    # test-time flip of the cached feature maps
+    python benchmarks/probe_runs.py errors RUN                  # missed and false labels per class, one threshold
+    python benchmarks/probe_runs.py tfidf RUN                   # blended with TF-IDF + logistic regression
 
 ``RUN`` is a `train.py` run folder with ``val_predictions.npz`` (every run with a validation split writes one). The
 runs averaged must share the validation split (same ``--val-fraction`` and ``--seed``); this is checked. ``flip``
 needs a run trained on cached feature maps (``--train-tail-stages``) whose cache is still valid: it scores the
-exported model on the validation rows' maps as they are, mirrored left-right, and the mean of the two.
+exported model on the validation rows' maps as they are, mirrored left-right, and the mean of the two. ``errors``
+counts, per class, the labels the run's final output misses and those it adds, and scores single thresholds other
+than 0.5. ``tfidf`` fits the `tfidf_logreg` row's model (its C) on the run's training rows and scores the mean of the
+run's fused probabilities and the TF-IDF model's at several weights (chosen on the scored split: optimistic).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,17 +88,77 @@ def flip(run: Path) -> dict[str, float]:
             "mean of both": score((p["as is"] + p["mirrored"]) / 2, t)}
 
 
+def validation_predictions(run: Path) -> Any:
+    return np.load(run / "val_predictions.npz")
+
+
+def validation_frame(run: Path) -> Any:
+    """The run's validation rows of its training CSV, checked against its saved predictions."""
+    from multimodal.annotations import read_annotations
+    from multimodal.data import train_val_split
+    args = json.loads((run / "run_config.json").read_text())["args"]
+    frame = read_annotations(Path(args["data_dir"]) / "train.csv")
+    train, val = train_val_split(frame, args["val_fraction"], args["seed"])
+    if not np.array_equal(np.asarray(val.index), validation_predictions(run)["index"]):
+        raise SystemExit(f"{run}: its validation rows are not the split's")
+    return frame, train, val
+
+
+def errors(run: Path) -> dict[str, float | int | str]:
+    z = validation_predictions(run)
+    names = json.loads((run / "model" / "config.json").read_text())["codec"]["names"]
+    truth, pred = z["targets"].astype(bool), binarize(z["final"], 0.5)
+    captions = [" " + re.sub(r"[^a-z0-9]+", " ", c.lower()) + " " for c in validation_frame(run)[2]["Caption"]]
+    # Whether each caption names each class (its name or plural, as words): could the caption branch know it?
+    named = np.array([[f" {n.lower()} " in cap or f" {n.lower()}s " in cap for n in names] for cap in captions])
+    missed, found = truth & ~pred, truth & pred
+    result = {"images predicted exactly": float((pred == truth).all(1).mean()),
+              "labels missed (caption names it)": f"{int(missed.sum())} ({int((missed & named).sum())})",
+              "labels found (caption names it)": f"{int(found.sum())} ({int((found & named).sum())})",
+              "labels added": int((~truth & pred).sum())}
+    for c, name in enumerate(names):
+        result[f"{name}: missed of {int(truth[:, c].sum())} (caption names it)"] = \
+            f"{int(missed[:, c].sum())} ({int((missed & named)[:, c].sum())})"
+        result[f"{name}: found (caption names it)"] = f"{int(found[:, c].sum())} ({int((found & named)[:, c].sum())})"
+        result[f"{name}: added"] = int((~truth[:, c] & pred[:, c]).sum())
+    for threshold in (0.3, 0.35, 0.4, 0.45, 0.5):
+        result[f"samples F1 at threshold {threshold}"] = float(
+            samples_f1(binarize(z["final"], threshold), truth).mean())
+    return result
+
+
+def tfidf(run: Path) -> dict[str, float]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from comp5329 import RESULTS, tfidf_logreg
+
+    from multimodal.labels import LabelCodec
+    z = validation_predictions(run)
+    data_dir = Path(json.loads((run / "run_config.json").read_text())["args"]["data_dir"])
+    frame, train, val = validation_frame(run)
+    codec = LabelCodec.from_labels(frame["Labels"], names=data_dir / "label_names.csv")
+    row = json.loads((RESULTS / "tfidf_logreg.json").read_text())
+    c = float(max(row["choice"]["C_scores"].items(), key=lambda kv: kv[1])[0])  # the row's choice of C
+    probs, _ = tfidf_logreg(train, val, codec, c)
+    result = {f"{run.name} fused": score(z["fused"], z["targets"]), f"TF-IDF (C={c:g})": score(probs, z["targets"])}
+    for w in (0.1, 0.2, 0.3, 0.4):
+        result[f"{1 - w:.1f} fused + {w:.1f} TF-IDF"] = score((1 - w) * z["fused"] + w * probs, z["targets"])
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="probe", required=True)
     a = sub.add_parser("average", help="average the final probabilities of runs")
     a.add_argument("runs", nargs="+", type=Path)
-    f = sub.add_parser("flip", help="test-time flip of the cached feature maps")
-    f.add_argument("run", type=Path)
+    for name, text in (("flip", "test-time flip of the cached feature maps"),
+                       ("errors", "missed and false labels per class; single thresholds"),
+                       ("tfidf", "blend with TF-IDF + logistic regression on the same training rows")):
+        sub.add_parser(name, help=text).add_argument("run", type=Path)
     args = p.parse_args()
-    result = average(args.runs) if args.probe == "average" else flip(args.run)
+    probes = {"flip": flip, "errors": errors, "tfidf": tfidf}
+    result = average(args.runs) if args.probe == "average" else probes[args.probe](args.run)
     for name, value in result.items():
-        print(f"{value:.4f}  {name}")
+        print(f"{value if isinstance(value, (int, str)) else format(value, '.4f'):>9}  {name}")
     return 0
 
 

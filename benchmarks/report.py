@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 ORDER = ["tfidf_logreg", "linear_probe", "linear_probe_full", "caption_only", "caption_word_skip", "image_only_lite0",
-         "image_only_lite1", "image_caption", "image_caption_decoder", "tail_lite0_224", "cpu_tail2", "best_cpu",
-         "best_cpu_train80", "gpu_recipe"]
+         "image_only_lite1", "image_caption", "image_caption_decoder", "tail_lite0_224", "cpu_tail2", "cpu_lite2",
+         "best_cpu", "best_cpu_train80", "gpu_recipe"]
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:

@@ -105,7 +105,7 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        sample_seed = batch_seed(self.seed, self.epoch, index)
+        sample_seed = derived_seed(self.seed, self.epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(sample_seed)
@@ -118,7 +118,7 @@ class SeededAugmentation(Dataset):
                 np.random.set_state(np_state)
 
 
-def batch_seed(*keys: int) -> int:
+def derived_seed(*keys: int) -> int:
     """A 32-bit seed from integers (e.g. seed, epoch, batch, process), independent across keys."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
@@ -279,7 +279,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
             if seen_ids is not None and not all_bad:
                 seen_ids.extend(batch["image_id"])
             if batch_transform is not None and "image" in batch:
-                generator = torch.Generator(device=batch["image"].device).manual_seed(batch_seed(
+                generator = torch.Generator(device=batch["image"].device).manual_seed(derived_seed(
                     augment_seed, progress.epoch, progress.batches_done, accelerator.process_index))
                 batch["image"] = batch_transform(batch["image"], generator=generator)
             with accelerator.accumulate(model):

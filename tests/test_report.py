@@ -70,3 +70,44 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
     assert "5 rows by the `best_cpu_all` model" in text
     assert "The `best_cpu_all` model is the recipe refit on every row" in text and "1500 steps" in text
     assert "best_cpu_all" not in (tmp_path / "results.csv").read_text()
+
+
+def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+    from probe_runs import average, errors
+
+    from multimodal.annotations import read_annotations
+    from multimodal.data import train_val_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    # Every caption names a dog and (in the plural, before a comma) cats, and no car.
+    pd.DataFrame({"ImageID": [f"{i}.jpg" for i in range(20)], "Labels": ["1"] * 20,
+                  "Caption": ["Two Cats, a dog."] * 20}).to_csv(data / "train.csv", index=False)
+    _, val = train_val_split(read_annotations(data / "train.csv"), 0.2, 0)  # the 4 rows train.py would score
+    order = np.asarray(val.index)
+    targets = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1]], dtype=np.float32)  # classes dog, cat, car
+    final = np.array([[0.9, 0.1, 0.1], [0.8, 0.4, 0.1], [0.2, 0.6, 0.7], [0.1, 0.7, 0.9]], dtype=np.float32)
+    runs = []
+    for name, probs in (("a", final), ("b", 1.0 - final)):
+        run = tmp_path / name
+        (run / "model").mkdir(parents=True)
+        (run / "model" / "config.json").write_text(json.dumps({"codec": {"names": ["dog", "cat", "car"]}}))
+        (run / "run_config.json").write_text(json.dumps({"args": {"data_dir": str(data), "val_fraction": 0.2,
+                                                                  "seed": 0}}))
+        np.savez(run / "val_predictions.npz", final=probs, fused=probs, targets=targets, index=order)
+        runs.append(run)
+    found = errors(runs[0])
+    # Row 2 misses cat; row 3 adds cat: one label missed, one added, two of four images exactly right.
+    assert found["labels added"] == 1 and found["images predicted exactly"] == 0.5
+    assert found["cat: added"] == 1 and found["dog: added"] == 0
+    assert found["samples F1 at threshold 0.5"] == np.mean([1.0, 2 / 3, 2 / 3, 1.0])
+    assert found["labels missed (caption names it)"] == "1 (1)"
+    assert found["cat: missed of 2 (caption names it)"] == "1 (1)"
+    assert found["dog: found (caption names it)"] == "2 (2)" and found["car: found (caption names it)"] == "2 (0)"
+    assert found["labels found (caption names it)"] == "5 (3)"
+    averaged = average(runs)
+    assert averaged["a"] == found["samples F1 at threshold 0.5"]
+    # The mean of p and 1 - p is 0.5 everywhere: every label is predicted.
+    assert averaged["a + b"] == np.mean([2 / 4, 4 / 5, 2 / 4, 4 / 5])
