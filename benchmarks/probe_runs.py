@@ -5,6 +5,7 @@
     python benchmarks/probe_runs.py flip RUN                    # test-time flip of the cached feature maps
     python benchmarks/probe_runs.py errors RUN                  # missed and false labels per class, one threshold
     python benchmarks/probe_runs.py tfidf RUN                   # blended with TF-IDF + logistic regression
+    python benchmarks/probe_runs.py stack RUN                   # a cross-fitted stack of the run's heads
 
 ``RUN`` is a `train.py` run folder with ``val_predictions.npz`` (every run with a validation split writes one). The
 runs averaged must share the validation split (same ``--val-fraction`` and ``--seed``); this is checked. ``flip``
@@ -13,6 +14,9 @@ exported model on the validation rows' maps as they are, mirrored left-right, an
 counts, per class, the labels the run's final output misses and those it adds, and scores single thresholds other
 than 0.5. ``tfidf`` fits the `tfidf_logreg` row's model (its C) on the run's training rows and scores the mean of the
 run's fused probabilities and the TF-IDF model's at several weights (chosen on the scored split: optimistic).
+``stack`` asks whether the fused head combines the branches as well as their outputs allow: a logistic regression on
+the logits of the image, caption, fused heads and the decoder's scores, fitted on one half of the validation rows and
+scored on the other (2-fold cross-fitting), one model for all classes and one per class.
 """
 from __future__ import annotations
 
@@ -145,6 +149,27 @@ def tfidf(run: Path) -> dict[str, float]:
     return result
 
 
+def stack(run: Path) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    z = validation_predictions(run)
+    heads = [h for h in ("image", "caption", "fused", "decoder") if h in z.files]
+    p = np.clip(np.stack([z[h] for h in heads], axis=-1), 1e-6, 1 - 1e-6)  # [N, C, H]
+    x, y = np.log(p / (1 - p)), z["targets"]
+    shared, per_class = np.zeros_like(y, dtype=np.float64), np.zeros_like(y, dtype=np.float64)
+    for fit, held in KFold(2, shuffle=True, random_state=0).split(x):
+        model = LogisticRegression(max_iter=1000).fit(x[fit].reshape(-1, len(heads)), y[fit].reshape(-1))
+        shared[held] = model.predict_proba(x[held].reshape(-1, len(heads)))[:, 1].reshape(len(held), -1)
+        for c in range(y.shape[1]):
+            if len(np.unique(y[fit, c])) < 2:  # one outcome only in this half: predict its rate
+                per_class[held, c] = y[fit, c].mean()
+                continue
+            per_class[held, c] = LogisticRegression(max_iter=1000).fit(x[fit, c], y[fit, c]).predict_proba(
+                x[held, c])[:, 1]
+    return {"fused head": score(z["fused"], y), f"stack of {', '.join(heads)}: one model": score(shared, y),
+            f"stack of {', '.join(heads)}: one model per class": score(per_class, y)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="probe", required=True)
@@ -152,10 +177,11 @@ def main() -> int:
     a.add_argument("runs", nargs="+", type=Path)
     for name, text in (("flip", "test-time flip of the cached feature maps"),
                        ("errors", "missed and false labels per class; single thresholds"),
-                       ("tfidf", "blend with TF-IDF + logistic regression on the same training rows")):
+                       ("tfidf", "blend with TF-IDF + logistic regression on the same training rows"),
+                       ("stack", "a cross-fitted logistic-regression stack of the run's heads")):
         sub.add_parser(name, help=text).add_argument("run", type=Path)
     args = p.parse_args()
-    probes = {"flip": flip, "errors": errors, "tfidf": tfidf}
+    probes = {"flip": flip, "errors": errors, "tfidf": tfidf, "stack": stack}
     result = average(args.runs) if args.probe == "average" else probes[args.probe](args.run)
     for name, value in result.items():
         print(f"{value if isinstance(value, (int, str)) else format(value, '.4f'):>9}  {name}")

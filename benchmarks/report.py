@@ -208,6 +208,13 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             out.append(f"  The same recipe at 224 px without the word-embedding path (`tail_lite0_224`): "
                        f"{f1('tail_lite0_224'):.4f} ({f1('best_cpu') - f1('tail_lite0_224'):+.4f} for both changes "
                        f"together).")
+    if all(k in by for k in ("best_cpu", "cpu_lite2")):
+        image = {k: by[k].get("per_output", {}).get("image") for k in ("best_cpu", "cpu_lite2")}
+        out.append(f"- **Larger image encoder** (`cpu_lite2`: the same recipe on EfficientNet-Lite2): "
+                   f"{f1('cpu_lite2'):.4f} against {f1('best_cpu'):.4f} with Lite0 "
+                   f"({f1('cpu_lite2') - f1('best_cpu'):+.4f}), in {by['cpu_lite2']['wall_seconds'] / 60:.1f} minutes "
+                   f"from nothing" + (f"; image head alone {image['cpu_lite2']:.4f} against {image['best_cpu']:.4f}"
+                                      if all(image.values()) else "") + ".")
     if all(k in by for k in ("best_cpu", "best_cpu_train80")):
         out.append(f"- **Training data** (learning curve, same recipe and validation split): "
                    f"{f1('best_cpu_train80'):.4f} from 10,240 training images, {f1('best_cpu'):.4f} from 12,800 "

@@ -445,7 +445,8 @@ class MultimodalClassifier(nn.Module):
     def forward_features(self, image: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
                          caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
                          image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Branch embeddings: ``{"image": [B, F_img], "caption": [B, F_cap]}`` for the branches that are on.
+        """Branch embeddings: ``{"image": [B, F_img], "caption": [B, F_cap]}`` for the branches that are on, plus
+        ``"image_map"`` [B, F_img, h, w] (the map the image embedding pools) when ``config.image_attention > 0``.
 
         ``image_features`` replaces ``image``: pooled encoder output [B, F] (cached once with the encoder frozen), or
         the feature map [B, C, h, w] below the last ``self.tail_stages`` stages, which are then run here.
