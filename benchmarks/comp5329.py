@@ -97,12 +97,6 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
               "maps); timed from nothing",
         from_nothing=True, args=[*[a.replace("lite0", "lite2") for a in CPU_RECIPE], "--tune-thresholds",
                                  "--cache-features", FRESH_CACHE]),
-    # The same recipe at a higher resolution: 352 px, 11x11 maps (1.5x the pixels of 288 px).
-    "cpu_352": dict(
-        label="CPU candidate: the `best_cpu` recipe at 352 px (Lite0, last stage fine-tuned on cached maps); timed "
-              "from nothing",
-        from_nothing=True, args=[*[a.replace("288", "352") for a in CPU_RECIPE], "--tune-thresholds",
-                                 "--cache-features", FRESH_CACHE]),
     "cpu_tail2": dict(
         label="CPU candidate: image + caption + decoder, Lite0 (224 px) with its last two stages fine-tuned on "
               "cached maps, caption word-skip path; timed from nothing",

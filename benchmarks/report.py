@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 ORDER = ["tfidf_logreg", "linear_probe", "linear_probe_full", "caption_only", "caption_word_skip", "image_only_lite0",
          "image_only_lite1", "image_caption", "image_caption_decoder", "tail_lite0_224", "cpu_tail2", "cpu_lite2",
-         "cpu_352", "best_cpu", "best_cpu_train80", "gpu_recipe"]
+         "best_cpu", "best_cpu_train80", "gpu_recipe"]
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -208,16 +208,13 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             out.append(f"  The same recipe at 224 px without the word-embedding path (`tail_lite0_224`): "
                        f"{f1('tail_lite0_224'):.4f} ({f1('best_cpu') - f1('tail_lite0_224'):+.4f} for both changes "
                        f"together).")
-    variants = (("cpu_lite2", "Larger image encoder", "the same recipe on EfficientNet-Lite2", "with Lite0"),
-                ("cpu_352", "Higher resolution", "the same recipe at 352 px", "at 288 px"))
-    for row, title, what, baseline in variants:
-        if not all(k in by for k in ("best_cpu", row)):
-            continue
-        image = {k: by[k].get("per_output", {}).get("image") for k in ("best_cpu", row)}
-        out.append(f"- **{title}** (`{row}`: {what}): {f1(row):.4f} against {f1('best_cpu'):.4f} {baseline} "
-                   f"({f1(row) - f1('best_cpu'):+.4f}), in {by[row]['wall_seconds'] / 60:.1f} minutes from nothing"
-                   + (f"; image head alone {image[row]:.4f} against {image['best_cpu']:.4f}"
-                      if all(image.values()) else "") + ".")
+    if all(k in by for k in ("best_cpu", "cpu_lite2")):
+        image = {k: by[k].get("per_output", {}).get("image") for k in ("best_cpu", "cpu_lite2")}
+        out.append(f"- **Larger image encoder** (`cpu_lite2`: the same recipe on EfficientNet-Lite2): "
+                   f"{f1('cpu_lite2'):.4f} against {f1('best_cpu'):.4f} with Lite0 "
+                   f"({f1('cpu_lite2') - f1('best_cpu'):+.4f}), in {by['cpu_lite2']['wall_seconds'] / 60:.1f} minutes "
+                   f"from nothing" + (f"; image head alone {image['cpu_lite2']:.4f} against {image['best_cpu']:.4f}"
+                                      if all(image.values()) else "") + ".")
     if all(k in by for k in ("best_cpu", "best_cpu_train80")):
         out.append(f"- **Training data** (learning curve, same recipe and validation split): "
                    f"{f1('best_cpu_train80'):.4f} from 10,240 training images, {f1('best_cpu'):.4f} from 12,800 "

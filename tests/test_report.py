@@ -53,8 +53,7 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
     results = tmp_path / "results"
     results.mkdir()
     for r in (result("best_cpu", 0.875, per_output={"image": 0.818}), result("best_cpu_train80", 0.870),
-              result("cpu_lite2", 0.879, from_nothing=True, per_output={"image": 0.83}),
-              result("cpu_352", 0.874, from_nothing=True)):
+              result("cpu_lite2", 0.879, from_nothing=True, per_output={"image": 0.83})):
         (results / f"{r['row']}.json").write_text(json.dumps(r))
     (results / "refit_best_cpu_all.json").write_text(json.dumps({  # no validation rows: no metrics
         "refit": "best_cpu_all", "label": "the recipe refit on every row", "command": "python x --row best_cpu_all",
@@ -67,11 +66,9 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
 
     text = (tmp_path / "RESULTS.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| label of")]
-    assert [line.split("`")[1] for line in table] == ["cpu_lite2", "cpu_352", "best_cpu", "best_cpu_train80"]
+    assert [line.split("`")[1] for line in table] == ["cpu_lite2", "best_cpu", "best_cpu_train80"]  # refit: no row
     assert ("(`cpu_lite2`: the same recipe on EfficientNet-Lite2): 0.8790 against 0.8750 with Lite0 (+0.0040), in "
             "11.7 minutes from nothing; image head alone 0.8300 against 0.8180.") in text
-    assert ("(`cpu_352`: the same recipe at 352 px): 0.8740 against 0.8750 at 288 px (-0.0010), in 11.7 minutes from "
-            "nothing.") in text  # no per-output figures in that row: no image-head clause
     assert "0.8700 from 10,240 training images, 0.8750 from 12,800 (+0.0050 for 25 % more)" in text
     assert "5 rows by the `best_cpu_all` model" in text
     assert "The `best_cpu_all` model is the recipe refit on every row" in text and "1500 steps" in text
