@@ -58,18 +58,14 @@ def flip(run: Path) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader
 
-    from multimodal.annotations import read_annotations
-    from multimodal.data import Collator, ImageCaptionDataset, train_val_split
+    from multimodal.data import Collator, ImageCaptionDataset
     from multimodal.features import FeatureDataset, cached_features
     from multimodal.model import ImageEncoder, MultimodalClassifier
-    args = json.loads((run / "run_config.json").read_text())["args"]
+    args, frame, _, val = run_split(run)
     if not args.get("train_tail_stages") or not args.get("cache_features"):
         raise SystemExit(f"{run}: not a run on cached feature maps (--train-tail-stages with --cache-features)")
     model = MultimodalClassifier.from_pretrained(run / "model").eval()
     model.tail_stages = args["train_tail_stages"]
-    frame = read_annotations(Path(args["data_dir"]) / "train.csv")
-    frame["_row"] = np.arange(len(frame))
-    _, val = train_val_split(frame, args["val_fraction"], args["seed"])
     # The cache is keyed by the encoder as train.py built it, before its tail was fine-tuned: the pretrained weights.
     pretrained = ImageEncoder(model.config.image_encoder, pretrained=args.get("pretrained_file") or args["pretrained"])
     features = cached_features(pretrained, frame, Path(args["data_dir"]) / "data", model.config.image_size,
@@ -96,23 +92,25 @@ def validation_predictions(run: Path) -> Any:
     return np.load(run / "val_predictions.npz")
 
 
-def validation_frame(run: Path) -> Any:
-    """The run's validation rows of its training CSV, checked against its saved predictions."""
+def run_split(run: Path) -> tuple[dict[str, Any], Any, Any, Any]:
+    """The run's arguments, its training CSV (with each row's position in ``_row``) and the training and validation
+    parts of its split, checked against the validation rows of its saved predictions."""
     from multimodal.annotations import read_annotations
     from multimodal.data import train_val_split
     args = json.loads((run / "run_config.json").read_text())["args"]
     frame = read_annotations(Path(args["data_dir"]) / "train.csv")
+    frame["_row"] = np.arange(len(frame))
     train, val = train_val_split(frame, args["val_fraction"], args["seed"])
     if not np.array_equal(np.asarray(val.index), validation_predictions(run)["index"]):
         raise SystemExit(f"{run}: its validation rows are not the split's")
-    return frame, train, val
+    return args, frame, train, val
 
 
 def errors(run: Path) -> dict[str, float | int | str]:
     z = validation_predictions(run)
     names = json.loads((run / "model" / "config.json").read_text())["codec"]["names"]
     truth, pred = z["targets"].astype(bool), binarize(z["final"], 0.5)
-    captions = [" " + re.sub(r"[^a-z0-9]+", " ", c.lower()) + " " for c in validation_frame(run)[2]["Caption"]]
+    captions = [" " + re.sub(r"[^a-z0-9]+", " ", c.lower()) + " " for c in run_split(run)[3]["Caption"]]
     # Whether each caption names each class (its name or plural, as words): could the caption branch know it?
     named = np.array([[f" {n.lower()} " in cap or f" {n.lower()}s " in cap for n in names] for cap in captions])
     missed, found = truth & ~pred, truth & pred
@@ -137,9 +135,8 @@ def tfidf(run: Path) -> dict[str, float]:
 
     from multimodal.labels import LabelCodec
     z = validation_predictions(run)
-    data_dir = Path(json.loads((run / "run_config.json").read_text())["args"]["data_dir"])
-    frame, train, val = validation_frame(run)
-    codec = LabelCodec.from_labels(frame["Labels"], names=data_dir / "label_names.csv")
+    args, frame, train, val = run_split(run)
+    codec = LabelCodec.from_labels(frame["Labels"], names=Path(args["data_dir"]) / "label_names.csv")
     row = json.loads((RESULTS / "tfidf_logreg.json").read_text())
     c = float(max(row["choice"]["C_scores"].items(), key=lambda kv: kv[1])[0])  # the row's choice of C
     probs, _ = tfidf_logreg(train, val, codec, c)
