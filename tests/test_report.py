@@ -25,7 +25,7 @@ def result(row: str, samples_f1: float, **extra) -> dict:
 def test_table_lists_rows_in_order_with_wall_time_and_from_nothing(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
-    rows = [result("best_cpu", 0.88, from_nothing=True), result("caption_only", 0.84),
+    rows = [result("cpu_full_e4", 0.88, from_nothing=True), result("caption_only", 0.84),
             result("tfidf_logreg", 0.85, kind="classical")]
     for r in rows:
         (results / f"{r['row']}.json").write_text(json.dumps(r))
@@ -37,14 +37,14 @@ def test_table_lists_rows_in_order_with_wall_time_and_from_nothing(tmp_path: Pat
 
     text = (tmp_path / "RESULTS.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| label of")]
-    assert [line.split("`")[1] for line in table] == ["tfidf_logreg", "caption_only", "best_cpu"]
+    assert [line.split("`")[1] for line in table] == ["tfidf_logreg", "caption_only", "cpu_full_e4"]
     assert "| 700 (from nothing) |" in table[2] and "| 700 |" in table[1]
     assert ("samples F1 0.8800 in 11.7 minutes of wall time from nothing (JPEGs to exported model, feature cache "
             "included): it meets the target") in text
     assert "5 rows by the `best_cpu` model in 12 s (test machine), labels per image: 3 with 1, 2 with 2" in text
     with open(tmp_path / "results.csv", newline="") as f:
         written = list(csv.DictReader(f))
-    assert [r["row"] for r in written] == ["tfidf_logreg", "caption_only", "best_cpu"]
+    assert [r["row"] for r in written] == ["tfidf_logreg", "caption_only", "cpu_full_e4"]
     assert written[2]["from_nothing"] == "True" and written[2]["wall_seconds"] == "700"
     assert (tmp_path / "per_class_f1.png").stat().st_size > 0
 
@@ -53,7 +53,8 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
     results = tmp_path / "results"
     results.mkdir()
     for r in (result("best_cpu", 0.875, per_output={"image": 0.818}), result("best_cpu_train80", 0.870),
-              result("cpu_lite2", 0.879, from_nothing=True, per_output={"image": 0.83})):
+              result("cpu_lite2", 0.879, from_nothing=True, per_output={"image": 0.83}),
+              result("cpu_full", 0.879, per_output={"image": 0.832}), result("cpu_full_e4", 0.881, from_nothing=True)):
         (results / f"{r['row']}.json").write_text(json.dumps(r))
     (results / "refit_best_cpu_all.json").write_text(json.dumps({  # no validation rows: no metrics
         "refit": "best_cpu_all", "label": "the recipe refit on every row", "command": "python x --row best_cpu_all",
@@ -66,7 +67,12 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
 
     text = (tmp_path / "RESULTS.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| label of")]
-    assert [line.split("`")[1] for line in table] == ["cpu_lite2", "best_cpu", "best_cpu_train80"]  # refit: no row
+    assert [line.split("`")[1] for line in table] == ["cpu_lite2", "best_cpu", "best_cpu_train80", "cpu_full",
+                                                      "cpu_full_e4"]  # the refit has no row
+    assert "- **CPU recipe** (`cpu_full_e4`): samples F1 0.8810 in 11.7 minutes of wall time from nothing" in text
+    assert ("(`cpu_full` against `best_cpu`, the same recipe otherwise): 0.8790 against 0.8750 (+0.0040); image head "
+            "alone 0.8320 against 0.8180.") in text
+    assert "4 (`cpu_full_e4`) 0.8810, 6 (`cpu_full`) 0.8790 (+0.0020)" in text
     assert ("(`cpu_lite2`: the same recipe on EfficientNet-Lite2): 0.8790 against 0.8750 with Lite0 (+0.0040), in "
             "11.7 minutes from nothing; image head alone 0.8300 against 0.8180.") in text
     assert "0.8700 from 10,240 training images, 0.8750 from 12,800 (+0.0050 for 25 % more)" in text
