@@ -58,8 +58,14 @@ def with_epochs(args: list[str], epochs: int) -> list[str]:
     return [*args[:i + 1], str(epochs), *args[i + 2:]]
 
 
-CPU_FULL_E4 = [*with_epochs(CPU_RECIPE, 4), "--image-crop", "full"]  # the CPU recipe since the fifth session
-BEST_CPU_MAPS = RUNS / "best_cpu_feature_cache"  # where the best_cpu row caches its feature maps (see run_neural)
+def row_cache(row: str) -> Path:
+    """Where a from-nothing row builds its feature cache (`run_neural`), which later rows may reuse."""
+    return RUNS / f"{row}_feature_cache"
+
+
+CPU_FULL = [*CPU_RECIPE, "--image-crop", "full"]  # the same on the whole image instead of the centre crop
+CPU_FULL_E4 = with_epochs(CPU_FULL, 4)  # the CPU recipe since the fifth session
+BEST_CPU_MAPS = row_cache("best_cpu")
 NEURAL_ROWS: dict[str, dict[str, Any]] = {
     "caption_only": dict(
         label="caption LSTM only", args=["--no-image", "--no-decoder", "--epochs", "6", "--workers", "0",
@@ -112,8 +118,7 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
     "cpu_full": dict(
         label="CPU candidate: the `best_cpu` recipe on the whole image resized to 288 x 288 (`--image-crop full`, no "
               "centre crop); timed from nothing",
-        from_nothing=True, args=[*CPU_RECIPE, "--image-crop", "full", "--tune-thresholds",
-                                 "--cache-features", FRESH_CACHE]),
+        from_nothing=True, args=[*CPU_FULL, "--tune-thresholds", "--cache-features", FRESH_CACHE]),
     # The CPU recipe: the cpu_full recipe with four epochs instead of six (cpu_full's validation score peaked after
     # its fourth epoch: a choice made on this split). Timed from nothing.
     "cpu_full_e4": dict(
@@ -123,7 +128,7 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
     # that the cpu_full_e4 row cached.
     "cpu_full_e4_all": dict(
         label="the `cpu_full_e4` recipe refit on all 16,000 labelled images (no validation split)", refit=True,
-        args=[*CPU_FULL_E4, "--val-fraction", "0", "--cache-features", str(RUNS / "cpu_full_e4_feature_cache")]),
+        args=[*CPU_FULL_E4, "--val-fraction", "0", "--cache-features", str(row_cache("cpu_full_e4"))]),
     "cpu_tail2": dict(
         label="CPU candidate: image + caption + decoder, Lite0 (224 px) with its last two stages fine-tuned on "
               "cached maps, caption word-skip path; timed from nothing",
@@ -168,7 +173,7 @@ def write_result(name: str, result: dict[str, Any]) -> None:
 def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
     spec = NEURAL_ROWS[name]
     out = RUNS / name
-    fresh_cache = RUNS / f"{name}_feature_cache"
+    fresh_cache = row_cache(name)
     if spec.get("from_nothing"):  # timed from nothing: no run folder, no cached features
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(fresh_cache, ignore_errors=True)

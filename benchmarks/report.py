@@ -175,6 +175,11 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
     def f1(name: str, key: str = "samples_f1") -> Optional[float]:
         return by[name]["metrics"][key] if name in by else None
 
+    def image_heads(variant: str, base: str) -> str:
+        """The clause "; image head alone X against Y" when both rows recorded their image head's score, else ""."""
+        image = [by[k].get("per_output", {}).get("image") for k in (variant, base)]
+        return f"; image head alone {image[0]:.4f} against {image[1]:.4f}" if all(image) else ""
+
     if all(k in by for k in ("image_caption", "caption_only", "image_only_lite0")):
         out.append(f"- **Fusion**: image + caption {f1('image_caption'):.4f} vs caption only "
                    f"{f1('caption_only'):.4f} ({f1('image_caption') - f1('caption_only'):+.4f}) and image only "
@@ -206,12 +211,9 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
                    "time" + (" from nothing (JPEGs to exported model, feature cache included)" if r.get("from_nothing")
                       else "") + f": it {target} the target of 0.88 within 60 minutes.")
     if all(k in by for k in ("best_cpu", "cpu_full")):
-        image = {k: by[k].get("per_output", {}).get("image") for k in ("best_cpu", "cpu_full")}
         out.append(f"- **Whole image instead of the centre crop** (`cpu_full` against `best_cpu`, the same recipe "
                    f"otherwise): {f1('cpu_full'):.4f} against {f1('best_cpu'):.4f} "
-                   f"({f1('cpu_full') - f1('best_cpu'):+.4f})" + (
-                       f"; image head alone {image['cpu_full']:.4f} against {image['best_cpu']:.4f}"
-                       if all(image.values()) else "") + ".")
+                   f"({f1('cpu_full') - f1('best_cpu'):+.4f}){image_heads('cpu_full', 'best_cpu')}.")
     if all(k in by for k in ("cpu_full", RECIPE)) and RECIPE != "cpu_full":
         out.append(f"- **Epochs**: 4 (`{RECIPE}`) {f1(RECIPE):.4f}, 6 (`cpu_full`) {f1('cpu_full'):.4f} "
                    f"({f1(RECIPE) - f1('cpu_full'):+.4f}); the 4 were chosen on this split, after the 6-epoch run's "
@@ -224,12 +226,10 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
                        f"{f1('tail_lite0_224'):.4f} ({f1('best_cpu') - f1('tail_lite0_224'):+.4f} for both changes "
                        f"together).")
     if all(k in by for k in ("best_cpu", "cpu_lite2")):
-        image = {k: by[k].get("per_output", {}).get("image") for k in ("best_cpu", "cpu_lite2")}
         out.append(f"- **Larger image encoder** (`cpu_lite2`: the same recipe on EfficientNet-Lite2): "
                    f"{f1('cpu_lite2'):.4f} against {f1('best_cpu'):.4f} with Lite0 "
                    f"({f1('cpu_lite2') - f1('best_cpu'):+.4f}), in {by['cpu_lite2']['wall_seconds'] / 60:.1f} minutes "
-                   f"from nothing" + (f"; image head alone {image['cpu_lite2']:.4f} against {image['best_cpu']:.4f}"
-                                      if all(image.values()) else "") + ".")
+                   f"from nothing{image_heads('cpu_lite2', 'best_cpu')}.")
     if all(k in by for k in ("best_cpu", "best_cpu_train80")):
         out.append(f"- **Training data** (learning curve, same recipe and validation split): "
                    f"{f1('best_cpu_train80'):.4f} from 10,240 training images, {f1('best_cpu'):.4f} from 12,800 "
