@@ -3,7 +3,7 @@
 
 One run measures, on the same images, batch size and resolution (every rate in images/s, warm-up excluded):
 
-- training: the image encoder alone (a timm model + BCE + AdamW: the bare model) against the joint model (image +
+- training: the image encoder alone (a timm model + BCE + the same AdamW: the bare model) against the joint model (image +
   caption + label decoder + joint loss), both in the same plain loop, against the joint model under
   `engine.train_one_epoch` (the code `train.py` runs), and end to end from the JPEGs on disk and from the uint8 cache;
 - inference: the bare forward (image encoder alone; the joint model's ``predict_proba``) on batches already in memory
@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 from multimodal.annotations import read_annotations  # noqa: E402
 from multimodal.config import LossConfig, ModelConfig, save_json  # noqa: E402
 from multimodal.data import Collator, ImageCaptionDataset, build_image_cache  # noqa: E402
-from multimodal.engine import Progress, build_optimizer, model_inputs, train_one_epoch  # noqa: E402
+from multimodal.engine import Progress, adamw, build_optimizer, model_inputs, train_one_epoch  # noqa: E402
 from multimodal.images import (BatchImageTransform, build_transform, draft_size_for, eval_resize_size,  # noqa: E402
                                load_image, resolve_image_config)
 from multimodal.inference import predict_to_csv  # noqa: E402
@@ -170,6 +170,14 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     return round(a["images_per_s"] / b["images_per_s"], 4) if b["images_per_s"] else float("nan")
 
 
+def median_paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Speed of ``a`` over ``b`` as the median over batches of (``b``'s step time / ``a``'s) on the same batch, from
+    interleaved measurements: a few steps slowed by another process on a shared machine move it less than they
+    move the ratio of the totals (`ratio`), which stays the headline figure."""
+    pairs = [tb / ta for ta, tb in zip(a.get("step_seconds", []), b.get("step_seconds", [])) if ta > 0]
+    return round(float(np.median(pairs)), 4) if pairs else float("nan")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data and models
 
@@ -275,7 +283,7 @@ def maybe_compile(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.
 def train_encoder_alone(s: Setup, batches: list[dict[str, Any]]) -> tuple[int, float]:
     """The bare model: timm encoder with its classifier, BCE, AdamW; forward + backward + step per batch."""
     model = maybe_compile(s.encoder_model(), s.args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = adamw(model.parameters(), lr=1e-3)
     model, optimizer = s.acc.prepare(model, optimizer)
     model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -351,6 +359,7 @@ def interleaved(s: Setup, steps: dict[str, Callable[[dict[str, Any]], Any]], bat
     names = list(steps)
     seconds = dict.fromkeys(names, 0.0)
     images = dict.fromkeys(names, 0)
+    per_step: dict[str, list[float]] = {name: [] for name in names}
     first_call: dict[str, float] = {}
     before = loadavg()
     for i, batch in enumerate(batches):
@@ -362,13 +371,16 @@ def interleaved(s: Setup, steps: dict[str, Callable[[dict[str, Any]], Any]], bat
             if i == 0:
                 first_call[name] = round(time.perf_counter() - t0, 3)
             if i >= s.args.warmup:
-                seconds[name] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                seconds[name] += elapsed
                 images[name] += len(batch["image_id"])
-    return _interleaved_result(names, images, seconds, before, label, first_call)
+                per_step[name].append(elapsed)
+    return _interleaved_result(names, images, seconds, before, label, first_call, per_step)
 
 
 def _interleaved_result(names: Iterable[str], images: dict[str, int], seconds: dict[str, float], before: list[float],
-                        label: str, first_call: Optional[dict[str, float]] = None) -> dict[str, Any]:
+                        label: str, first_call: Optional[dict[str, float]] = None,
+                        per_step: Optional[dict[str, list[float]]] = None) -> dict[str, Any]:
     after = loadavg()
     out: dict[str, Any] = {}
     for name in names:
@@ -377,6 +389,8 @@ def _interleaved_result(names: Iterable[str], images: dict[str, int], seconds: d
                      "loadavg_before": before, "loadavg_after": after, "interleaved": True}
         if first_call and name in first_call:
             out[name]["first_batch_seconds"] = first_call[name]
+        if per_step and per_step.get(name):
+            out[name]["step_seconds"] = [round(t, 4) for t in per_step[name]]
         print(f"  {name + f' ({label})':<38s} {rate:10.1f} img/s  ({images[name]} images, "
               f"{seconds[name]:.2f} s, load {before[0]:.1f}->{after[0]:.1f})", flush=True)
     return out
@@ -389,10 +403,11 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
     names = ("encoder_alone", "joint_plain_loop", "joint_train_one_epoch")
     seconds = dict.fromkeys(names, 0.0)
     images = dict.fromkeys(names, 0)
+    per_step: dict[str, list[float]] = {name: [] for name in names}
     before = loadavg()
 
     encoder = s.encoder_model()
-    encoder_opt = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
+    encoder_opt = adamw(encoder.parameters(), lr=1e-3)
     joint = maybe_compile(s.joint_model(), s.args)
     joint_opt = build_optimizer(joint, 1e-3, 1e-3, 1e-4)
     engine = maybe_compile(s.joint_model(), s.args)
@@ -411,11 +426,7 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
         encoder_opt.step()
         encoder_opt.zero_grad(set_to_none=True)
 
-    def joint_step(batch: dict[str, Any]) -> None:
-        outputs = joint(**model_inputs(batch), label_seq=batch["label_seq"])
-        s.acc.backward(criterion(outputs, batch["targets"], batch["label_seq"])["loss"])
-        joint_opt.step()
-        joint_opt.zero_grad(set_to_none=True)
+    joint_step = _joint_train_step(s, joint, joint_opt)
 
     def timed_step(name: str, step: Callable[[dict[str, Any]], None], batch: dict[str, Any], count: bool) -> None:
         s.sync()
@@ -423,8 +434,10 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
         step(batch)
         s.sync()
         if count:
-            seconds[name] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            seconds[name] += elapsed
             images[name] += len(batch["image_id"])
+            per_step[name].append(elapsed)
 
     def driver() -> Iterator[dict[str, Any]]:
         for i, batch in enumerate(batches):
@@ -438,8 +451,10 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
             yield batch  # train_one_epoch runs its step on it
             s.sync()
             if count:
-                seconds["joint_train_one_epoch"] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                seconds["joint_train_one_epoch"] += elapsed
                 images["joint_train_one_epoch"] += len(batch["image_id"])
+                per_step["joint_train_one_epoch"].append(elapsed)
             if i % 2 == 1:
                 for name, step in reversed(plain):
                     timed_step(name, step, batch, count)
@@ -454,7 +469,7 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
     train_one_epoch(engine, Batches(), criterion, engine_opt, scheduler, s.acc, Progress(),
                     total_batches=len(batches), log_every=10 ** 9, use_image=True)
     s.acc.free_memory()
-    return _interleaved_result(names, images, seconds, before, "interleaved")
+    return _interleaved_result(names, images, seconds, before, "interleaved", per_step=per_step)
 
 
 def section_train(s: Setup) -> dict[str, Any]:
@@ -472,6 +487,8 @@ def section_train(s: Setup) -> dict[str, Any]:
     bare, e2e = out["bare"], out["end_to_end"]
     out["ratios"] = {f"{name}/encoder_alone": ratio(bare[name], bare["encoder_alone"])
                      for name in ("joint_plain_loop", "joint_train_one_epoch")}
+    out["ratios"].update({f"{name}/encoder_alone (median of per-batch ratios)": median_paired_ratio(
+        bare[name], bare["encoder_alone"]) for name in ("joint_plain_loop", "joint_train_one_epoch")})
     out["ratios"].update({f"{name}/encoder_alone": ratio(e2e[name], e2e["encoder_alone"])
                           for name in e2e_names[1:]})
     return out
@@ -727,6 +744,19 @@ def _encoder_train_step(s: Setup, model: torch.nn.Module, optimizer: Any,
     return step
 
 
+def _joint_train_step(s: Setup, model: torch.nn.Module, optimizer: Any) -> Callable[[dict[str, Any]], None]:
+    """The joint model's plain training step: forward with teacher forcing, joint loss, backward, AdamW step."""
+    criterion = JointLoss(LossConfig())
+    model.train()
+
+    def step(batch: dict[str, Any]) -> None:
+        outputs = model(**model_inputs(batch), label_seq=batch["label_seq"])
+        s.acc.backward(criterion(outputs, batch["targets"], batch["label_seq"])["loss"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def _encoder_forward_step(s: Setup, model: torch.nn.Module,
                           fmt: torch.memory_format) -> Callable[[dict[str, Any]], None]:
     def step(batch: dict[str, Any]) -> None:
@@ -757,13 +787,34 @@ def section_options(s: Setup) -> dict[str, Any]:
     for layout in ("contiguous", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         model = s.encoder_model().to(memory_format=fmt)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizer = adamw(model.parameters(), lr=1e-3)
         model, optimizer = s.acc.prepare(model, optimizer)
         steps[layout] = _encoder_train_step(s, model, optimizer, fmt)
     pair = interleaved(s, steps, train_batches)
     s.acc.free_memory()
     pair["ratio_channels_last/contiguous"] = ratio(pair["channels_last"], pair["contiguous"])
     out["channels_last_train"] = pair
+    # The joint model's training step with the caption LSTM on packed against padded captions (`CaptionEncoder.
+    # lstm_impl`: the same results), and with the default (for-loop) AdamW against the fused one (`engine.adamw`).
+    for option, variants in (("caption_lstm_train", ("packed", "padded")), ("fused_adamw_train", ("loop", "fused"))):
+        steps = {}
+        for variant in variants:
+            model = s.joint_model()
+            if option == "caption_lstm_train":
+                model.caption_encoder.lstm_impl = variant
+                optimizer = build_optimizer(model, 1e-3, 1e-3, 1e-4)
+            else:
+                optimizer = build_optimizer(model, 1e-3, 1e-3, 1e-4)
+                for group in optimizer.param_groups:  # the update is the same either way; only the kernel differs
+                    group["fused"] = variant == "fused" and group["fused"]
+            model, optimizer = s.acc.prepare(model, optimizer)
+            steps[variant] = _joint_train_step(s, model, optimizer)
+        pair = interleaved(s, steps, train_batches)
+        s.acc.free_memory()
+        pair[f"ratio_{variants[1]}/{variants[0]}"] = ratio(pair[variants[1]], pair[variants[0]])
+        pair[f"ratio_{variants[1]}/{variants[0]} (median of per-batch ratios)"] = median_paired_ratio(
+            pair[variants[1]], pair[variants[0]])
+        out[option] = pair
     del train_batches, steps
     eval_batches = s.memory_batches(args.warmup + args.option_batches, training=False)
     steps = {}

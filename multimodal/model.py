@@ -135,11 +135,12 @@ def load_glove(path: str | os.PathLike, tokenizer_vocab: dict[str, int], dim: in
 
 
 class CaptionEncoder(nn.Module):
-    """Word embeddings + (bi)LSTM over packed sequences, pooled over the valid steps: ids -> [B, num_features].
+    """Word embeddings + (bi)LSTM that never sees padding, pooled over the valid steps: ids -> [B, num_features].
 
-    Packing means the LSTM never sees padding, so a caption's embedding does not depend on the batch it is in.
-    An empty caption (length 0) is run as a single pad token (packing needs length >= 1) and its pooled vector is
-    then replaced by a learned "empty caption" embedding.
+    Padding never reaches a valid step (packed sequences on CUDA, each caption read within its own length elsewhere;
+    see ``lstm_impl``), so a caption's embedding does not depend on the batch it is in. An empty caption (length 0)
+    is run as a single pad token (length >= 1 is needed) and its pooled vector is then replaced by a learned "empty
+    caption" embedding.
 
     Options: ``embed_dropout`` drops word-embedding units before the LSTM (training only); ``word_skip`` appends the
     max over the caption's word embeddings to the pooled LSTM states, a direct bag-of-words path next to the
@@ -174,6 +175,9 @@ class CaptionEncoder(nn.Module):
         self.num_features: int = hidden * self.num_directions + (word_dim if word_skip else 0) + (
             word_dim if bigram_buckets else 0)
         self.empty_embedding = nn.Parameter(torch.zeros(self.num_features))
+        # How the LSTM meets padding: "packed" (nn.LSTM on a PackedSequence; cuDNN runs it natively), "padded"
+        # (`_lstm_padded`: the same results, twice as fast to train on a CPU) or "auto" (packed on CUDA, else padded).
+        self.lstm_impl = "auto"
 
     def load_glove(self, path: str | os.PathLike, tokenizer_vocab: dict[str, int]) -> int:
         """Initialises the word embeddings from a GloVe-format file; returns how many vocabulary words it had."""
@@ -203,14 +207,18 @@ class CaptionEncoder(nn.Module):
         lengths = caption_lengths.clamp(1, L)  # [B]
         x = self.embed_drop(self.embedding(caption_ids))  # [B, L, E]
         valid = (torch.arange(L, device=x.device)[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)  # [B, L, 1]
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)
-        if self.pool == "last":
+        if self._use_packed(x):
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, (h_n, _) = self.lstm(packed)
             # h_n [layers * dirs, B, H] (restored to batch order) -> last layer, both directions: [B, dirs * H]
-            h_last = h_n[-self.num_directions:]  # [dirs, B, H]
-            pooled = h_last.transpose(0, 1).reshape(B, -1)
+            h_last = h_n[-self.num_directions:].transpose(0, 1).reshape(B, -1)
+            if self.pool != "last":
+                out, _ = pad_packed_sequence(out, batch_first=True)  # [B, T = max(lengths), dirs * H]
         else:
-            out, _ = pad_packed_sequence(out, batch_first=True)  # [B, T = max(lengths), dirs * H]
+            out, h_last = self._lstm_padded(x, lengths.to(x.device))  # [B, L, dirs * H], [B, dirs * H]
+        if self.pool == "last":
+            pooled = h_last
+        else:
             out_valid = valid[:, : out.shape[1]]  # [B, T, 1]
             if self.pool == "max":
                 pooled = out.masked_fill(~out_valid, float("-inf")).amax(1)  # [B, D]
@@ -223,6 +231,52 @@ class CaptionEncoder(nn.Module):
             pooled = torch.cat([pooled, self.ngram_bag(caption_ids, valid[..., 0]).to(pooled.dtype)], dim=1)
         empty = empty.to(pooled.device)[:, None]  # [B, 1]
         return torch.where(empty, self.empty_embedding.to(pooled.dtype), pooled)
+
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        if self.lstm_impl not in ("auto", "packed", "padded"):
+            raise ValueError(f"lstm_impl must be 'auto', 'packed' or 'padded', got {self.lstm_impl!r}")
+        return self.lstm_impl == "packed" or (self.lstm_impl == "auto" and x.is_cuda)
+
+    def _lstm_padded(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.lstm`` run on the padded batch, one layer and direction at a time, with the same weights and the
+        same results at every valid step as on the packed batch: ``x`` [B, L, E], ``lengths`` [B] in 1..L ->
+        (outputs [B, L, dirs * H], garbage at padded steps; each caption's final states [B, dirs * H]).
+
+        The forward direction reads the padded batch as it is (a step's output depends only on the steps before it,
+        so padding after a caption never reaches it); the reverse direction reads each caption reversed within its
+        own length, so that it also starts on the caption's last word rather than on padding. This is what the
+        packed batch computes, without packing: on a CPU, autograd through the packed LSTM slices and zero-fills the
+        whole packed batch at every time step of the backward pass (measured here: fwd + bwd of the default bi-LSTM,
+        batch 32, 8-16 words, 51 ms packed against 27 ms padded).
+        """
+        lstm = self.lstm
+        B, L, _ = x.shape
+        steps = torch.arange(L, device=x.device)[None, :]  # [1, L]
+        # reversed within each length, padding left where it is; applying it twice restores the order
+        order = torch.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)  # [B, L]
+
+        def reverse(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, order[..., None].expand_as(t))
+
+        layer_input = x
+        for layer in range(lstm.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                weights = [getattr(lstm, name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                inputs = reverse(layer_input) if direction else layer_input
+                zeros = inputs.new_zeros(1, B, lstm.hidden_size)
+                # what nn.LSTM.forward calls, for one layer and one direction
+                out = torch.lstm(inputs, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]
+                outputs.append(reverse(out) if direction else out)  # [B, L, H]
+            layer_input = torch.cat(outputs, dim=-1)  # [B, L, dirs * H]
+            if layer < lstm.num_layers - 1:
+                layer_input = F.dropout(layer_input, lstm.dropout, self.training)
+        H = lstm.hidden_size
+        last_step = layer_input[torch.arange(B, device=x.device), lengths - 1]  # [B, dirs * H]
+        # forward direction: its state after the last word; reverse direction: after the first word (step 0)
+        h_last = last_step if self.num_directions == 1 else torch.cat([last_step[:, :H], layer_input[:, 0, H:]], 1)
+        return layer_input, h_last
 
     def ngram_bag(self, caption_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean embedding of the words and hashed word bigrams: ids [B, L], valid [B, L] (bool) -> [B, E]."""

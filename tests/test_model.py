@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from multimodal.config import LossConfig, ModelConfig
+from multimodal.engine import adamw, build_optimizer
 from multimodal.losses import JointLoss
 from multimodal.model import (CaptionEncoder, ImageEncoder, LabelDecoder, MultimodalClassifier, load_glove,
                              residual_attention)
@@ -224,6 +225,34 @@ def test_caption_padding_does_not_change_the_result(pool: str, word_skip: bool) 
     single = model(caption_ids=caption, caption_lengths=torch.tensor([3]))
     padded = model(caption_ids=batch, caption_lengths=torch.tensor([3, 7, 1]))
     torch.testing.assert_close(padded["fused_logits"][0:1], single["fused_logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers,bidirectional,pool", [(1, True, "max"), (2, True, "last"), (2, False, "mean"),
+                                                       (1, False, "last"), (2, True, "mean")])
+def test_caption_lstm_on_padded_captions_matches_the_packed_lstm(layers: int, bidirectional: bool, pool: str) -> None:
+    """``lstm_impl="padded"`` (the CPU default) reads each caption within its length, one layer and direction at a
+    time: the same embeddings and gradients as nn.LSTM on the packed batch, with the same weights."""
+    torch.manual_seed(0)
+    encoder = CaptionEncoder(VOCAB, 8, 6, num_layers=layers, bidirectional=bidirectional, pool=pool, word_skip=True)
+    lengths = torch.tensor([7, 3, 1, 0, 5])
+    ids = torch.randint(1, VOCAB, (5, 7))
+    ids[torch.arange(7)[None, :] >= lengths[:, None]] = 0
+    results = {}
+    for impl in ("packed", "padded"):
+        encoder.lstm_impl = impl
+        encoder.zero_grad()
+        out = encoder(ids, lengths)
+        (out * torch.arange(out.shape[1])).sum().backward()  # a different weight per feature: every feature counts
+        results[impl] = out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    (packed, packed_grads), (padded, padded_grads) = results["packed"], results["padded"]
+    torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-6)
+    assert padded_grads.keys() == packed_grads.keys() and any(n.startswith("lstm.") for n in padded_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(grad, packed_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert encoder.lstm_impl == "padded" and CaptionEncoder(VOCAB, 8, 6).lstm_impl == "auto"  # padded on a CPU
+    encoder.lstm_impl = "fast"
+    with pytest.raises(ValueError, match="lstm_impl"):
+        encoder(ids, lengths)
 
 
 def test_bigram_bag_is_the_mean_of_word_and_bigram_embeddings_and_ignores_padding() -> None:
@@ -463,3 +492,26 @@ def test_glove_initialisation(tmp_path) -> None:
     assert encoder.embedding.weight[0].abs().sum() == 0  # padding stays zero
     with pytest.raises(ValueError, match="4-dimensional"):
         load_glove(path, vocab, 8)
+
+
+def test_adamw_is_fused_where_the_kernel_exists_and_makes_the_same_update() -> None:
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config())
+    models = {"loop": model, "fused": MultimodalClassifier(make_config())}
+    models["fused"].load_state_dict(model.state_dict())
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizers = {"fused": build_optimizer(models["fused"], 1e-2, 1e-3, 0.1),
+                  "loop": build_optimizer(model, 1e-2, 1e-3, 0.1)}
+    assert all(group["fused"] for group in optimizers["fused"].param_groups)  # CPU parameters
+    for group in optimizers["loop"].param_groups:
+        group["fused"] = False
+    batch = make_batch()
+    for name, m in models.items():  # one step: later steps would amplify float rounding through Adam's 1 / sqrt(v)
+        torch.manual_seed(0)  # the same dropout masks
+        JointLoss(LossConfig())(m(**inputs_of(batch), label_seq=batch["label_seq"]), batch["targets"],
+                                batch["label_seq"])["loss"].backward()
+        optimizers[name].step()
+    for (name, fused), loop in zip(models["fused"].named_parameters(), models["loop"].parameters()):
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert sum(not torch.equal(p, initial[name]) for name, p in model.named_parameters()) > len(initial) // 2
+    assert not adamw([torch.nn.Parameter(torch.zeros(2, device="meta"))]).param_groups[0]["fused"]
