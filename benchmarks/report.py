@@ -245,7 +245,11 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             "otherwise idle machine. The wall time of the other rows is not a from-nothing figure: some built their "
             "feature cache, others reused one built earlier.",
             "- The neural rows' settings (epochs, dropout, weight decay) were chosen on this validation split; the "
-            "classical rows choose their regularisation on a split of the training part."]
+            "classical rows choose their regularisation on a split of the training part.",
+            "- Each row ran with the code of its date (in its JSON file) and was not rerun after later changes that "
+            "alter results only by float rounding. The sixth session's (the caption LSTM reads padded captions "
+            "within their lengths on a CPU instead of packing them; AdamW is fused) made training faster: "
+            f"`{RECIPE}` was rerun after it, the other rows were not."]
     return "\n".join(out) + "\n"
 
 

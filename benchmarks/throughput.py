@@ -3,13 +3,16 @@
 
 One run measures, on the same images, batch size and resolution (every rate in images/s, warm-up excluded):
 
-- training: the image encoder alone (a timm model + BCE + the same AdamW: the bare model) against the joint model (image +
-  caption + label decoder + joint loss), both in the same plain loop, against the joint model under
+- training: the image encoder alone (a timm model + BCE + the same AdamW: the bare model) against the joint model
+  (image + caption + label decoder + joint loss), both in the same plain loop, against the joint model under
   `engine.train_one_epoch` (the code `train.py` runs), and end to end from the JPEGs on disk and from the uint8 cache;
+  beside them the joint model with only its image branch on, which separates the wrapper's cost from the caption
+  LSTM's and the decoder's;
 - inference: the bare forward (image encoder alone; the joint model's ``predict_proba``) on batches already in memory
   against `inference.predict_to_csv` end to end (read JPEGs, transform, model, write the CSV), and from the cache;
 - the data loader alone (images/s, and per worker) and, as with/without ratios in the same run, the speed options:
-  JPEG draft decoding, the uint8 image cache, channels_last, torch.compile, persistent workers;
+  JPEG draft decoding, the uint8 image cache, channels_last, torch.compile, persistent workers, the caption LSTM on
+  padded against packed captions, fused against for-loop AdamW;
 - with ``--sections memory``: peak memory of ``predict.py`` over a few hundred and a few thousand images, and of
   ``train.py`` at its defaults (demo data), as subprocesses with their DataLoader workers.
 
@@ -33,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -258,9 +262,10 @@ class Setup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def joint_model(self) -> MultimodalClassifier:
+    def joint_model(self, **overrides: Any) -> MultimodalClassifier:
+        """The joint model at the benchmark's settings; ``overrides`` change `ModelConfig` fields (branches off)."""
         torch.manual_seed(0)
-        model = MultimodalClassifier(self.config, pretrained=False)
+        model = MultimodalClassifier(dataclasses.replace(self.config, **overrides), pretrained=False)
         model.codec, model.tokenizer = self.codec, self.tokenizer
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.args.channels_last else model
@@ -398,9 +403,12 @@ def _interleaved_result(names: Iterable[str], images: dict[str, int], seconds: d
 
 def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, Any]:
     """The encoder alone, the joint model in the same plain loop and the joint model under `train_one_epoch`,
-    stepped in turn on each batch (the order alternating), so that a shared machine's changing load hits all three
-    alike. The `train_one_epoch` step is the time from handing it a batch to its asking for the next one."""
-    names = ("encoder_alone", "joint_plain_loop", "joint_train_one_epoch")
+    stepped in turn on each batch (the order alternating), so that a shared machine's changing load hits all of them
+    alike. The `train_one_epoch` step is the time from handing it a batch to its asking for the next one. A fourth
+    model, the joint model with its caption branch and decoder switched off (``image_branch_only``: the same encoder
+    inside `MultimodalClassifier`, its heads and loss), splits the joint model's extra cost into the wrapper's and
+    that of the caption LSTM and the decoder."""
+    names = ("encoder_alone", "image_branch_only", "joint_plain_loop", "joint_train_one_epoch")
     seconds = dict.fromkeys(names, 0.0)
     images = dict.fromkeys(names, 0)
     per_step: dict[str, list[float]] = {name: [] for name in names}
@@ -410,6 +418,9 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
     encoder_opt = adamw(encoder.parameters(), lr=1e-3)
     joint = maybe_compile(s.joint_model(), s.args)
     joint_opt = build_optimizer(joint, 1e-3, 1e-3, 1e-4)
+    image_only = maybe_compile(s.joint_model(vocab_size=None, use_decoder=False), s.args)
+    image_only_opt = build_optimizer(image_only, 1e-3, 1e-3, 1e-4)
+    image_only, image_only_opt = s.acc.prepare(image_only, image_only_opt)
     engine = maybe_compile(s.joint_model(), s.args)
     engine_opt = build_optimizer(engine, 1e-3, 1e-3, 1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine_opt, lambda step: 1.0)
@@ -427,6 +438,7 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
         encoder_opt.zero_grad(set_to_none=True)
 
     joint_step = _joint_train_step(s, joint, joint_opt)
+    image_only_step = _joint_train_step(s, image_only, image_only_opt)
 
     def timed_step(name: str, step: Callable[[dict[str, Any]], None], batch: dict[str, Any], count: bool) -> None:
         s.sync()
@@ -442,7 +454,8 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
     def driver() -> Iterator[dict[str, Any]]:
         for i, batch in enumerate(batches):
             count = i >= s.args.warmup
-            plain = [("encoder_alone", encoder_step), ("joint_plain_loop", joint_step)]
+            plain = [("encoder_alone", encoder_step), ("image_branch_only", image_only_step),
+                     ("joint_plain_loop", joint_step)]
             if i % 2 == 0:
                 for name, step in plain:
                     timed_step(name, step, batch, count)
@@ -485,10 +498,10 @@ def section_train(s: Setup) -> dict[str, Any]:
     out["end_to_end"] = paired(tuple(e2e_names), tuple(e2e_fns), args.e2e_rounds)
     del batches
     bare, e2e = out["bare"], out["end_to_end"]
-    out["ratios"] = {f"{name}/encoder_alone": ratio(bare[name], bare["encoder_alone"])
-                     for name in ("joint_plain_loop", "joint_train_one_epoch")}
+    joint_names = ("image_branch_only", "joint_plain_loop", "joint_train_one_epoch")
+    out["ratios"] = {f"{name}/encoder_alone": ratio(bare[name], bare["encoder_alone"]) for name in joint_names}
     out["ratios"].update({f"{name}/encoder_alone (median of per-batch ratios)": median_paired_ratio(
-        bare[name], bare["encoder_alone"]) for name in ("joint_plain_loop", "joint_train_one_epoch")})
+        bare[name], bare["encoder_alone"]) for name in joint_names})
     out["ratios"].update({f"{name}/encoder_alone": ratio(e2e[name], e2e["encoder_alone"])
                           for name in e2e_names[1:]})
     return out
@@ -815,6 +828,21 @@ def section_options(s: Setup) -> dict[str, Any]:
         pair[f"ratio_{variants[1]}/{variants[0]} (median of per-batch ratios)"] = median_paired_ratio(
             pair[variants[1]], pair[variants[0]])
         out[option] = pair
+    # The caption encoder alone (forward + backward), packed against padded, on the same captions: the part of the
+    # step that the choice changes, too small a share of the whole step for the pair above to resolve on a CPU.
+    encoder = s.joint_model().caption_encoder.train()
+
+    def caption_step(impl: str) -> Callable[[dict[str, Any]], None]:
+        def step(batch: dict[str, Any]) -> None:
+            encoder.lstm_impl = impl
+            encoder(batch["caption_ids"], batch["caption_lengths"]).sum().backward()
+            encoder.zero_grad(set_to_none=True)
+        return step
+    pair = interleaved(s, {impl: caption_step(impl) for impl in ("packed", "padded")},
+                       train_batches * args.caption_repeats, label="caption encoder")
+    pair["ratio_padded/packed"] = ratio(pair["padded"], pair["packed"])
+    pair["ratio_padded/packed (median of per-batch ratios)"] = median_paired_ratio(pair["padded"], pair["packed"])
+    out["caption_lstm_encoder_alone"] = pair
     del train_batches, steps
     eval_batches = s.memory_batches(args.warmup + args.option_batches, training=False)
     steps = {}
@@ -989,6 +1017,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader-images-single", type=int, default=1024,
                    help="at most this many timed images when the loader runs in the main process (0 workers)")
     g.add_argument("--option-batches", type=int, default=4, help="timed batches of the channels_last/compile pairs")
+    g.add_argument("--caption-repeats", type=int, default=8,
+                   help="passes over the option batches of the caption-encoder-alone pair (milliseconds each)")
     g.add_argument("--warmup", type=int, default=1, help="untimed batches before each measurement")
     g.add_argument("--distinct-batches", type=int, default=16,
                    help="most distinct in-memory batches of the bare measurements (cycled beyond)")

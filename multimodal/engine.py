@@ -161,8 +161,8 @@ FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 
 def adamw(param_groups: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
     """`torch.optim.AdamW`, fused (one kernel over all the parameters instead of a loop over them) where every
-    parameter is a floating-point tensor on a device with the fused kernel. The same update; on this 2-core CPU its
-    step over the joint model takes a quarter of the time of the default's (`benchmarks/SPEED.md`)."""
+    parameter is a floating-point tensor on a device with the fused kernel: the same update, in less time (a few per
+    cent of a training step on a 2-core CPU, `benchmarks/SPEED.md`)."""
     param_groups = list(param_groups)
     params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)

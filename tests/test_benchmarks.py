@@ -126,7 +126,7 @@ def test_throughput_smoke(tmp_path):
         assert key in machine
     per = results["sizes"]["32"]
     train, infer = per["train"], per["infer"]
-    for name in ("encoder_alone", "joint_plain_loop", "joint_train_one_epoch"):
+    for name in ("encoder_alone", "image_branch_only", "joint_plain_loop", "joint_train_one_epoch"):
         assert train["bare"][name]["images_per_s"] > 0 and train["bare"][name]["images"] > 0
         assert len(train["bare"][name]["loadavg_before"]) == 3
     for name in ("encoder_alone", "e2e_jpeg", "e2e_cache"):
@@ -145,6 +145,12 @@ def test_throughput_smoke(tmp_path):
     options = per["options"]
     for key in ("draft", "channels_last_train", "channels_last_forward"):
         assert key in options
+    for key, pair in (("caption_lstm_train", ("packed", "padded")), ("fused_adamw_train", ("loop", "fused")),
+                      ("caption_lstm_encoder_alone", ("packed", "padded"))):
+        assert all(len(options[key][name]["step_seconds"]) > 0 for name in pair)
+        assert options[key][f"ratio_{pair[1]}/{pair[0]}"] > 0
+        assert options[key][f"ratio_{pair[1]}/{pair[0]} (median of per-batch ratios)"] > 0
+    assert train["ratios"]["joint_plain_loop/encoder_alone (median of per-batch ratios)"] > 0
     assert options["draft"]["32"]["ratio_draft/no_draft"] > 0
     memory = results["memory"]
     assert memory["predict_8"]["returncode"] == 0 and memory["predict_16"]["returncode"] == 0
@@ -197,3 +203,27 @@ def test_predict_from_cache_matches_jpegs(jpegs, tmp_path, crop):
     difference = np.abs(pd.read_csv(tmp_path / "other.prob.csv").iloc[:, 1:].to_numpy()
                         - outputs["jpeg"].iloc[:, 1:].to_numpy())
     assert difference.max() > 0.05
+
+
+def test_median_paired_ratio_resists_one_slowed_step():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import median_paired_ratio, ratio
+    fast = {"images_per_s": 4 * 32 / 4.0, "step_seconds": [1.0, 1.0, 1.0, 1.0]}
+    slow = {"images_per_s": 4 * 32 / 8.0, "step_seconds": [1.25, 1.25, 1.25, 4.25]}  # one step hit by another job
+    assert ratio(slow, fast) == 0.5
+    assert median_paired_ratio(slow, fast) == 0.8
+    assert math.isnan(median_paired_ratio({"images_per_s": 1.0}, fast))
+
+
+def test_recipe_step_smoke(tmp_path):
+    output = tmp_path / "recipe.json"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_step.py"), "--smoke", "--output",
+                           str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    for variant in ("packed+loop", "padded+loop", "packed+fused", "padded+fused"):
+        assert results[variant]["images_per_s"] > 0 and len(results[variant]["step_seconds"]) == 2
+    assert len(results["map_shape"]) == 3  # the cached map below the trained tail: [C, h, w]
+    for variant in ("padded+loop", "packed+fused", "padded+fused"):
+        assert results["ratios"][f"{variant}/packed+loop"] > 0
