@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import sys
 
-from multimodal.config import COMBINE_RULES, IMAGE_CROPS  # standard library only: --help still needs no torch
+from multimodal.config import COMBINE_RULES, IMAGE_CROPS, ModelConfig  # standard library only: --help needs no torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -88,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-attention", type=float, default=0.0, metavar="LAMBDA",
                    help="class-specific residual attention over the image's last feature map, added with this weight "
                         "to the image and fused logits (CSRA; 0: off)")
+    g.add_argument("--image-attention-temperature", type=float, default=ModelConfig.image_attention_temperature,
+                   metavar="T", help="temperature of that attention's softmax over positions (large: max pooling)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: 10; demo data: 8)")
@@ -141,6 +143,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--device-augment augments the uint8 images of --image-cache: give --image-cache DIR")
     if args.image_attention and args.fusion_hidden:
         parser.error("--image-attention needs the linear fused head: leave --fusion-hidden at 0")
+    if args.image_attention_temperature <= 0:
+        parser.error(f"--image-attention-temperature must be above 0, got {args.image_attention_temperature}")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,7 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         image_size=args.image_size,
         image_crop=getattr(args, "image_crop", "center"),
         image_attention=getattr(args, "image_attention", 0.0),
+        image_attention_temperature=getattr(args, "image_attention_temperature", 1.0),
         vocab_size=None if args.no_caption else tokenizer.get_vocab_size(),
         pad_id=PAD_ID,
         word_dim=args.word_dim,

@@ -510,7 +510,8 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
     assert json.loads((out / "model" / "config.json").read_text())["thresholds"] is None
     MultimodalClassifier.from_pretrained(out / "model")
     for bad, said in ((("--val-fraction", 0, "--tune-thresholds"), "--tune-thresholds needs a validation split"),
-                      (("--train-fraction", 0), "--train-fraction must be in (0, 1]")):
+                      (("--train-fraction", 0), "--train-fraction must be in (0, 1]"),
+                      (("--image-attention-temperature", 0), "--image-attention-temperature must be above 0")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists()
 
@@ -611,3 +612,20 @@ def test_predict_reports_a_duplicate_image_id_with_file_and_line(run_dir: Path, 
     first_id = lines[2].split(",")[0]
     assert f"{bad}, line {len(lines) + 1}: duplicate ImageID '{first_id}' (first on line 3)" in line
     assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_model_flags_reach_the_model_config() -> None:
+    sys.path.insert(0, str(REPO))
+    from train import get_args_parser
+
+    from multimodal.text import train_caption_tokenizer
+    from multimodal.training import build_model_config
+    frame = pd.DataFrame({"ImageID": ["0.jpg", "1.jpg"], "Labels": [(1,), (1, 3)], "Caption": ["a dog", "a cat"]})
+    args = get_args_parser().parse_args(["--image-attention", "0.5", "--image-attention-temperature", "4",
+                                         "--image-crop", "full", "--caption-word-skip"])
+    codec, tokenizer = LabelCodec.from_labels(frame["Labels"]), train_caption_tokenizer(frame["Caption"])
+    config = build_model_config(args, codec, tokenizer, frame)
+    assert (config.image_attention, config.image_attention_temperature) == (0.5, 4.0)
+    assert config.image_crop == "full" and config.caption_word_skip and config.max_labels == 2
+    default = build_model_config(get_args_parser().parse_args([]), codec, tokenizer, frame)
+    assert default.image_attention_temperature == 1.0 and default.image_attention == 0.0
