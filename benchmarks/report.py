@@ -249,7 +249,8 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             "- Each row ran with the code of its date (in its JSON file) and was not rerun after later changes that "
             "alter results only by float rounding. The sixth session's (the caption LSTM reads padded captions "
             "within their lengths on a CPU instead of packing them; AdamW is fused) made training faster: "
-            f"`{RECIPE}` was rerun after it, the other rows were not."]
+            f"`{RECIPE}` and its refit on every labelled image (`{RECIPE}_all`, the model of the test predictions) "
+            "were rerun after it, the other rows were not."]
     return "\n".join(out) + "\n"
 
 

@@ -813,11 +813,10 @@ def section_options(s: Setup) -> dict[str, Any]:
         steps = {}
         for variant in variants:
             model = s.joint_model()
+            optimizer = build_optimizer(model, 1e-3, 1e-3, 1e-4)
             if option == "caption_lstm_train":
                 model.caption_encoder.lstm_impl = variant
-                optimizer = build_optimizer(model, 1e-3, 1e-3, 1e-4)
             else:
-                optimizer = build_optimizer(model, 1e-3, 1e-3, 1e-4)
                 for group in optimizer.param_groups:  # the update is the same either way; only the kernel differs
                     group["fused"] = variant == "fused" and group["fused"]
             model, optimizer = s.acc.prepare(model, optimizer)

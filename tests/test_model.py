@@ -249,7 +249,10 @@ def test_caption_lstm_on_padded_captions_matches_the_packed_lstm(layers: int, bi
     assert padded_grads.keys() == packed_grads.keys() and any(n.startswith("lstm.") for n in padded_grads)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(grad, packed_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert encoder.lstm_impl == "padded" and CaptionEncoder(VOCAB, 8, 6).lstm_impl == "auto"  # padded on a CPU
+    x = torch.zeros(1)  # a CPU tensor: "auto" (the default) takes the padded path there
+    assert not encoder._use_packed(x) and not CaptionEncoder(VOCAB, 8, 6)._use_packed(x)
+    encoder.lstm_impl = "packed"
+    assert encoder._use_packed(x)
     encoder.lstm_impl = "fast"
     with pytest.raises(ValueError, match="lstm_impl"):
         encoder(ids, lengths)
