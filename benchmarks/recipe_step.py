@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,11 +41,12 @@ from throughput import loadavg, machine_info, median_paired_ratio, ratio  # noqa
 
 from multimodal.annotations import read_annotations  # noqa: E402
 from multimodal.config import LossConfig, ModelConfig, save_json  # noqa: E402
+from multimodal.data import Collator, ImageCaptionDataset  # noqa: E402
 from multimodal.engine import build_optimizer, model_inputs  # noqa: E402
 from multimodal.labels import LabelCodec  # noqa: E402
 from multimodal.losses import JointLoss  # noqa: E402
 from multimodal.model import MultimodalClassifier  # noqa: E402
-from multimodal.text import PAD_ID, encode_captions, train_caption_tokenizer  # noqa: E402
+from multimodal.text import PAD_ID, train_caption_tokenizer  # noqa: E402
 
 VARIANTS = ("packed+loop", "padded+loop", "packed+fused", "padded+fused")
 
@@ -66,21 +68,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_batches(frame: Any, codec: LabelCodec, tokenizer: Any, map_shape: tuple[int, ...], batch_size: int,
                  n: int) -> list[dict[str, Any]]:
+    """``n`` batches of the frame's first rows (cycled), collated as `train.py` collates them, each with random maps."""
     g = torch.Generator().manual_seed(0)
-    batches = []
-    for b in range(n):
-        rows = frame.iloc[[(b * batch_size + i) % len(frame) for i in range(batch_size)]]
-        ids, lengths = encode_captions(tokenizer, list(rows["Caption"]))
-        sequences = [codec.sequence(labels) + [codec.end_index] for labels in rows["Labels"]]
-        label_seq = torch.full((batch_size, max(map(len, sequences))), -100, dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            label_seq[i, : len(seq)] = torch.tensor(seq)
-        batches.append({"image_features": torch.randn(batch_size, *map_shape, generator=g), "caption_ids": ids,
-                        "caption_lengths": lengths, "caption_lengths_host": lengths.tolist(),
-                        "targets": torch.stack([torch.from_numpy(codec.encode(labels))
-                                                for labels in rows["Labels"]]).float(),
-                        "label_seq": label_seq})
-    return batches
+    rows = frame.iloc[[k % len(frame) for k in range(n * batch_size)]]
+    loader = DataLoader(ImageCaptionDataset(rows, codec=codec, tokenizer=tokenizer), batch_size=batch_size,
+                        collate_fn=Collator(pad_id=PAD_ID))
+    return [batch | {"image_features": torch.randn(batch_size, *map_shape, generator=g)} for batch in loader]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +90,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                          vocab_size=tokenizer.get_vocab_size(), pad_id=PAD_ID, caption_word_skip=True, dropout=0.4,
                          max_labels=int(frame["Labels"].map(len).max()))
     criterion = JointLoss(LossConfig())
-    steps, models = {}, {}
+    steps = {}
     for variant in VARIANTS:
         torch.manual_seed(0)
         model = MultimodalClassifier(config, pretrained=False)
@@ -110,7 +103,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = build_optimizer(model, 1e-3, 5e-4, 0.05)
         for group in optimizer.param_groups:
             group["fused"] = variant.endswith("fused") and group["fused"]
-        models[variant] = model
 
         def step(batch: dict[str, Any], model: torch.nn.Module = model, optimizer: Any = optimizer) -> None:
             outputs = model(**model_inputs(batch), label_seq=batch["label_seq"])
@@ -119,9 +111,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[variant] = step
-    with torch.no_grad():
-        probe = models[VARIANTS[0]].image_encoder.forward_stem(torch.zeros(1, 3, args.image_size, args.image_size),
-                                                               args.tail_stages)
+    with torch.no_grad():  # the shape of the cached maps (any variant's encoder: they are the same)
+        probe = model.image_encoder.forward_stem(torch.zeros(1, 3, args.image_size, args.image_size), args.tail_stages)
     batches = make_batches(frame, codec, tokenizer, tuple(probe.shape[1:]), args.batch_size,
                            args.warmup + args.batches)
     per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}

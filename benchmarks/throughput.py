@@ -829,7 +829,7 @@ def section_options(s: Setup) -> dict[str, Any]:
         out[option] = pair
     # The caption encoder alone (forward + backward), packed against padded, on the same captions: the part of the
     # step that the choice changes, too small a share of the whole step for the pair above to resolve on a CPU.
-    encoder = s.joint_model().caption_encoder.train()
+    encoder = s.joint_model(image_encoder=None, use_decoder=False).caption_encoder.train()  # no CNN built for nothing
 
     def caption_step(impl: str) -> Callable[[dict[str, Any]], None]:
         def step(batch: dict[str, Any]) -> None:
