@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Throughput on one GPU (H100/H200), at most 7.7 minutes (three steps limited to 230 + 110 + 120 s): training and
+# Throughput on one GPU (H100/H200), at most 7.7 minutes (three steps limited to 230 + 110 + 120 s; LIMITS="230 110 120"
+# sets them, 0 skips a step): training and
 # inference images/s end to end for efficientnet_b0 at 224 px with bf16 and fp16 autocast and channels_last, from the
 # JPEGs on disk and from the pre-resized uint8 image cache (its build time is reported beside it), against the bare
 # model on tensors in memory.
@@ -20,6 +21,7 @@ OUT=${OUT:-benchmarks/results}
 CACHE=${CACHE_DIR:-${TMPDIR:-/tmp}/mm-image-cache}
 CORES=$(nproc)
 BATCH=${BATCH:-256}
+read -r LIMIT1 LIMIT2 LIMIT3 <<< "${LIMITS:-230 110 120}"
 mkdir -p "$OUT" "$CACHE"
 
 echo "== machine"
@@ -35,20 +37,25 @@ COMMON=(--data-dir "$DATA" --encoder efficientnet_b0 --sizes 224 --batch-size "$
         --device "$DEVICE" --channels-last --cache-dir "$CACHE" --cache-workers "$CORES" --warmup 5 --rounds 1)
 
 status=0
+step() {  # step N LIMIT command...: runs the command under its time limit; a limit of 0 skips it
+    local n=$1 limit=$2; shift 2
+    if [ "$limit" -le 0 ]; then echo "step $n skipped (limit 0)"; return; fi
+    timeout "$limit" "$@" || { echo "step $n failed or timed out ($?)"; status=1; }
+}
 echo "== 1/3 bf16: training and inference, bare vs end to end (JPEG, uint8 cache), data loader alone"
-timeout 230 "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision bf16 --sections train,infer,loader \
+step 1 "$LIMIT1" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision bf16 --sections train,infer,loader \
     --train-batches 30 --infer-images 65536 --loader-images 16384 --keep-cache --label "gpu bf16 channels_last" \
-    --output "$OUT/throughput-gpu-bf16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} || { echo "step 1 failed or timed out ($?)"; status=1; }
+    --output "$OUT/throughput-gpu-bf16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 
 echo "== 2/3 fp16: training and inference (cache reused when step 1 built it)"
-timeout 110 "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision fp16 --sections train,infer --reuse-cache \
+step 2 "$LIMIT2" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision fp16 --sections train,infer --reuse-cache \
     --train-batches 30 --infer-images 65536 --label "gpu fp16 channels_last" \
-    --output "$OUT/throughput-gpu-fp16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} || { echo "step 2 failed or timed out ($?)"; status=1; }
+    --output "$OUT/throughput-gpu-fp16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 
 echo "== 3/3 options on the GPU (bf16): channels_last, torch.compile, persistent workers"
-timeout 120 "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision bf16 --sections options --no-cache \
+step 3 "$LIMIT3" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision bf16 --sections options --no-cache \
     --option-batches 30 --loader-images 1024 --draft-sizes 224 --try-compile --label "gpu options" \
-    --output "$OUT/throughput-gpu-options.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} || { echo "step 3 failed or timed out ($?)"; status=1; }
+    --output "$OUT/throughput-gpu-options.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 
 rm -f "$CACHE"/images-*.npy "$CACHE"/images-*.json  # the uint8 cache (GBs); KEEP: rerun step 1 to rebuild
 
