@@ -192,6 +192,9 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self._untied: list[torch.nn.Module] = []  # RNN modules given their own weight storage for a load
+        accelerator.register_save_state_pre_hook(self._save_views_whole)
+        accelerator.register_load_state_pre_hook(self._untie_views)
 
     def save(self, progress: Progress) -> Path:
         """Write a checkpoint; every process must call this (each saves its own RNG state)."""
@@ -229,8 +232,50 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def load(self, checkpoint: str | Path) -> Progress:
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        finally:  # back to one flat weight buffer per RNN (cuDNN's fast path); a no-op on a CPU
+            for module in self._untied:
+                module.flatten_parameters()
+            self._untied = []
         return Progress(**json.loads((Path(checkpoint) / "progress.json").read_text()))
+
+    # On a GPU, cuDNN keeps each nn.LSTM's weights as views of one flat buffer (`flatten_parameters`). Accelerate
+    # writes a state dict to safetensors after dropping all but one name per shared storage, which would lose all but
+    # one weight of every LSTM; safetensors' `load_model` refuses a model whose tensors are partial views of a shared
+    # storage. So partial views are saved as copies, and RNN weights get their own storage while a checkpoint loads.
+
+    @staticmethod
+    def _save_views_whole(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+        """Accelerate's save-state pre-hook: every tensor that is a partial view of a storage shared with another
+        entry is replaced by a copy in the state dicts about to be written (tensors tied whole stay tied)."""
+        for state in weights:
+            by_storage: dict[tuple[str, int], list[str]] = {}
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.device.type != "meta":
+                    by_storage.setdefault((str(value.device), value.untyped_storage().data_ptr()), []).append(name)
+            for names in by_storage.values():
+                if len(names) > 1:
+                    for name in names:
+                        if not _covers_storage(state[name]):
+                            state[name] = state[name].detach().clone()
+
+    def _untie_views(self, models: list[torch.nn.Module], input_dir: str) -> None:
+        """Accelerate's load-state pre-hook: RNN weights that are views of a flat buffer get their own storage
+        (`load` flattens them again once the checkpoint is in)."""
+        for model in models:
+            for module in model.modules():
+                if isinstance(module, torch.nn.RNNBase):
+                    params = list(module.parameters(recurse=False))
+                    if any(not _covers_storage(p) for p in params):
+                        for p in params:
+                            p.data = p.data.clone()
+                        self._untied.append(module)
+
+
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is its whole storage (not a part of a larger buffer)."""
+    return tensor.storage_offset() == 0 and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
 
 
 def resolve_checkpoint(resume: str, runs_root: str | Path = "runs") -> Path:
