@@ -346,15 +346,18 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                 terms = criterion(outputs, batch["targets"], batch.get("label_seq"))
                 loss = terms["loss"] * 0.0 if all_bad else terms["loss"]
                 terms = {k: v.detach() for k, v in terms.items()}
+                accelerator.backward(loss)
+                # The one value read back per step, after the backward pass is queued (the host then waits for the
+                # forward and backward together) and before the optimizer step (the weights are still those of the
+                # last good step). All processes stop together.
                 finite = torch.isfinite(loss.detach()).float().reshape(1)
-                if accelerator.num_processes > 1:  # all stop together, none is left waiting in the gradient all-reduce
+                if accelerator.num_processes > 1:
                     finite = accelerator.gather(finite).min().reshape(1)
                 if not bool(finite.item()):
                     raise FloatingPointError(
                         f"non-finite loss at step {progress.step + 1} (epoch {progress.epoch}, batch "
                         f"{progress.batches_done}; this process's loss terms: "
                         f"{', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())}): lower --lr, or check the data")
-                accelerator.backward(loss)
                 if accelerator.sync_gradients and max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()

@@ -51,12 +51,14 @@ class JointLoss(nn.Module):
 
     def sequence_ce(self, logits: torch.Tensor, label_seq: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the decoder steps that are not ``-100``; logits [B, T, C + 1], label_seq [B, T]."""
-        logits = logits.float().flatten(0, 1)  # [B, T, C + 1] -> [B * T, C + 1]
+        logits = logits.float().flatten(0, 1)  # [B * T, C + 1]
         target = label_seq.flatten()  # [B * T]
-        if not bool((target != IGNORE_INDEX).any()):
-            return logits.sum() * 0.0  # nothing to learn; keeps the graph (and DDP) intact instead of NaN
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
-                               label_smoothing=self.config.label_smoothing)
+        # The mean over the steps that count, as reduction="mean" takes it, but 0 instead of NaN when none counts
+        # (the graph, and DDP, stay intact), and without asking the device which case it is: that would make the
+        # host wait for it on every step.
+        total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
+                                label_smoothing=self.config.label_smoothing, reduction="sum")
+        return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor,
                 label_seq: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig, save_json
 
@@ -134,6 +134,17 @@ def load_glove(path: str | os.PathLike, tokenizer_vocab: dict[str, int], dim: in
     return weights, hits
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. A CPU tensor goes to a CUDA device through pinned memory, a copy the host does not
+    wait for: a plain ``.to("cuda")`` of pageable memory first waits until the device has finished all work queued
+    before it."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class CaptionEncoder(nn.Module):
     """Word embeddings + (bi)LSTM that never sees padding, pooled over the valid steps: ids -> [B, num_features].
 
@@ -194,7 +205,9 @@ class CaptionEncoder(nn.Module):
                 caption_lengths: Optional[torch.Tensor | Sequence[int]] = None) -> torch.Tensor:
         """Args: ``caption_ids`` [B, L] padded with ``pad_id``; ``caption_lengths`` [B] (0 for an empty caption), a
         tensor or a list of ints. Best on the CPU whatever the device of the ids: packing needs them there, and
-        fetching them from a GPU makes the host wait for the device."""
+        fetching them from a GPU makes the host wait for the device. Lengths given on the CPU with ids on a GPU reach
+        the GPU through pinned memory without a wait, and packing and unpacking keep their permutations on the GPU,
+        so the forward pass never makes the host wait for the device."""
         if caption_lengths is None:
             caption_lengths = (caption_ids != self.pad_id).sum(1)
         elif not torch.is_tensor(caption_lengths):
@@ -203,19 +216,16 @@ class CaptionEncoder(nn.Module):
         if L == 0:  # every caption empty and nothing padded: one pad step keeps packing valid
             caption_ids = caption_ids.new_full((B, 1), self.pad_id)
             L = 1
-        empty = caption_lengths <= 0  # [B]
-        lengths = caption_lengths.clamp(1, L)  # [B]
         x = self.embed_drop(self.embedding(caption_ids))  # [B, L, E]
-        valid = (torch.arange(L, device=x.device)[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)  # [B, L, 1]
+        raw = to_device_async(caption_lengths, x.device)  # [B] where the model runs
+        empty = raw <= 0  # [B]
+        lengths = raw.clamp(1, L)  # [B]
+        valid = (torch.arange(L, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, L, 1]
         if self._use_packed(x):
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, (h_n, _) = self.lstm(packed)
-            # h_n [layers * dirs, B, H] (restored to batch order) -> last layer, both directions: [B, dirs * H]
-            h_last = h_n[-self.num_directions:].transpose(0, 1).reshape(B, -1)
-            if self.pool != "last":
-                out, _ = pad_packed_sequence(out, batch_first=True)  # [B, T = max(lengths), dirs * H]
+            out, h_last = self._lstm_packed(x, caption_lengths.clamp(1, L) if caption_lengths.device.type == "cpu"
+                                            else lengths.cpu())  # lengths from a GPU: the one wait left
         else:
-            out, h_last = self._lstm_padded(x, lengths.to(x.device))  # [B, L, dirs * H], [B, dirs * H]
+            out, h_last = self._lstm_padded(x, lengths)  # [B, L, dirs * H], [B, dirs * H]
         if self.pool == "last":
             pooled = h_last
         else:
@@ -223,14 +233,34 @@ class CaptionEncoder(nn.Module):
             if self.pool == "max":
                 pooled = out.masked_fill(~out_valid, float("-inf")).amax(1)  # [B, D]
             else:
-                pooled = (out * out_valid).sum(1) / lengths.to(out)[:, None]  # [B, D]
+                pooled = (out * out_valid).sum(1) / lengths.to(out.dtype)[:, None]  # [B, D]
         if self.word_skip:
             words = x.masked_fill(~valid, float("-inf")).amax(1)  # [B, E]
             pooled = torch.cat([pooled, words.to(pooled.dtype)], dim=1)  # [B, dirs * H + E]
         if self.ngram_embedding is not None:
             pooled = torch.cat([pooled, self.ngram_bag(caption_ids, valid[..., 0]).to(pooled.dtype)], dim=1)
-        empty = empty.to(pooled.device)[:, None]  # [B, 1]
-        return torch.where(empty, self.empty_embedding.to(pooled.dtype), pooled)
+        return torch.where(empty[:, None], self.empty_embedding.to(pooled.dtype), pooled)
+
+    def _lstm_packed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.lstm`` on the packed batch: ``x`` [B, L, E], ``lengths`` [B] in 1..L on the CPU -> (outputs
+        [B, T = max(lengths), dirs * H], zero at padded steps; each caption's final states [B, dirs * H]).
+
+        What ``pack_padded_sequence(enforce_sorted=False)`` and ``pad_packed_sequence`` do, except that the sorting
+        permutation is computed on the CPU and reaches ``x``'s device through pinned memory, and the outputs are put
+        back in batch order there: those functions copy it to the device, and back, each time making the host wait
+        until the device has finished all the work queued before."""
+        B = x.shape[0]
+        order = torch.sort(lengths, descending=True, stable=True).indices  # [B] on the CPU
+        order_dev = to_device_async(order, x.device)
+        restore = torch.empty_like(order_dev).scatter_(0, order_dev, torch.arange(B, device=x.device))
+        packed = pack_padded_sequence(x.index_select(0, order_dev), lengths[order], batch_first=True)
+        out, (h_n, _) = self.lstm(PackedSequence(packed.data, packed.batch_sizes, order_dev, restore))
+        # h_n [layers * dirs, B, H] (already in batch order) -> last layer, both directions: [B, dirs * H]
+        h_last = h_n[-self.num_directions:].transpose(0, 1).reshape(B, -1)
+        if self.pool == "last":
+            return x.new_zeros(B, 0, h_last.shape[1]), h_last  # the outputs are not needed
+        padded, _ = pad_packed_sequence(PackedSequence(out.data, out.batch_sizes), batch_first=True)  # sorted order
+        return padded.index_select(0, restore), h_last
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         if self.lstm_impl not in ("auto", "packed", "padded"):

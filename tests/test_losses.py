@@ -79,6 +79,8 @@ def test_pos_weight_focal_and_smoothing() -> None:
     torch.testing.assert_close(
         smoothed.sequence_ce(outputs["decoder_logits"], label_seq),
         F.cross_entropy(outputs["decoder_logits"][valid], label_seq[valid], label_smoothing=0.1))
+    torch.testing.assert_close(JointLoss().sequence_ce(outputs["decoder_logits"], label_seq),
+                               F.cross_entropy(outputs["decoder_logits"][valid], label_seq[valid]))
 
 
 def test_sequence_without_targets_is_zero_not_nan() -> None:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from multimodal.config import LossConfig, ModelConfig
 from multimodal.engine import adamw, build_optimizer
@@ -49,6 +52,43 @@ def inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 ABLATIONS = [(i, c, d) for i, c, d in itertools.product((True, False), repeat=3) if i or c]
 
 
+
+class ReadBacks(TorchDispatchMode):
+    """Counts the operators that, on a GPU, make the host wait for the device: reading a value back (``.item()``,
+    ``bool(tensor)``, ``if tensor:``) and those whose output size depends on the data (``nonzero``, boolean
+    masks)."""
+
+    WAITING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.WAITING and not self._reads_batch_sizes():
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _reads_batch_sizes() -> bool:
+        """nn.LSTM reads a packed batch's ``batch_sizes``, which PyTorch keeps on the CPU whatever the device."""
+        return any(Path(f.filename).parts[-3:] == ("nn", "modules", "rnn.py") for f in traceback.extract_stack())
+
+
+@pytest.mark.parametrize("extra", [{}, {"caption_pool": "mean"}, {"caption_pool": "last", "caption_layers": 2}])
+@pytest.mark.parametrize("lstm_impl", ["packed", "padded"])
+def test_training_step_never_reads_a_value_back(extra: dict, lstm_impl: str) -> None:
+    """The joint model's forward, loss and backward queue work without reading anything back (on a GPU each read
+    makes the host wait until the device has finished everything queued, and the device then waits for the host)."""
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(caption_word_skip=True, **extra)).train()
+    model.caption_encoder.lstm_impl = lstm_impl
+    batch = make_batch(4)
+    with ReadBacks() as reads:
+        out = model(**inputs_of(batch), label_seq=batch["label_seq"])
+        JointLoss(LossConfig())(out, batch["targets"], batch["label_seq"])["loss"].backward()
+    assert reads.seen == []
+    assert all(p.grad is not None for p in model.caption_encoder.lstm.parameters())
 @pytest.mark.parametrize("image,caption,decoder", ABLATIONS)
 def test_forward_every_ablation(image: bool, caption: bool, decoder: bool) -> None:
     torch.manual_seed(0)
