@@ -45,6 +45,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterable, Iterator, Optional  # noqa: E402
 
@@ -481,8 +483,33 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
 
     train_one_epoch(engine, Batches(), criterion, engine_opt, scheduler, s.acc, Progress(),
                     total_batches=len(batches), log_every=10 ** 9, use_image=True)
+    waits = {}
+    if s.device.type == "cuda":  # where a step makes the host wait for the GPU (one step of each, after the timing)
+        waits = {"encoder_alone": device_waits(lambda: encoder_step(batches[0])),
+                 "joint_plain_loop": device_waits(lambda: joint_step(batches[0])),
+                 "joint_train_one_epoch": device_waits(lambda: train_one_epoch(
+                     engine, [batches[0]], criterion, engine_opt, scheduler, s.acc, Progress(), total_batches=1,
+                     log_every=10 ** 9, use_image=True))}
+        for name, found in waits.items():
+            print(f"  host waits for the GPU in one {name} step: {found['count']} {found['where']}", flush=True)
     s.acc.free_memory()
-    return _interleaved_result(names, images, seconds, before, "interleaved", per_step=per_step)
+    result = _interleaved_result(names, images, seconds, before, "interleaved", per_step=per_step)
+    return result | ({"device_waits": waits} if waits else {})
+
+
+def device_waits(step: Callable[[], Any]) -> dict[str, Any]:
+    """The operations in ``step`` that make the host wait for the GPU, as CUDA's sync debug mode reports them: how
+    many, and the source lines that asked (file:line -> count)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"count": sum(where.values()), "where": dict(where)}
 
 
 def section_train(s: Setup) -> dict[str, Any]:
