@@ -152,8 +152,9 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     import torch
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, "
-            f"no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({cpu}, {os.cpu_count()} cores, torch {torch.__version__})"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, no GPU"
 
 
 def split(data_dir: Path) -> tuple[Any, Any, LabelCodec]:
