@@ -63,11 +63,17 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
 
     A row whose image could not be read (``skip_bad_images``) is predicted from its caption alone when the model has
     a caption branch; otherwise it is marked unusable and gets no labels.
+
+    On a GPU a batch's results are handed over only once the next batch's forward pass is queued, and they come back
+    by an asynchronous copy: what the caller does with them (thresholds, the CSV) runs while the GPU computes, instead
+    of the GPU waiting for it.
     """
     model.eval()
+    device = accelerator.device
+    pending = None
     with torch.inference_mode():
         for batch in loader:
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             inputs = model_inputs(batch)
             with accelerator.autocast():
                 probs = model.predict_proba(**inputs).float()
@@ -80,7 +86,31 @@ def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerato
                     else:
                         usable &= ~bad
             errors = [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e is not None]
-            yield list(batch["image_id"]), probs.cpu().numpy(), usable.cpu().numpy(), errors
+            copied = _to_host(probs, usable)
+            if pending is not None:
+                yield _host_result(*pending)
+            pending = (list(batch["image_id"]), copied, errors)
+        if pending is not None:
+            yield _host_result(*pending)
+
+
+def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Optional[torch.cuda.Event]]:
+    """Copies of ``tensors`` on the CPU, and from a GPU the event that marks them complete: the copies go into pinned
+    memory without the host waiting for them."""
+    if not tensors[0].is_cuda:
+        return list(tensors), None
+    copies = [t.to("cpu", non_blocking=True) for t in tensors]
+    event = torch.cuda.Event()
+    event.record()
+    return copies, event
+
+
+def _host_result(ids: list[str], copied: tuple[list[torch.Tensor], Optional[torch.cuda.Event]],
+                 errors: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    (probs, usable), event = copied
+    if event is not None:
+        event.synchronize()  # this batch's copies only; the next batch keeps running on the GPU
+    return ids, probs.numpy(), usable.numpy(), errors
 
 
 def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], accelerator: Any, *,
