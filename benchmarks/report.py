@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 
 ORDER = ["tfidf_logreg", "linear_probe", "linear_probe_full", "caption_only", "caption_word_skip", "image_only_lite0",
          "image_only_lite1", "image_caption", "image_caption_decoder", "tail_lite0_224", "cpu_tail2", "cpu_lite2",
-         "best_cpu", "best_cpu_train80", "cpu_full", "cpu_full_e4", "gpu_recipe"]
+         "best_cpu", "best_cpu_train80", "cpu_full", "cpu_full_e4", "gpu_recipe", "gpu_reg",
+         "gpu_reg_384"]
 RECIPE = "cpu_full_e4"  # the row of the CPU recipe (the target: samples F1 >= 0.88 within 60 minutes from nothing)
 
 

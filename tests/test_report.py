@@ -124,3 +124,29 @@ def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
     assert stacked["fused head"] == averaged["a"] and set(stacked) == {
         "fused head", "stack of fused: one model", "stack of fused: one model per class"}
     assert all(0.0 <= v <= 1.0 for v in stacked.values())
+
+
+def test_every_table_row_is_a_valid_train_py_command() -> None:
+    """Each neural row's arguments (CPU and GPU rows alike: the GPU ones cannot run here) parse with train.py's parser
+    and pass its checks, so a typo in a row is found before a machine is rented for it."""
+    import argparse
+
+    import comp5329
+    sys.path.insert(0, str(ROOT))
+    from train import check_args, get_args_parser
+
+    class Refused(Exception):
+        pass
+
+    parser = get_args_parser()
+    parser.error = lambda message: (_ for _ in ()).throw(Refused(message))  # type: ignore[method-assign]
+    assert set(comp5329.GPU_ROWS) <= set(comp5329.NEURAL_ROWS) and set(comp5329.CPU_ROWS).isdisjoint(comp5329.GPU_ROWS)
+    for name, spec in comp5329.NEURAL_ROWS.items():
+        args = [str(a) for a in spec["args"]]
+        argv = ["--data-dir", "DATA", "--output-dir", "OUT", "--val-fraction", "0.2", *args]
+        try:
+            parsed = parser.parse_args(argv)
+            check_args(parser, parsed)
+        except (Refused, SystemExit) as e:
+            raise AssertionError(f"row {name}: {e}") from e
+        assert isinstance(parsed, argparse.Namespace)
