@@ -71,6 +71,13 @@ class ImageCaptionDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.codec = codec if "Labels" in frame.columns else None
+        # The columns as plain lists: a pandas row lookup per sample cost a DataLoader worker more than reading the
+        # image from the uint8 cache (benchmarks/SPEED.md, section 2.1).
+        self._ids: list[str] = self.frame["ImageID"].tolist()
+        self._captions: list[str] = self.frame["Caption"].tolist()
+        self._labels: Optional[list[Any]] = self.frame["Labels"].tolist() if self.codec is not None else None
+        self._rows: Optional[list[int]] = [int(r) for r in self.frame["_row"]] if "_row" in self.frame.columns \
+            else None
         self.tokenizer = tokenizer
         self.transform = transform or _to_tensor
         self.skip_bad_images = skip_bad_images
@@ -95,7 +102,7 @@ class ImageCaptionDataset(Dataset):
     def image_path(self, index: int) -> Path:
         if self.image_dir is None:
             raise ValueError("this dataset was built without image_dir")
-        return self.image_dir / self.frame.at[index, "ImageID"]
+        return self.image_dir / self._ids[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample as a dict.
@@ -108,21 +115,22 @@ class ImageCaptionDataset(Dataset):
             ImageLoadError: naming the file, the row and the ImageID, unless ``skip_bad_images``.
         """
         index = int(index)
-        row = self.frame.iloc[index]
-        sample: dict[str, Any] = {"index": index, "image_id": row["ImageID"], "image_ok": True, "error": None}
+        image_id = self._ids[index]
+        sample: dict[str, Any] = {"index": index, "image_id": image_id, "image_ok": True, "error": None}
         if self.image_dir is not None:
-            sample["image"] = self._load(index, row["ImageID"], sample)
+            sample["image"] = self._load(index, image_id, sample)
         if self.tokenizer is not None:
-            sample["caption_ids"] = caption_token_ids(self.tokenizer, row["Caption"], self.max_caption_length)
-        if self.codec is not None:
-            sample["targets"] = torch.from_numpy(self.codec.encode(row["Labels"]))
-            sample["label_seq"] = self.codec.sequence(row["Labels"]) + [self.codec.end_index]
+            sample["caption_ids"] = caption_token_ids(self.tokenizer, self._captions[index], self.max_caption_length)
+        if self._labels is not None:
+            labels = self._labels[index]
+            sample["targets"] = torch.from_numpy(self.codec.encode(labels))
+            sample["label_seq"] = self.codec.sequence(labels) + [self.codec.end_index]
         return sample
 
     def source_row(self, index: int) -> int:
         """The row of the annotation file a sample came from: the ``_row`` column when the frame was split from a
         larger one (0-based data rows of the CSV), else the sample's position."""
-        return int(self.frame.at[index, "_row"]) if "_row" in self.frame.columns else index
+        return self._rows[index] if self._rows is not None else index
 
     def _load(self, index: int, image_id: str, sample: dict[str, Any]) -> torch.Tensor:
         path = self.image_path(index)
