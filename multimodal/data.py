@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from multimodal.images import (ImageLoadError, image_cache_settings, load_image, resize_for_cache,
                                update_files_digest)
@@ -33,6 +34,26 @@ __all__ = ["ImageCaptionDataset", "Collator", "train_val_split", "LABEL_PAD", "I
 
 LABEL_PAD = -100  # the default ignore_index of torch's cross-entropy
 logger = logging.getLogger(__name__)
+
+
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch. In a DataLoader worker it is allocated in shared memory, as torch's
+    `default_collate` allocates its output, so that handing the batch to the main process copies nothing."""
+    if get_worker_info() is not None:
+        try:
+            elem = torch.empty(0, dtype=dtype)
+            storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+            return elem.new(storage).resize_(*shape)
+        except (AttributeError, RuntimeError, TypeError):  # torch's private API moved: ordinary memory (one copy more)
+            pass
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
+class SampleBatch(list):
+    """The samples of one batch, as `ImageCaptionDataset.__getitems__` returns them; ``images``, when set, holds
+    their images already stacked [B, ...] (each sample's ``image`` is a view of it)."""
+
+    images: Optional[torch.Tensor] = None
 
 
 class ImageCaptionDataset(Dataset):
@@ -84,6 +105,8 @@ class ImageCaptionDataset(Dataset):
         self.max_caption_length = max_caption_length
         self.draft_size = draft_size
         self.image_cache = image_cache
+        # cached uint8 images handed over as they are (transformed later, batched, where the model runs)
+        self._raw_cache = image_cache is not None and transform is None
         if image_cache is not None:
             self.transform = transform or (lambda image: image)
         self._blank: Optional[torch.Tensor] = None
@@ -114,10 +137,28 @@ class ImageCaptionDataset(Dataset):
         Raises:
             ImageLoadError: naming the file, the row and the ImageID, unless ``skip_bad_images``.
         """
-        index = int(index)
+        return self._sample(int(index))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of samples (the DataLoader calls this instead of ``__getitem__`` per sample). From the uint8 image
+        cache without a per-sample transform, the batch's images are read in one copy, and the returned list's
+        ``images`` [B, S, S, 3] lets `Collator` use them as they are instead of copying them again; otherwise, or if
+        an image of the batch is not readable from the cache, it is ``[self[i] for i in indices]``."""
+        indices = [int(i) for i in indices]
+        block = self.image_cache.images([self._ids[i] for i in indices]) \
+            if self._raw_cache and self.image_dir is not None else None
+        if block is None:
+            return [self._sample(i) for i in indices]
+        batch = SampleBatch(self._sample(i, image=block[k]) for k, i in enumerate(indices))
+        batch.images = block
+        return batch
+
+    def _sample(self, index: int, image: Optional[torch.Tensor] = None) -> dict[str, Any]:
         image_id = self._ids[index]
         sample: dict[str, Any] = {"index": index, "image_id": image_id, "image_ok": True, "error": None}
-        if self.image_dir is not None:
+        if image is not None:
+            sample["image"] = image
+        elif self.image_dir is not None:
             sample["image"] = self._load(index, image_id, sample)
         if self.tokenizer is not None:
             sample["caption_ids"] = caption_token_ids(self.tokenizer, self._captions[index], self.max_caption_length)
@@ -202,7 +243,9 @@ class Collator:
         first = samples[0]
         batch: dict[str, Any] = {}
         if "image" in first:
-            batch["image"] = torch.stack([s["image"] for s in samples])  # [B, 3, H, W]
+            stacked = getattr(samples, "images", None)  # `SampleBatch`: already stacked, no second copy
+            # default_collate stacks into shared memory in a worker (no copy on the way to the main process)
+            batch["image"] = stacked if stacked is not None else default_collate([s["image"] for s in samples])
         if "image_features" in first:
             batch["image_features"] = torch.stack([s["image_features"] for s in samples])  # [B, F]
         batch["image_ok"] = torch.tensor([s["image_ok"] for s in samples], dtype=torch.bool)
@@ -287,6 +330,16 @@ class ImageCache:
         if not self.ok[row]:
             raise ImageLoadError(image_id, self.errors.get(image_id, "unreadable when the image cache was built"))
         return torch.from_numpy(np.array(self.array[row]))
+
+    def images(self, image_ids: Sequence[str]) -> Optional[torch.Tensor]:
+        """The cached uint8 images [B, S, S, 3] of a batch, read in one copy; None if any of them is not in the cache
+        or was unreadable (`image` then says which, and why)."""
+        rows = [self.row.get(image_id) for image_id in image_ids]
+        if any(row is None or not self.ok[row] for row in rows):
+            return None
+        out = batch_buffer((len(rows), *self.array.shape[1:]), torch.uint8)
+        np.take(self.array, rows, axis=0, out=out.numpy(), mode="clip")  # "clip": unbuffered (the rows are valid)
+        return out
 
 
 def image_cache_fingerprint(image_ids: Sequence[str], image_dir: str | Path, size: int, interpolation: str,

@@ -183,3 +183,43 @@ def test_subsample_rows_shrinks_the_training_part_reproducibly():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="training fraction"):
             subsample_rows(frame, bad)
+
+
+def test_batches_from_the_image_cache_are_read_in_one_copy_and_equal_sample_by_sample(folder, parts, tmp_path):
+    """The DataLoader's batched fetch (`__getitems__`) from the uint8 cache gives the batch that per-sample fetching
+    gives, with the images stacked once; an image the cache could not read sends the batch down the per-sample path,
+    which reports it (or, with skip_bad_images, blanks it) as before."""
+    from multimodal.data import SampleBatch, build_image_cache
+
+    frame, codec, tokenizer, _ = parts
+    (folder / "2.jpg").write_bytes(b"not a jpeg")
+    cache = build_image_cache(list(frame["ImageID"]), folder, tmp_path / "cache", SIZE, skip_bad_images=True)
+    collate = Collator()
+    dataset = ImageCaptionDataset(frame, folder, codec, tokenizer, image_cache=cache)
+
+    fetched = dataset.__getitems__([3, 0, 1])
+    assert isinstance(fetched, SampleBatch) and fetched.images.shape == (3, SIZE, SIZE, 3)
+    assert all(s["image"].data_ptr() == fetched.images[k].data_ptr() for k, s in enumerate(fetched))  # views
+    one_by_one = collate([dataset[i] for i in (3, 0, 1)])
+    batched = collate(fetched)
+    assert batched["image"] is fetched.images and batched.keys() == one_by_one.keys()
+    for key, value in one_by_one.items():
+        if torch.is_tensor(value):
+            assert torch.equal(batched[key], value), key
+        else:
+            assert batched[key] == value, key
+
+    with pytest.raises(ImageLoadError, match="2.jpg"):  # the unreadable image, named as by the per-sample path
+        dataset.__getitems__([0, 2])
+    lenient = ImageCaptionDataset(frame, folder, codec, tokenizer, image_cache=cache, skip_bad_images=True)
+    mixed = lenient.__getitems__([0, 2])
+    assert not isinstance(mixed, SampleBatch) and [s["image_ok"] for s in mixed] == [True, False]
+
+    # a DataLoader with workers takes the batched path and gives the same batches
+    loader = DataLoader(dataset, batch_size=2, sampler=[3, 0, 1], collate_fn=collate, num_workers=1)
+    first = next(iter(loader))
+    assert torch.equal(first["image"], one_by_one["image"][:2]) and first["image_id"] == ["3.jpg", "0.jpg"]
+
+    with_transform = ImageCaptionDataset(frame, folder, codec, tokenizer, image_cache=cache,
+                                         transform=lambda image: image.float())
+    assert not isinstance(with_transform.__getitems__([0, 1]), SampleBatch)  # a per-sample transform: per sample
