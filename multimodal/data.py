@@ -36,6 +36,12 @@ LABEL_PAD = -100  # the default ignore_index of torch's cross-entropy
 logger = logging.getLogger(__name__)
 
 
+def _as_cached(image: torch.Tensor) -> torch.Tensor:
+    """The transform of cached images when none is given: the uint8 image as it is, transformed later, batched,
+    where the model runs."""
+    return image
+
+
 def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor for a batch. In a DataLoader worker it is allocated in shared memory, as torch's
     `default_collate` allocates its output, so that handing the batch to the main process copies nothing."""
@@ -105,10 +111,8 @@ class ImageCaptionDataset(Dataset):
         self.max_caption_length = max_caption_length
         self.draft_size = draft_size
         self.image_cache = image_cache
-        # cached uint8 images handed over as they are (transformed later, batched, where the model runs)
-        self._raw_cache = image_cache is not None and transform is None
-        if image_cache is not None:
-            self.transform = transform or (lambda image: image)
+        if image_cache is not None:  # without a transform: the uint8 images as they are (see `__getitems__`)
+            self.transform = transform or _as_cached
         self._blank: Optional[torch.Tensor] = None
 
     @property
@@ -145,10 +149,11 @@ class ImageCaptionDataset(Dataset):
         ``images`` [B, S, S, 3] lets `Collator` use them as they are instead of copying them again; otherwise, or if
         an image of the batch is not readable from the cache, it is ``[self[i] for i in indices]``."""
         indices = [int(i) for i in indices]
-        block = self.image_cache.images([self._ids[i] for i in indices]) \
-            if self._raw_cache and self.image_dir is not None else None
+        raw = (self.image_cache is not None and self.transform is _as_cached and self.image_dir is not None
+               and type(self).__getitem__ is ImageCaptionDataset.__getitem__)  # a subclass's own samples: per sample
+        block = self.image_cache.images([self._ids[i] for i in indices]) if raw else None
         if block is None:
-            return [self._sample(i) for i in indices]
+            return [self[i] for i in indices]
         batch = SampleBatch(self._sample(i, image=block[k]) for k, i in enumerate(indices))
         batch.images = block
         return batch

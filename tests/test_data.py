@@ -223,3 +223,6 @@ def test_batches_from_the_image_cache_are_read_in_one_copy_and_equal_sample_by_s
     with_transform = ImageCaptionDataset(frame, folder, codec, tokenizer, image_cache=cache,
                                          transform=lambda image: image.float())
     assert not isinstance(with_transform.__getitems__([0, 1]), SampleBatch)  # a per-sample transform: per sample
+    dataset.transform = lambda image: image.float()  # set after construction (benchmarks/throughput.py does)
+    assert not isinstance(dataset.__getitems__([0, 1]), SampleBatch)
+    assert dataset.__getitems__([0, 1])[0]["image"].dtype == torch.float32
