@@ -491,7 +491,8 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
                      engine, [batches[0]], criterion, engine_opt, scheduler, s.acc, Progress(), total_batches=1,
                      log_every=10 ** 9, use_image=True))}
         for name, found in waits.items():
-            print(f"  host waits for the GPU in one {name} step: {found['count']} {found['where']}", flush=True)
+            print(f"  host waits for the GPU in one {name} step: {found.get('count')} "
+                  f"{found.get('where', found.get('error'))}", flush=True)
     s.acc.free_memory()
     result = _interleaved_result(names, images, seconds, before, "interleaved", per_step=per_step)
     return result | ({"device_waits": waits} if waits else {})
@@ -499,15 +500,19 @@ def interleaved_training(s: Setup, batches: list[dict[str, Any]]) -> dict[str, A
 
 def device_waits(step: Callable[[], Any]) -> dict[str, Any]:
     """The operations in ``step`` that make the host wait for the GPU, as CUDA's sync debug mode reports them: how
-    many, and the source lines that asked (file:line -> count)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    many, and the source lines that asked (file:line -> count). A failure is recorded (``error``), not raised: this
+    runs after the timed measurements, which it must not lose."""
+    try:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    except Exception as err:  # noqa: BLE001 - reported in the results instead
+        return {"error": f"{type(err).__name__}: {err}"}
     where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return {"count": sum(where.values()), "where": dict(where)}
 

@@ -227,3 +227,32 @@ def test_recipe_step_smoke(tmp_path):
     assert len(results["map_shape"]) == 3  # the cached map below the trained tail: [C, h, w]
     for variant in ("padded+loop", "packed+fused", "padded+fused"):
         assert results["ratios"][f"{variant}/packed+loop"] > 0
+
+
+def test_device_waits_counts_synchronizing_calls_by_line_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """throughput.py's report of where a step makes the host wait for the GPU (CUDA's sync debug mode warnings),
+    with CUDA's calls stubbed here; it runs after the timed measurements, so a failure is recorded, not raised."""
+    import warnings
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+
+    modes: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step() -> None:
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")  # the same line twice
+        warnings.warn("an unrelated warning")
+
+    found = throughput.device_waits(step)
+    assert found["count"] == 2 and list(found["where"].values()) == [2]
+    assert next(iter(found["where"])).startswith("test_benchmarks.py:")
+    assert modes == ["warn", "default"]  # the debug mode is switched back off
+
+    def broken() -> None:
+        raise RuntimeError("no GPU")
+
+    assert throughput.device_waits(broken) == {"error": "RuntimeError: no GPU"}
+    assert modes[-1] == "default"
