@@ -52,10 +52,15 @@ CPU_RECIPE = ["--encoder", "tf_efficientnet_lite0", "--image-size", "288", "--tr
               "--batch-size", "64", "--workers", "2"]
 
 
+def with_value(args: list[str], flag: str, value: Any) -> list[str]:
+    """``args`` with the value of its ``flag`` replaced."""
+    i = args.index(flag)
+    return [*args[:i + 1], str(value), *args[i + 2:]]
+
+
 def with_epochs(args: list[str], epochs: int) -> list[str]:
     """``args`` with the value of its ``--epochs`` flag replaced."""
-    i = args.index("--epochs")
-    return [*args[:i + 1], str(epochs), *args[i + 2:]]
+    return with_value(args, "--epochs", epochs)
 
 
 def row_cache(row: str) -> Path:
@@ -63,12 +68,12 @@ def row_cache(row: str) -> Path:
     return RUNS / f"{row}_feature_cache"
 
 
-CPU_FULL = [*CPU_RECIPE, "--image-crop", "full"]
+CPU_FULL = [*CPU_RECIPE, "--image-crop", "full"]  # the same on the whole image instead of the centre crop
 # What the GPU rows share (each adds its epochs, backbone rate and regularisation): Lite2 fine-tuned end to end on the
 # whole image, bf16, batch 96, 14 DataLoader workers (a 16-core GPU machine).
 GPU_RECIPE = ["--encoder", "tf_efficientnet_lite2", "--image-size", "288", "--image-crop", "full", "--batch-size", "96",
               "--lr", "2e-3", "--mixed-precision", "bf16", "--channels-last", "--caption-word-skip", "--workers", "14",
-              "--tune-thresholds"]  # the same on the whole image instead of the centre crop
+              "--tune-thresholds"]
 CPU_FULL_E4 = with_epochs(CPU_FULL, 4)  # the CPU recipe since the fifth session
 BEST_CPU_MAPS = row_cache("best_cpu")
 NEURAL_ROWS: dict[str, dict[str, Any]] = {
@@ -156,7 +161,7 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
         args=[*GPU_RECIPE, "--epochs", "6", "--backbone-lr", "2e-4", "--dropout", "0.4", "--weight-decay", "0.05"]),
     "gpu_reg_384": dict(
         label="GPU candidate: `gpu_reg` at 384 px",
-        args=[*[("384" if a == "288" else a) for a in GPU_RECIPE], "--epochs", "6", "--backbone-lr", "2e-4",
+        args=[*with_value(GPU_RECIPE, "--image-size", 384), "--epochs", "6", "--backbone-lr", "2e-4",
               "--dropout", "0.4", "--weight-decay", "0.05"]),
 }
 GPU_ROWS = ["gpu_recipe", "gpu_reg", "gpu_reg_384"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig, save_json
 
@@ -252,7 +252,7 @@ class CaptionEncoder(nn.Module):
         B = x.shape[0]
         order = torch.sort(lengths, descending=True, stable=True).indices  # [B] on the CPU
         order_dev = to_device_async(order, x.device)
-        restore = torch.empty_like(order_dev).scatter_(0, order_dev, torch.arange(B, device=x.device))
+        restore = invert_permutation(order_dev)  # on the device too
         packed = pack_padded_sequence(x.index_select(0, order_dev), lengths[order], batch_first=True)
         out, (h_n, _) = self.lstm(PackedSequence(packed.data, packed.batch_sizes, order_dev, restore))
         # h_n [layers * dirs, B, H] (already in batch order) -> last layer, both directions: [B, dirs * H]
