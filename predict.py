@@ -41,6 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="read images from a uint8 cache in DIR, resized once to the model's evaluation size and "
                         "built on first use: later predictions over the same images skip JPEG decoding "
                         "(invalidated when the images or the preprocessing change)")
+    p.add_argument("--decode-on-device", action="store_true",
+                   help="the loader workers only read the image files; decoding (JPEG: nvJPEG on a GPU), resizing "
+                        "and normalising run batched where the model runs")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="predict unreadable images from their caption (or no labels) and report them")
     return p
@@ -63,6 +66,8 @@ def main(args: argparse.Namespace) -> int:
     if all(m.image_encoder is None for m in models):
         image_dir = None
     caches = [None] * len(models)
+    if args.image_cache and args.decode_on_device:
+        raise SystemExit("--decode-on-device decodes the image files: it cannot be combined with --image-cache")
     if args.image_cache and image_dir is not None:
         from multimodal.data import build_model_image_cache
         caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,
@@ -73,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
                     args.threshold if args.threshold is not None else 0.5)
     result = predict_to_csv(models, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
-                            skip_bad_images=args.skip_bad_images, image_cache=caches)
+                            skip_bad_images=args.skip_bad_images, image_cache=caches,
+                            decode_on_device=args.decode_on_device)
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
     report = Path(args.output).with_suffix(".bad_images.csv")
     report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one

@@ -52,6 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="with --image-cache: run the training augmentation batched on the model's device instead of "
                         "per image in the loader workers (default: on a GPU yes, on a CPU no)")
+    g.add_argument("--decode-on-device", action="store_true",
+                   help="the loader workers only read the image files; the batch is decoded (JPEG: nvJPEG on a GPU), "
+                        "resized, augmented and normalised where the model runs, as with --image-cache "
+                        "--device-augment but without building a cache")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
 
     g = p.add_argument_group("model")
@@ -141,6 +145,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      "--train-tail-stages >= 1 (a frozen encoder caches pooled features only)")
     if args.device_augment and not args.image_cache:
         parser.error("--device-augment augments the uint8 images of --image-cache: give --image-cache DIR")
+    if args.decode_on_device and (args.image_cache or args.cache_features):
+        parser.error("--decode-on-device decodes the image files at every epoch: it cannot be combined with "
+                     "--image-cache or --cache-features")
     if args.image_attention and args.fusion_hidden:
         parser.error("--image-attention needs the linear fused head: leave --fusion-hidden at 0")
     if args.image_attention_temperature <= 0:

@@ -4,6 +4,7 @@
     python benchmarks/comp5329.py --row caption_only          # one row (trains, evaluates, writes results/<row>.json)
     python benchmarks/comp5329.py --all                       # every CPU row, then the report
     python benchmarks/comp5329.py --report                    # RESULTS.md, results.csv and the charts from results/
+    python benchmarks/comp5329.py --decode-check cpu_full_e4  # a row's model with images decoded on the device
 
 Every row uses the same data (``--data-dir`` or ``MULTIMODAL_COMP5329``) and the same validation split (20%, seed 0,
 the `train.py` defaults). Neural rows run `train.py` as a subprocess; the two classical reference rows (TF-IDF +
@@ -328,6 +329,53 @@ def predict_test(data_dir: Path, row: str = "cpu_full_e4_all") -> None:
     print(f"test predictions: {len(predictions)} rows in {seconds:.0f} s -> {out}")
 
 
+def decode_check(data_dir: Path, row: str) -> None:
+    """`predict.py` with a row's exported model over that row's validation split, once with the images decoded by
+    Pillow in the loader workers (as in training) and once with ``--decode-on-device`` (decoded and resized by torch
+    where the model runs, here on this machine's device); both scored against the labels. Writes
+    ``results/decode-on-device-<device>.json``."""
+    import pandas as pd
+    import torch
+
+    from multimodal.metrics import samples_f1
+    run_config = json.loads((RUNS / row / "run_config.json").read_text())["args"]
+    frame = read_annotations(data_dir / "train.csv")
+    _, val = train_val_split(frame, run_config["val_fraction"], run_config["seed"])
+    codec = LabelCodec.from_labels(frame["Labels"])
+    work = RUNS / row / "decode_check"
+    work.mkdir(parents=True, exist_ok=True)
+    rows_csv = work / "val.csv"
+    pd.DataFrame({"ImageID": val["ImageID"], "Caption": val["Caption"]}).to_csv(rows_csv, index=False)
+    targets = np.stack([codec.encode(labels) for labels in val["Labels"]])
+    result: dict[str, Any] = {"model_row": row, "rows": len(val), "machine": machine(),
+                              "date": time.strftime("%Y-%m-%d"), "command":
+                              f"python benchmarks/comp5329.py --decode-check {row}"}
+    probabilities = {}
+    for name, extra in (("pillow", []), ("decode_on_device", ["--decode-on-device"])):
+        out, probs = work / f"{name}.csv", work / f"{name}_probabilities.csv"
+        cmd = [sys.executable, "predict.py", "--checkpoint", str(RUNS / row / "model"), "--csv", str(rows_csv),
+               "--image-dir", str(data_dir / "data"), "--output", str(out), "--probabilities", str(probs),
+               "--workers", "2", *extra]
+        print("+", shlex.join(cmd), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        seconds = time.perf_counter() - t0
+        labels = pd.read_csv(out, keep_default_na=False)["Labels"]
+        predicted = np.stack([codec.encode([int(x) for x in str(s).split()]) for s in labels])
+        probabilities[name] = pd.read_csv(probs).iloc[:, 1:].to_numpy()
+        result[name] = {"samples_f1": round(float(samples_f1(predicted, targets).mean()), 4),
+                        "seconds": round(seconds, 1), "predicted": predicted,
+                        "command": shlex.join(["python", *cmd[1:]]).replace(str(data_dir), "DATA")
+                        .replace(f"{ROOT}/", "")}
+    a, b = (result[k].pop("predicted") for k in ("pillow", "decode_on_device"))
+    difference = np.abs(probabilities["pillow"] - probabilities["decode_on_device"])
+    result.update(same_label_sets=int((a == b).all(1).sum()), probability_difference_mean=float(difference.mean()),
+                  probability_difference_max=float(difference.max()))
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    (RESULTS / f"decode-on-device-{device}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("MULTIMODAL_COMP5329"), help="COMP5329 folder")
@@ -340,9 +388,12 @@ def main() -> int:
     p.add_argument("--predict-row", default="cpu_full_e4_all",
                    help="the row whose model --predict-test uses (default: cpu_full_e4_all, the CPU recipe refit on "
                         "all labelled images)")
+    p.add_argument("--decode-check", metavar="ROW", default=None,
+                   help="predict the ROW model's validation split with Pillow decoding and with --decode-on-device, "
+                        "and score both (results/decode-on-device-<device>.json)")
     args, extra = p.parse_known_args()
     rows = list(args.row) + ([*CLASSICAL_ROWS, *CPU_ROWS] if args.all else [])
-    if (rows or args.predict_test) and not args.data_dir:
+    if (rows or args.predict_test or args.decode_check) and not args.data_dir:
         p.error("give --data-dir or set MULTIMODAL_COMP5329")
     data_dir = Path(args.data_dir).resolve() if args.data_dir else None
     for row in rows:
@@ -358,6 +409,8 @@ def main() -> int:
             p.error(f"unknown row {row!r}")
     if args.predict_test or args.all:
         predict_test(data_dir, args.predict_row)
+    if args.decode_check:
+        decode_check(data_dir, args.decode_check)
     if args.report or args.all:
         from report import write_report  # benchmarks/report.py
         write_report(RESULTS, ROOT / "benchmarks", data_dir)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Throughput on one GPU (H100/H200), at most 8 minutes (three steps limited to 200 + 130 + 150 s; LIMITS="200 130 150"
-# sets them, 0 skips a step; on one H200 step 1 took 158 s with twice the inference images, seventh session):
+# Throughput on one GPU (H100/H200), at most 8 minutes (three steps limited to 240 + 120 + 120 s; LIMITS="240 120 120"
+# sets them, 0 skips a step; on one H200 step 1 took 158 s with half the inference images and without the device
+# decoding measurements, seventh session; the limits since are estimates):
 # training and inference images/s end to end for efficientnet_b0 at 224 px with bf16 and fp16 autocast and
-# channels_last, from the JPEGs on disk and from the pre-resized uint8 image cache (its build time is reported beside
-# it), against the bare model on tensors in memory.
+# channels_last, from the JPEGs on disk (decoded by the loader workers, and decoded on the GPU by nvJPEG:
+# --decode-on-device) and from the pre-resized uint8 image cache (its build time is reported beside it), against the
+# bare model on tensors in memory.
 #
 #   bash benchmarks/gpu.sh                         # data: $MULTIMODAL_COMP5329 or ../shared/comp5329
 #   DATA=/path/to/comp5329 OUT=/tmp/results bash benchmarks/gpu.sh
@@ -21,7 +23,7 @@ OUT=${OUT:-benchmarks/results}
 CACHE=${CACHE_DIR:-${TMPDIR:-/tmp}/mm-image-cache}
 CORES=$(nproc)
 BATCH=${BATCH:-256}
-read -r LIMIT1 LIMIT2 LIMIT3 <<< "${LIMITS:-200 130 150}"
+read -r LIMIT1 LIMIT2 LIMIT3 <<< "${LIMITS:-240 120 120}"
 mkdir -p "$OUT" "$CACHE"
 
 echo "== machine"
@@ -42,13 +44,14 @@ step() {  # step N LIMIT command...: runs the command under its time limit; a li
     if [ "$limit" -le 0 ]; then echo "step $n skipped (limit 0)"; return; fi
     timeout "$limit" "$@" || { echo "step $n failed or timed out ($?)"; status=1; }
 }
-echo "== 1/3 bf16: training and inference, bare vs end to end (JPEG, uint8 cache), data loader alone"
+echo "== 1/3 bf16: training and inference, bare vs end to end (JPEG, nvJPEG, uint8 cache), data loader alone"
 step 1 "$LIMIT1" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision bf16 --sections train,infer,loader \
     --train-batches 30 --infer-images 32768 --loader-images 16384 --keep-cache --label "gpu bf16 channels_last" \
     --output "$OUT/throughput-gpu-bf16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 
 echo "== 2/3 fp16: training and inference (cache reused when step 1 built it)"
 step 2 "$LIMIT2" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision fp16 --sections train,infer --reuse-cache \
+    --no-device-decode \
     --train-batches 30 --infer-images 32768 --label "gpu fp16 channels_last" \
     --output "$OUT/throughput-gpu-fp16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 

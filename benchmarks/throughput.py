@@ -62,10 +62,10 @@ sys.path.insert(0, str(ROOT))
 
 from multimodal.annotations import read_annotations  # noqa: E402
 from multimodal.config import LossConfig, ModelConfig, save_json  # noqa: E402
-from multimodal.data import Collator, ImageCaptionDataset, build_image_cache  # noqa: E402
+from multimodal.data import Collator, ImageCaptionDataset, build_image_cache, decode_images  # noqa: E402
 from multimodal.engine import Progress, adamw, build_optimizer, model_inputs, train_one_epoch  # noqa: E402
-from multimodal.images import (BatchImageTransform, build_transform, draft_size_for, eval_resize_size,  # noqa: E402
-                               load_image, resolve_image_config)
+from multimodal.images import (BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for,  # noqa
+                               eval_resize_size, load_image, resolve_image_config)
 from multimodal.inference import predict_to_csv  # noqa: E402
 from multimodal.labels import LabelCodec  # noqa: E402
 from multimodal.losses import JointLoss  # noqa: E402
@@ -211,10 +211,16 @@ class Setup:
         return pd.concat([self.frame] * reps, ignore_index=True).iloc[:n].reset_index(drop=True)
 
     def dataset(self, rows: pd.DataFrame, training: bool, *, cache: bool = False, draft: Optional[int] = None,
-                labelled: bool = True) -> ImageCaptionDataset:
-        transform = None if cache else build_transform(self.args.encoder, self.size, training)
+                labelled: bool = True, encoded: bool = False) -> ImageCaptionDataset:
+        """``encoded``: the samples carry the image files' bytes, for `data.decode_images` on the device."""
+        transform = None if cache or encoded else build_transform(self.args.encoder, self.size, training)
         return ImageCaptionDataset(rows, self.image_dir, self.codec if labelled else None, self.tokenizer, transform,
-                                   draft_size=draft, image_cache=self.cache if cache else None)
+                                   draft_size=draft, image_cache=self.cache if cache else None,
+                                   encoded_images=encoded)
+
+    def decoder(self) -> EncodedImageDecoder:
+        """Decodes image files on the device into the squares of the image cache (`images.image_cache_settings`)."""
+        return EncodedImageDecoder.for_model(self.args.encoder, self.size, device=self.device)
 
     def loader(self, dataset: ImageCaptionDataset, workers: int, shuffle: bool = False,
                persistent: bool = False) -> DataLoader:
@@ -305,7 +311,8 @@ def train_encoder_alone(s: Setup, batches: list[dict[str, Any]]) -> tuple[int, f
 
 
 def train_joint_engine(s: Setup, batches: Iterable[dict[str, Any]], length: Optional[int] = None,
-                       transform: Optional[BatchImageTransform] = None) -> tuple[int, float]:
+                       transform: Optional[BatchImageTransform] = None,
+                       decoder: Optional[EncodedImageDecoder] = None) -> tuple[int, float]:
     """The joint model under `engine.train_one_epoch` (Accelerate, gradient clipping, scheduler, logging): what
     ``train.py`` runs per step. ``batches`` may be a prepared DataLoader (end to end)."""
     model = maybe_compile(s.joint_model(), s.args)
@@ -314,7 +321,7 @@ def train_joint_engine(s: Setup, batches: Iterable[dict[str, Any]], length: Opti
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, scheduler = s.acc.prepare(model, optimizer, scheduler)
     if transform is not None:
-        batches = _transformed(batches, transform, s)
+        batches = _transformed(batches, transform, s, decoder)
     timed = Timed(batches, s.args.warmup, s.sync, length=length)
     train_one_epoch(model, timed, criterion, optimizer, scheduler, s.acc, Progress(), total_batches=len(timed),
                     log_every=10 ** 9, use_image=True)
@@ -323,10 +330,13 @@ def train_joint_engine(s: Setup, batches: Iterable[dict[str, Any]], length: Opti
 
 
 def _transformed(batches: Iterable[dict[str, Any]], transform: BatchImageTransform,
-                 s: Setup) -> Iterator[dict[str, Any]]:
-    """Cached uint8 batches moved to the device and preprocessed there (`images.BatchImageTransform`)."""
+                 s: Setup, decoder: Optional[EncodedImageDecoder] = None) -> Iterator[dict[str, Any]]:
+    """Cached uint8 batches (or, with ``decoder``, image files decoded into such batches) moved to the device and
+    preprocessed there (`images.BatchImageTransform`)."""
     for batch in batches:
         batch = {k: v.to(s.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if decoder is not None:
+            batch = decode_images(batch, decoder)
         batch["image"] = transform(batch["image"])
         yield batch
 
@@ -342,19 +352,22 @@ class PilFromCache:
         return self.transform(Image.fromarray(image.numpy()))
 
 
-def train_end_to_end(s: Setup, cache: bool) -> tuple[int, float]:
-    """`train_one_epoch` over a DataLoader reading the JPEGs (or the uint8 cache) with the training transform."""
+def train_end_to_end(s: Setup, cache: bool, decode: bool = False) -> tuple[int, float]:
+    """`train_one_epoch` over a DataLoader reading the JPEGs (or the uint8 cache) with the training transform; with
+    ``decode`` the loader only reads the files, and each batch is decoded, resized and augmented on the device (what
+    ``train.py --decode-on-device`` does)."""
     n = (s.args.train_batches + s.args.warmup) * s.args.batch_size
     rows = s.rows(n)
-    dataset = s.dataset(rows, training=True, cache=cache)
+    dataset = s.dataset(rows, training=True, cache=cache, encoded=decode)
     transform = None
-    if cache and s.device.type == "cuda":  # uint8 batches augmented on the GPU
+    if decode or cache and s.device.type == "cuda":  # uint8 batches augmented on the GPU
         transform = BatchImageTransform(s.args.encoder, s.size, training=True,
                                         channels_last=s.args.channels_last).to(s.device)
     elif cache:  # on a CPU: timm's PIL augmentation of the cached image, in the DataLoader workers
         dataset.transform = PilFromCache(build_transform(s.args.encoder, s.size, training=True))
     loader = s.acc.prepare(s.loader(dataset, s.args.workers, shuffle=True, persistent=True))
-    result = train_joint_engine(s, loader, length=len(loader), transform=transform)
+    result = train_joint_engine(s, loader, length=len(loader), transform=transform,
+                                decoder=s.decoder() if decode else None)
     del loader
     return result
 
@@ -527,6 +540,9 @@ def section_train(s: Setup) -> dict[str, Any]:
         s.ensure_cache()
         e2e_names.append("e2e_cache")
         e2e_fns.append(lambda: train_end_to_end(s, cache=True))
+    if args.device_decode:
+        e2e_names.append("e2e_device_decode")
+        e2e_fns.append(lambda: train_end_to_end(s, cache=False, decode=True))
     out["end_to_end"] = paired(tuple(e2e_names), tuple(e2e_fns), args.e2e_rounds)
     del batches
     bare, e2e = out["bare"], out["end_to_end"]
@@ -557,7 +573,8 @@ def forward_joint(s: Setup, batches: list[dict[str, Any]]) -> tuple[int, float]:
     return timed.images, timed.seconds
 
 
-def predict_end_to_end(s: Setup, cache: bool, workdir: Path, draft: Any = "auto") -> tuple[int, float]:
+def predict_end_to_end(s: Setup, cache: bool, workdir: Path, draft: Any = "auto",
+                       decode: bool = False) -> tuple[int, float]:
     """`inference.predict_to_csv` over rows of the JPEG folder (or the cache): loader, model, CSV, all timed.
 
     A first call on ``warmup`` batches (not timed) warms the model up; the timed call includes starting the
@@ -566,7 +583,8 @@ def predict_end_to_end(s: Setup, cache: bool, workdir: Path, draft: Any = "auto"
     model = s.joint_model().eval()
     accelerator = s.acc
     kwargs = dict(batch_size=s.args.batch_size, workers=s.args.workers, draft_size=draft,
-                  image_cache=s.ensure_cache() if cache else None, channels_last=s.args.channels_last)
+                  image_cache=s.ensure_cache() if cache else None, channels_last=s.args.channels_last,
+                  decode_on_device=decode)
     warm_rows = s.rows(s.args.warmup * s.args.batch_size)
     predict_to_csv(model, warm_rows, s.image_dir, workdir / "warmup.csv", accelerator, **kwargs)
     rows = s.rows(s.args.infer_images)
@@ -606,6 +624,9 @@ def section_infer(s: Setup, workdir: Path) -> dict[str, Any]:
         s.ensure_cache()
         names.append("predict_to_csv_cache")
         fns.append(lambda: predict_end_to_end(s, True, workdir))
+    if args.device_decode:
+        names.append("predict_to_csv_device_decode")
+        fns.append(lambda: predict_end_to_end(s, False, workdir, decode=True))
     out["end_to_end"] = paired(tuple(names), tuple(fns), args.rounds)
     del batches
     bare, e2e = out["bare"], out["end_to_end"]
@@ -631,11 +652,11 @@ def iterate_loader(loader: Iterable[dict[str, Any]], warmup: int) -> tuple[int, 
 
 
 def loader_rate(s: Setup, training: bool, workers: int, *, cache: bool = False, draft: Optional[int] = None,
-                seeded: bool = False) -> tuple[int, float]:
+                seeded: bool = False, encoded: bool = False) -> tuple[int, float]:
     """Images/s of the DataLoader alone (decode, transform, tokenize, collate), workers started before timing."""
     timed = s.args.loader_images if workers > 0 else min(s.args.loader_images, s.args.loader_images_single)
     n = timed + s.args.warmup * s.args.batch_size
-    dataset: Any = s.dataset(s.rows(n), training, cache=cache, draft=draft)
+    dataset: Any = s.dataset(s.rows(n), training, cache=cache, draft=draft, encoded=encoded)
     if seeded:
         from multimodal.engine import SeededAugmentation
         dataset = SeededAugmentation(dataset, seed=0)
@@ -651,8 +672,11 @@ def section_loader(s: Setup) -> dict[str, Any]:
     if args.cache:
         s.ensure_cache()
         configs += [(f"cache_uint8_workers{w}", False, w, True) for w in worker_counts]
+    if args.device_decode:  # the loader of --decode-on-device: it only reads the files
+        configs += [(f"files_only_workers{w}", False, w, "files") for w in worker_counts]
     for name, training, workers, cache in configs:
-        result = measure(name, lambda: loader_rate(s, training, workers, cache=cache))
+        result = measure(name, lambda: loader_rate(s, training, workers, cache=cache is True,
+                                                   encoded=cache == "files"))
         result["per_worker_images_per_s"] = round(result["images_per_s"] / max(1, workers), 3)
         result["first_batch_seconds"] = round(FIRST_BATCH[-1], 3)  # worker start-up + one batch
         out[name] = result
@@ -661,7 +685,27 @@ def section_loader(s: Setup) -> dict[str, Any]:
         for training in (False, True):
             name = f"batch_transform_{'train' if training else 'eval'}_on_{s.device.type}"
             out[name] = measure(name, lambda: batch_transform_rate(s, training))
+    if args.device_decode:  # decoding and resizing files already in memory, on the device (nvJPEG on a GPU)
+        name = f"decode_resize_on_{s.device.type}"
+        out[name] = measure(name, lambda: decode_rate(s))
     return out
+
+
+def decode_rate(s: Setup) -> tuple[int, float]:
+    """Images/s of `images.EncodedImageDecoder` alone: a batch of image files already read, decoded and resized to
+    the cache's squares on the device."""
+    decoder = s.decoder()
+    n = s.args.batch_size
+    files = [(s.image_dir / image_id).read_bytes() for image_id in s.rows(n)["ImageID"]]
+    for _ in range(s.args.warmup):
+        decoder(files)
+    s.sync()
+    reps = max(1, s.args.loader_images // n)
+    start = time.perf_counter()
+    for _ in range(reps):
+        decoder(files)
+    s.sync()
+    return reps * n, time.perf_counter() - start
 
 
 def batch_transform_rate(s: Setup, training: bool) -> tuple[int, float]:
@@ -695,7 +739,9 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
     """Does draft decoding change accuracy? A linear probe on frozen ImageNet-pretrained tf_efficientnet_lite0
     features (offline weights): trained (BCE, full batch) on full-size decodes of the first ``n_train`` rows,
     evaluated on the next ``n_val`` rows decoded at full size, with draft, and, for scale, at full size with bilinear
-    instead of bicubic resizing (another harmless-looking preprocessing change)."""
+    instead of bicubic resizing (another harmless-looking preprocessing change); with the device decoding
+    measurements on, also decoded and resized by `images.EncodedImageDecoder` (what ``--decode-on-device`` feeds the
+    model, here on ``--device``) instead of by Pillow."""
     from timm.data import create_transform
 
     from multimodal.metrics import binarize, samples_f1
@@ -715,6 +761,13 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
     @torch.inference_mode()
     def features(rows: pd.DataFrame, size: int, draft: Optional[int], interpolation: Optional[str] = None
                  ) -> torch.Tensor:
+        if interpolation == "device_decode":
+            device = torch.device("cuda" if args.device == "cuda" else "cpu")
+            decoder = EncodedImageDecoder.for_model(name, size, device=device)
+            transform = BatchImageTransform(name, size, training=False, channels_last=False).to(device)
+            dataset = ImageCaptionDataset(rows, image_dir, encoded_images=True)
+            loader = DataLoader(dataset, batch_size=64, num_workers=args.workers, collate_fn=Collator())
+            return torch.cat([encoder(transform(decode_images(batch, decoder)["image"]).cpu()) for batch in loader])
         config = resolve_image_config(name, size)
         if interpolation:
             config["interpolation"] = interpolation
@@ -741,6 +794,8 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
         row: dict[str, Any] = {"draft_size": need}
         preds = {}
         variants = {"full": (None, None), "draft": (need, None), "full_bilinear": (None, "bilinear")}
+        if args.device_decode:
+            variants["device_decode"] = (None, "device_decode")
         feats = {}
         for variant, (draft, interpolation) in variants.items():
             feats[variant] = features(val_rows, size, draft, interpolation)
@@ -748,7 +803,7 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
                 probs = torch.sigmoid(probe((feats[variant] - mean) / std)).numpy()
             preds[variant] = binarize(probs, 0.5, at_least_one=True)
             row[f"val_samples_f1_{variant}"] = round(float(samples_f1(preds[variant], y_val).mean()), 4)
-        for variant in ("draft", "full_bilinear"):
+        for variant in (v for v in variants if v != "full"):
             row[f"prediction_agreement_{variant}_vs_full"] = round(float((preds[variant] == preds["full"]).all(1)
                                                                          .mean()), 4)
             cosine = torch.nn.functional.cosine_similarity(feats[variant], feats["full"], dim=1)
@@ -1064,6 +1119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the caption LSTM's hidden units (train.py's default unless given)")
     g.add_argument("--try-compile", action="store_true", help="measure torch.compile of the bare forward (options)")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="skip the uint8 image cache measurements")
+    g.add_argument("--no-device-decode", dest="device_decode", action="store_false",
+                   help="skip the measurements of image files decoded on the device (--decode-on-device)")
     g.add_argument("--cache-dir", default=None, help="where the uint8 cache is built (default: a temporary folder)")
     g.add_argument("--reuse-cache", action="store_true", help="reuse a matching cache instead of timing a build")
     g.add_argument("--keep-cache", action="store_true", help="leave the cache in --cache-dir for a later run")

@@ -24,13 +24,13 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from multimodal.images import (ImageLoadError, image_cache_settings, load_image, resize_for_cache,
-                               update_files_digest)
+from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
+                               resize_for_cache, update_files_digest)
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, caption_token_ids, pad_token_ids
 
 __all__ = ["ImageCaptionDataset", "Collator", "train_val_split", "LABEL_PAD", "ImageCache", "build_image_cache",
-           "build_model_image_cache", "bounded_heap_worker_init"]
+           "build_model_image_cache", "bounded_heap_worker_init", "decode_images"]
 
 LABEL_PAD = -100  # the default ignore_index of torch's cross-entropy
 logger = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class ImageCaptionDataset(Dataset):
         image_cache: read images from this pre-resized uint8 cache (`ImageCache`) instead of decoding the files.
             The sample's ``image`` is then the cached uint8 tensor [S, S, 3] (``transform``, if given, is applied
             to that tensor), to be preprocessed batched on the device by `images.BatchImageTransform`.
+        encoded_images: samples carry the image file's bytes (``image_file``) and where it came from
+            (``image_source``: path and row) instead of an image: the batch is decoded where the model runs, by
+            `decode_images` (nvJPEG on a GPU). A missing file is reported here, with its row, as any unreadable image.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class ImageCaptionDataset(Dataset):
         max_caption_length: int = 64,
         draft_size: Optional[int] = None,
         image_cache: Optional["ImageCache"] = None,
+        encoded_images: bool = False,
     ) -> None:
         missing = {"ImageID", "Caption"} - set(frame.columns)
         if missing:
@@ -111,6 +115,9 @@ class ImageCaptionDataset(Dataset):
         self.max_caption_length = max_caption_length
         self.draft_size = draft_size
         self.image_cache = image_cache
+        self.encoded_images = encoded_images
+        if encoded_images and image_cache is not None:
+            raise ValueError("encoded_images reads the image files; it cannot be combined with an image cache")
         if image_cache is not None:  # without a transform: the uint8 images as they are (see `__getitems__`)
             self.transform = transform or _as_cached
         self._blank: Optional[torch.Tensor] = None
@@ -163,6 +170,9 @@ class ImageCaptionDataset(Dataset):
         sample: dict[str, Any] = {"index": index, "image_id": image_id, "image_ok": True, "error": None}
         if image is not None:
             sample["image"] = image
+        elif self.image_dir is not None and self.encoded_images:
+            sample["image_file"] = self._read_file(index, image_id, sample)
+            sample["image_source"] = (str(self.image_path(index)), self.source_row(index))
         elif self.image_dir is not None:
             sample["image"] = self._load(index, image_id, sample)
         if self.tokenizer is not None:
@@ -192,6 +202,19 @@ class ImageCaptionDataset(Dataset):
             sample["image_ok"], sample["error"] = False, str(error)
             return self._blank_image()
         return self.transform(image)
+
+    def _read_file(self, index: int, image_id: str, sample: dict[str, Any]) -> Optional[bytes]:
+        path = self.image_path(index)
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            reason = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read file ({err})"
+            error = ImageLoadError(path, f"row {self.source_row(index)} (ImageID {image_id!r}): {reason}")
+            if not self.skip_bad_images:
+                raise error from err
+            logger.warning("skipping unreadable image: %s", error)
+            sample["image_ok"], sample["error"] = False, str(error)
+            return None
 
     def _blank_image(self) -> torch.Tensor:
         """Zeros shaped like the transform's output (found once by transforming a grey image)."""
@@ -251,6 +274,9 @@ class Collator:
             stacked = getattr(samples, "images", None)  # `SampleBatch`: already stacked, no second copy
             # default_collate stacks into shared memory in a worker (no copy on the way to the main process)
             batch["image"] = stacked if stacked is not None else default_collate([s["image"] for s in samples])
+        if "image_file" in first:  # bytes (and None for unreadable files): device placement leaves them alone
+            batch["image_files"] = [s["image_file"] for s in samples]
+            batch["image_sources"] = [s["image_source"] for s in samples]
         if "image_features" in first:
             batch["image_features"] = torch.stack([s["image_features"] for s in samples])  # [B, F]
         batch["image_ok"] = torch.tensor([s["image_ok"] for s in samples], dtype=torch.bool)
@@ -274,6 +300,36 @@ class Collator:
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         batch["image_id"] = [s["image_id"] for s in samples]
         return batch
+
+
+def decode_images(batch: dict[str, Any], decoder: EncodedImageDecoder, skip_bad_images: bool = False,
+                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, Any]:
+    """A batch of `ImageCaptionDataset(encoded_images=True)` with its image files decoded by ``decoder``: ``image``
+    uint8 [B, S, S, 3] on the decoder's device (as the image cache would hold them, for
+    `images.BatchImageTransform`), or ``transform`` of that, and ``image_ok``/``all_images_ok``/``error`` updated for
+    files that could not be decoded.
+
+    Raises:
+        ImageLoadError: naming the file, its row and ImageID, for the first file that cannot be decoded, unless
+            ``skip_bad_images`` (its image is then zeros and flagged, as with the other loaders).
+    """
+    batch = dict(batch)
+    files, sources = batch.pop("image_files"), batch.pop("image_sources")
+    images, reasons = decoder(files)
+    errors = list(batch.get("error") or [None] * len(files))
+    for i, reason in enumerate(reasons):
+        if reason is None:
+            continue
+        path, row = sources[i]
+        error = ImageLoadError(path, f"row {row} (ImageID {batch['image_id'][i]!r}): {reason}")
+        if not skip_bad_images:
+            raise error
+        logger.warning("skipping unreadable image: %s", error)
+        errors[i] = str(error)
+    ok = [e is None for e in errors]
+    batch.update(image=images if transform is None else transform(images), all_images_ok=all(ok), error=errors,
+                 image_ok=torch.tensor(ok, dtype=torch.bool).to(images.device, non_blocking=True))
+    return batch
 
 
 def bounded_heap_worker_init(worker_id: int) -> None:

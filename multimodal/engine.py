@@ -305,14 +305,16 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                     bad_images: Optional[list[str]] = None, use_image: bool = True,
                     frozen: Iterable[torch.nn.Module] = (), seen_ids: Optional[list[str]] = None,
                     batch_transform: Optional[Callable[..., torch.Tensor]] = None,
-                    augment_seed: int = 0) -> dict[str, float]:
+                    augment_seed: int = 0,
+                    prepare: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> dict[str, float]:
     """One pass over ``loader`` (which may start mid-epoch: ``progress.batches_done`` batches were skipped).
 
     ``frozen`` modules stay in eval mode (their batch-norm statistics do not move); ``seen_ids`` collects the image
     ids this process trained on, and ``bad_images`` the ids of unreadable images that were dropped from batches.
     ``batch_transform`` (e.g. `images.BatchImageTransform` in training mode) turns the batch's uint8 images into the
     model's input where the batch is, on the device; it draws from a generator seeded by ``(augment_seed, epoch,
-    batch, process)``, so a resumed run sees the augmented images of an uninterrupted one.
+    batch, process)``, so a resumed run sees the augmented images of an uninterrupted one. ``prepare`` maps each
+    batch first (e.g. `data.decode_images`: image files decoded on the device).
 
     Returns:
         The mean of each loss term over the batches of this call.
@@ -327,6 +329,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
     seen, t0 = 0, time.perf_counter()
     try:  # on an error too: a bar left open would swallow the start of the error message's line
         for batch in loader:
+            if prepare is not None:
+                batch = prepare(batch)
             all_bad = False
             if use_image and "image_ok" in batch and not all_images_ok(batch):
                 if bad_images is not None:
@@ -393,10 +397,12 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
 
 @torch.inference_mode()
 def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: Accelerator,
-                        with_decoder: bool = True, bad_images: Optional[list[str]] = None) -> dict[str, np.ndarray]:
+                        with_decoder: bool = True, bad_images: Optional[list[str]] = None,
+                        prepare: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> dict[str, np.ndarray]:
     """Probabilities of every output over a labelled loader, gathered across processes exactly once per sample.
 
-    ``bad_images`` collects the ids of this process's unreadable images (blank images with ``skip_bad_images``).
+    ``bad_images`` collects the ids of this process's unreadable images (blank images with ``skip_bad_images``);
+    ``prepare`` maps each batch first (e.g. `data.decode_images` with the evaluation transform).
 
     Returns:
         ``targets`` and, per output that exists, ``image``/``caption``/``fused``/``decoder``/``final`` [N, C]
@@ -406,6 +412,8 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
     core = accelerator.unwrap_model(model)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in loader:
+        if prepare is not None:
+            batch = prepare(batch)
         if bad_images is not None and "image_ok" in batch and not all_images_ok(batch):
             bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
         inputs = model_inputs(batch)

@@ -1,11 +1,13 @@
 """Image loading and the timm preprocessing that matches the image encoder's weights."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import timm
@@ -16,7 +18,7 @@ from timm.data import create_transform, resolve_data_config
 from .config import IMAGE_CROPS
 
 __all__ = ["ImageLoadError", "load_image", "build_transform", "resolve_image_config", "eval_resize_size",
-           "draft_size_for", "resize_for_cache", "image_cache_settings", "BatchImageTransform"]
+           "draft_size_for", "resize_for_cache", "image_cache_settings", "BatchImageTransform", "EncodedImageDecoder"]
 
 # Errors Pillow raises for unreadable files: OSError (truncated, undecodable; UnidentifiedImageError is one),
 # SyntaxError/ValueError/struct.error/EOFError from some format plugins, DecompressionBombError for huge images.
@@ -64,7 +66,21 @@ def load_image(path: str | Path, draft_size: Optional[int] = None) -> Image.Imag
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
     except _DECODE_ERRORS as err:
-        raise ImageLoadError(path, f"cannot decode image ({type(err).__name__}: {err})") from err
+        raise ImageLoadError(path, _decode_reason(err)) from err
+
+
+def _decode_reason(err: BaseException) -> str:
+    return f"cannot decode image ({type(err).__name__}: {err})"
+
+
+def _pillow_rgb(data: bytes) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """An image file's bytes decoded as `load_image` decodes the file: uint8 [H, W, 3], or None and the reason."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return np.array(_to_rgb(img)), None
+    except _DECODE_ERRORS as err:
+        return None, _decode_reason(err)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -187,12 +203,101 @@ def resize_for_cache(image: Image.Image, size: int, interpolation: str = "bicubi
                           dtype=np.uint8)
     image = TF.resize(image, size, interpolation=str_to_interp_mode(interpolation))
     W, H = image.size
+    top, left = _square_offset(H, W, size, crop)
+    return np.asarray(TF.crop(image, top, left, size, size), dtype=np.uint8)
+
+
+def _short_side_size(H: int, W: int, size: int) -> tuple[int, int]:
+    """(height, width) after resizing the short side to ``size``, rounded as torchvision's ``Resize``."""
+    return (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
+
+
+def _square_offset(H: int, W: int, size: int, crop: Optional[int]) -> tuple[int, int]:
+    """(top, left) of the ``size`` x ``size`` square that `resize_for_cache` keeps of an H x W resized image."""
     top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
     if crop is not None:  # the crop's offset in the resized image minus its offset in the square
         inner = int(round((size - crop) / 2.0))
         top = min(max(int(round((H - crop) / 2.0)) - inner, 0), H - size)
         left = min(max(int(round((W - crop) / 2.0)) - inner, 0), W - size)
-    return np.asarray(TF.crop(image, top, left, size, size), dtype=np.uint8)
+    return top, left
+
+
+class EncodedImageDecoder:
+    """Decodes a batch of image files (their bytes) where the model runs, and resizes each to the uint8 square that
+    the image cache would hold for it: [B, S, S, 3] on ``device``, for `BatchImageTransform`.
+
+    JPEGs are decoded by ``torchvision.io.decode_jpeg``, batched: on a GPU by nvJPEG, so that the CPU cores only read
+    files; on a CPU by libjpeg-turbo (the same pixels as Pillow). Each image is then resized on the device as
+    `resize_for_cache` resizes it (short side to ``size`` then the aligned square, or the whole image squashed), with
+    torch's antialiased interpolation instead of Pillow's: the pixels differ slightly (a test bounds the mean
+    difference below half a grey level on COMP5329 photos; benchmarks/SPEED.md, section 5, for the predictions). Files that are not JPEGs, or that the device decoder refuses (e.g. CMYK),
+    are decoded by Pillow as `load_image` decodes them; a file that neither can decode gets an error message instead
+    of an image.
+
+    Args:
+        size, interpolation, crop, squash: as `resize_for_cache` (`image_cache_settings` gives them for a model).
+        device: where to decode and resize.
+    """
+
+    def __init__(self, size: int, interpolation: str = "bicubic", crop: Optional[int] = None, squash: bool = False,
+                 device: Union[str, torch.device] = "cpu") -> None:
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"device decoding resizes bilinearly or bicubically, not with {interpolation!r}")
+        self.size, self.interpolation, self.crop, self.squash = int(size), interpolation, crop, squash
+        self.device = torch.device(device)
+
+    @classmethod
+    def for_model(cls, encoder_name_or_model: Union[str, torch.nn.Module], image_size: int, crop: str = "center",
+                  device: Union[str, torch.device] = "cpu") -> "EncodedImageDecoder":
+        """The decoder whose squares are those of the image cache of this encoder, resolution and crop mode."""
+        return cls(**image_cache_settings(encoder_name_or_model, image_size, crop), device=device)
+
+    def __call__(self, files: Sequence[Optional[bytes]]) -> tuple[torch.Tensor, list[Optional[str]]]:
+        """``files``: each image file's bytes, or None for a row without one (it stays zeros).
+
+        Returns:
+            uint8 [B, S, S, 3] on the device, and per file None or the reason it could not be decoded (its square
+            is zeros).
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        S = self.size
+        out = torch.zeros(len(files), S, S, 3, dtype=torch.uint8, device=self.device)
+        errors: list[Optional[str]] = [None] * len(files)
+        jpegs = [i for i, data in enumerate(files) if data is not None and data[:3] == b"\xff\xd8\xff"]
+        decoded: dict[int, torch.Tensor] = {}
+        if jpegs:
+            inputs = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in jpegs]
+            try:
+                decoded = dict(zip(jpegs, decode_jpeg(inputs, mode=ImageReadMode.RGB, device=self.device)))
+            except RuntimeError:  # one bad file fails the batch: decode one by one to find it
+                for i, data in zip(jpegs, inputs):
+                    with contextlib.suppress(RuntimeError):
+                        decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        for i, data in enumerate(files):
+            if data is not None and i not in decoded:  # not a JPEG, or refused by the device decoder: Pillow
+                array, errors[i] = _pillow_rgb(data)
+                if array is not None:
+                    decoded[i] = torch.from_numpy(array).permute(2, 0, 1).to(self.device)
+        by_shape: dict[tuple[int, int], list[int]] = {}  # photos come in few sizes: one resize per size
+        for i, image in decoded.items():
+            by_shape.setdefault((image.shape[-2], image.shape[-1]), []).append(i)
+        for rows in by_shape.values():
+            out[rows] = self._resize(torch.stack([decoded[i] for i in rows])).permute(0, 2, 3, 1)
+        return out, errors
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> uint8 [N, 3, S, S], as `resize_for_cache`."""
+        S = self.size
+        H, W = images.shape[-2:]
+        height, width = (S, S) if self.squash else _short_side_size(H, W, S)
+        x = torch.nn.functional.interpolate(images.float(), size=(height, width), mode=self.interpolation,
+                                            antialias=True, align_corners=False)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+        if self.squash:
+            return x
+        top, left = _square_offset(height, width, S, self.crop)
+        return x[:, :, top: top + S, left: left + S]
 
 
 class BatchImageTransform(torch.nn.Module):

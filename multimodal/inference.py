@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .annotations import read_annotations
-from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init
+from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images
 from .engine import all_images_ok, model_inputs
-from .images import BatchImageTransform, build_transform, draft_size_for
+from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
 from .metrics import binarize
 from .model import MultimodalClassifier
 from .text import PAD_ID
@@ -115,7 +115,7 @@ def _host_result(ids: list[str], copied: tuple[list[torch.Tensor], Optional[torc
 
 def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], accelerator: Any, *,
                    batch_size: int, workers: int, skip_bad_images: bool, draft_size: Optional[int] | str,
-                   image_cache: Any, channels_last: bool
+                   image_cache: Any, channels_last: bool, decode_on_device: bool = False
                    ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
     """`iter_predictions` of one model over ``frame`` with that model's own preprocessing (see `predict_to_csv`)."""
     use_image = model.image_encoder is not None
@@ -126,24 +126,29 @@ def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
         draft_size = draft_size_for(model.config.image_encoder, model.config.image_size, crop=crop) \
             if use_image else None
     cache = image_cache if use_image else None
-    on_device = cache is not None and accelerator.device.type == "cuda"
+    encoded = decode_on_device and use_image
+    if encoded and cache is not None:
+        raise ValueError("decode_on_device decodes the image files: it cannot be combined with an image cache")
+    on_device = cache is not None and accelerator.device.type == "cuda" or encoded
     channels_last = channels_last and use_image
     if channels_last:
         model.image_encoder.to(memory_format=torch.channels_last)
-    if cache is not None:  # uint8 from the cache: preprocessed on the GPU, or by the workers on a CPU
+    if cache is not None or encoded:  # uint8 from the cache: preprocessed on the GPU, or by the workers on a CPU
         transform = BatchImageTransform(model.image_encoder, model.config.image_size, training=False,
                                         channels_last=on_device)
     dataset = ImageCaptionDataset(frame, image_dir if use_image else None, codec=None, tokenizer=model.tokenizer,
                                   transform=None if on_device else transform, skip_bad_images=skip_bad_images,
-                                  draft_size=draft_size, image_cache=cache)
+                                  draft_size=draft_size, image_cache=cache, encoded_images=encoded)
     if use_image and not skip_bad_images:
         dataset.check_images()  # a missing file stops the run now, naming it, not after hours of predictions
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=Collator(pad_id=PAD_ID), pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=False, worker_init_fn=bounded_heap_worker_init)
     device_transform = transform.to(accelerator.device) if on_device else None
-    batches = _prepare_images(loader, accelerator.device, device_transform, channels_last) \
-        if on_device or channels_last else loader
+    decoder = EncodedImageDecoder.for_model(model.image_encoder, model.config.image_size, crop,
+                                            device=accelerator.device) if encoded else None
+    batches = _prepare_images(loader, accelerator.device, device_transform, channels_last, decoder,
+                              skip_bad_images) if on_device or channels_last else loader
     return iter_predictions(model, batches, accelerator)
 
 
@@ -167,7 +172,7 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
                    image_dir: Optional[Path], output: str | Path, accelerator: Any, *, thresholds: Any = None,
                    probabilities: Optional[str | Path] = None, batch_size: int = 64, workers: int = 2,
                    skip_bad_images: bool = False, draft_size: Optional[int] | str = "auto", image_cache: Any = None,
-                   channels_last: bool = True) -> dict[str, Any]:
+                   channels_last: bool = True, decode_on_device: bool = False) -> dict[str, Any]:
     """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
 
     ``model`` may be a list of models with the same labels: an ensemble. Each runs with its own preprocessing
@@ -178,8 +183,10 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
     (a `data.ImageCache` built at the evaluation resize size, or one per model of an ensemble: images are read from
     it as uint8 and preprocessed by `images.BatchImageTransform`, batched on a GPU, per image in the DataLoader
-    workers on a CPU), and ``channels_last`` (the image encoder and its input in channels-last memory format, on CPU
-    and GPU alike; the model is converted in place; see benchmarks/SPEED.md for the measured gains).
+    workers on a CPU), ``channels_last`` (the image encoder and its input in channels-last memory format, on CPU
+    and GPU alike; the model is converted in place; see benchmarks/SPEED.md for the measured gains) and
+    ``decode_on_device`` (the workers only read the files; `data.decode_images` decodes each batch where the model
+    runs, nvJPEG on a GPU, then it is preprocessed there as from the image cache).
 
     Returns:
         ``rows`` written and ``bad_images`` (ImageID, error) pairs of images that could not be read.
@@ -198,7 +205,8 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     thresholds = 0.5 if thresholds is None else thresholds
     streams = [_model_batches(m, frame, image_dir, accelerator, batch_size=batch_size, workers=workers,
                               skip_bad_images=skip_bad_images, draft_size=draft_size, image_cache=c,
-                              channels_last=channels_last) for m, c in zip(models, caches)]
+                              channels_last=channels_last, decode_on_device=decode_on_device)
+               for m, c in zip(models, caches)]
     bad: list[tuple[str, str]] = []
     rows = 0
     output = Path(output)
@@ -233,11 +241,14 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     return {"rows": rows, "bad_images": bad}
 
 
-def _prepare_images(loader: Any, device: torch.device, transform: Any = None,
-                    channels_last: bool = False) -> Iterator[dict[str, Any]]:
-    """Batches whose images are moved to ``device`` and there preprocessed (``transform``: cached uint8 images
-    [B, S, S, 3] -> float [B, 3, s, s]) and/or made channels-last."""
+def _prepare_images(loader: Any, device: torch.device, transform: Any = None, channels_last: bool = False,
+                    decoder: Optional[EncodedImageDecoder] = None,
+                    skip_bad_images: bool = False) -> Iterator[dict[str, Any]]:
+    """Batches whose images are moved to ``device`` (or decoded there from their files by ``decoder``) and there
+    preprocessed (``transform``: cached uint8 images [B, S, S, 3] -> float [B, 3, s, s]) and/or made channels-last."""
     for batch in loader:
+        if decoder is not None and "image_files" in batch:
+            batch = decode_images(batch, decoder, skip_bad_images)
         if "image" in batch:
             image = batch["image"].to(device, non_blocking=True)
             image = transform(image) if transform is not None else image

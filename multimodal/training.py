@@ -6,6 +6,7 @@ reusable (loops, checkpoints, metrics) lives in `engine.py` and `metrics.py`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -26,12 +27,12 @@ from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
 from .config import LossConfig, ModelConfig, save_json
-from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, subsample_rows,
-                   train_val_split)
+from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, decode_images,
+                   subsample_rows, train_val_split)
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_optimizer,
                      collect_predictions, evaluate, lr_lambda, resolve_checkpoint, train_one_epoch)
-from .images import BatchImageTransform, ImageLoadError, build_transform
+from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, build_transform
 from .labels import LabelCodec
 from .losses import JointLoss
 from .metrics import binarize, compute_metrics, samples_f1, select_thresholds
@@ -207,14 +208,16 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
 def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd.DataFrame, pd.DataFrame],
                  image_dir: Path, codec: LabelCodec, tokenizer: Any,
                  features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 num_processes: int = 1, image_cache: Any = None,
-                 device_augment: bool = False) -> tuple[DataLoader, DataLoader]:
+                 num_processes: int = 1, image_cache: Any = None, device_augment: bool = False,
+                 encoded_images: bool = False) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders; with ``features`` (cached pooled features or feature maps of every row of
     the full frame, see `features.cached_features`) the samples carry those instead of images. With ``image_cache``
     (a `data.ImageCache` built by `data.build_model_image_cache`) images are read from it as uint8 and preprocessed
     by `images.BatchImageTransform` in the loader: the evaluation transform exactly, timm's training augmentation
     (random resized crop, flip, colour jitter) on the cached square. With ``device_augment`` the training loader
     leaves the cached uint8 images as they are, for `train_one_epoch`'s ``batch_transform`` to augment on the device.
+    With ``encoded_images`` both loaders only read the image files, for `data.decode_images` to decode where the
+    model runs.
 
     With several processes the training loader drops each epoch's last incomplete round of batches (a different one
     every epoch, as the order is reshuffled): Accelerate would otherwise fill it up with samples from the start of the
@@ -225,8 +228,9 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
     for frame, training in zip(frames, (True, False)):
         with_images = config.use_image and features is None
         cache = image_cache if with_images else None
+        encoded = with_images and encoded_images
         on_device = training and device_augment and cache is not None
-        if on_device:
+        if on_device or encoded:
             transform = None  # uint8 [S, S, 3] as cached; augmented batched on the device
         elif cache is not None:
             transform = BatchImageTransform(config.image_encoder, config.image_size, training, channels_last=False)
@@ -236,13 +240,15 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
             transform = None
         dataset = ImageCaptionDataset(frame, image_dir if with_images else None, codec, tokenizer, transform,
                                       skip_bad_images=args.skip_bad_images,
-                                      max_caption_length=args.max_caption_length, image_cache=cache)
+                                      max_caption_length=args.max_caption_length, image_cache=cache,
+                                      encoded_images=encoded)
         if with_images and not args.skip_bad_images:
             dataset.check_images()  # fail fast, naming the file and row, before any training
         if features is not None:
             dataset = FeatureDataset(dataset, *features, rows=frame["_row"], flip=training)
-        augmenting = training and ((with_images and not on_device) or (features is not None and features[0].ndim == 4))
-        # (cached maps are flipped)
+        # augmented in the workers: images transformed there, or cached maps (flipped)
+        augmenting = training and ((with_images and not on_device and not encoded)
+                                   or (features is not None and features[0].ndim == 4))
         if augmenting:  # augmentation as a function of (seed, epoch, row): reproducible and resumable
             dataset = SeededAugmentation(dataset, args.seed)
         loaders.append(DataLoader(
@@ -363,10 +369,23 @@ def main(args: argparse.Namespace) -> int:
         with accelerator.main_process_first():  # the main process builds the cache, the others then reuse it
             image_cache = build_model_image_cache(config, frame["ImageID"], image_dir, args.image_cache,
                                                   workers=args.workers, skip_bad_images=args.skip_bad_images)
-    device_augment = image_cache is not None and (
+    decode_on_device = getattr(args, "decode_on_device", False) and model.image_encoder is not None \
+        and features is None
+    device_augment = decode_on_device or image_cache is not None and (
         args.device_augment if getattr(args, "device_augment", None) is not None
         else accelerator.device.type != "cpu")  # default: on a GPU, not on a CPU (whose cores run the model)
     batch_transform = None
+    prepare_train = prepare_val = None
+    if decode_on_device:  # files read by the workers, decoded and resized here, then as from the uint8 cache
+        decoder = EncodedImageDecoder.for_model(config.image_encoder, config.image_size, config.image_crop,
+                                                device=accelerator.device)
+        val_transform = BatchImageTransform(config.image_encoder, config.image_size, training=False,
+                                            channels_last=getattr(args, "channels_last", False)
+                                            ).to(accelerator.device)
+        prepare_train = functools.partial(decode_images, decoder=decoder, skip_bad_images=args.skip_bad_images)
+        prepare_val = functools.partial(decode_images, decoder=decoder, skip_bad_images=args.skip_bad_images,
+                                        transform=val_transform)
+        log(f"images: decoded batched on {accelerator.device}")
     if device_augment:
         batch_transform = BatchImageTransform(config.image_encoder, config.image_size, training=True,
                                               channels_last=getattr(args, "channels_last", False)
@@ -376,7 +395,8 @@ def main(args: argparse.Namespace) -> int:
                                          else "per image in the loader workers"))
     train_loader, val_loader = make_loaders(args, config, (train_frame, val_frame), image_dir, codec, tokenizer,
                                             features, num_processes=accelerator.num_processes,
-                                            image_cache=image_cache, device_augment=device_augment)
+                                            image_cache=image_cache, device_augment=device_augment,
+                                            encoded_images=decode_on_device)
     optimizer = build_optimizer(model, args.lr, args.backbone_lr, args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = -(-len(train_loader) // args.grad_accum)
@@ -424,10 +444,10 @@ def main(args: argparse.Namespace) -> int:
             total_batches=len(train_loader), max_steps=args.max_steps, log_every=args.log_every,
             checkpoint_every=args.checkpoint_every, checkpoints=checkpoints, on_checkpoint=on_checkpoint,
             bad_images=bad_images, use_image=config.use_image, frozen=frozen, seen_ids=seen_ids[-1],
-            batch_transform=batch_transform, augment_seed=args.seed)
+            batch_transform=batch_transform, augment_seed=args.seed, prepare=prepare_train)
         epoch_done = progress.batches_done >= len(train_loader)
         if len(val_frame):
-            predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad)
+            predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad, prepare=prepare_val)
             val_metrics = evaluate(predictions)
         # Logged with or without a validation split (--val-fraction 0 still gets its per-epoch losses).
         accelerator.log(epoch_log_values(val_metrics, terms, codec) | {"epoch": progress.epoch}, step=progress.step)
@@ -444,7 +464,8 @@ def main(args: argparse.Namespace) -> int:
     thresholds = None
     if len(val_frame):
         if predictions is None:  # no training in this call (a finished run resumed)
-            predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad)
+            predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad,
+                                              prepare=prepare_val)
         targets = predictions["targets"]
         final = compute_metrics(predictions["final"], targets, 0.5)
         summary.update(num_val_samples=int(len(targets)), val_index=predictions["index"].astype(int).tolist(),

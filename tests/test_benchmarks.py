@@ -129,18 +129,22 @@ def test_throughput_smoke(tmp_path):
     for name in ("encoder_alone", "image_branch_only", "joint_plain_loop", "joint_train_one_epoch"):
         assert train["bare"][name]["images_per_s"] > 0 and train["bare"][name]["images"] > 0
         assert len(train["bare"][name]["loadavg_before"]) == 3
-    for name in ("encoder_alone", "e2e_jpeg", "e2e_cache"):
+    for name in ("encoder_alone", "e2e_jpeg", "e2e_cache", "e2e_device_decode"):
         assert train["end_to_end"][name]["images_per_s"] > 0
         assert all(len(r["loadavg_before"]) == 3 for r in train["end_to_end"][name]["rounds"])
     for name in ("encoder_alone", "joint_predict_proba"):
         assert infer["bare"][name]["images_per_s"] > 0
-    for name in ("joint_predict_proba", "predict_to_csv_jpeg", "predict_to_csv_cache"):
+    for name in ("joint_predict_proba", "predict_to_csv_jpeg", "predict_to_csv_cache", "predict_to_csv_device_decode"):
         assert infer["end_to_end"][name]["images_per_s"] > 0
     ratios = {**train["ratios"], **infer["ratios"]}
     for key in ("joint_train_one_epoch/encoder_alone", "e2e_jpeg/encoder_alone", "e2e_cache/encoder_alone",
                 "predict_to_csv_jpeg/joint_predict_proba", "predict_to_csv_cache/joint_predict_proba"):
         assert math.isfinite(ratios[key]) and ratios[key] > 0
     assert per["loader"]["eval_jpeg_workers0"]["per_worker_images_per_s"] > 0
+    assert per["loader"]["files_only_workers0"]["images_per_s"] > 0
+    assert per["loader"]["decode_resize_on_cpu"]["images_per_s"] > 0
+    for key in ("e2e_device_decode/encoder_alone", "predict_to_csv_device_decode/joint_predict_proba"):
+        assert math.isfinite(ratios[key]) and ratios[key] > 0
     assert per["image_cache"]["build_seconds"] >= 0 and per["image_cache"]["images"] > 0
     options = per["options"]
     for key in ("draft", "channels_last_train", "channels_last_forward"):

@@ -226,3 +226,103 @@ def test_batches_from_the_image_cache_are_read_in_one_copy_and_equal_sample_by_s
     dataset.transform = lambda image: image.float()  # set after construction (benchmarks/throughput.py does)
     assert not isinstance(dataset.__getitems__([0, 1]), SampleBatch)
     assert dataset.__getitems__([0, 1])[0]["image"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------- image files decoded on device
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth image with a few edges (resampling filters disagree most on noise, which photos are not)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    image = np.stack([120 + 100 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], -1)
+    for _ in range(4):  # flat rectangles: sharp edges
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[top: top + height // 4, left: left + width // 3] = rng.integers(0, 256, 3)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("squash", [False, True], ids=["short-side-and-aligned-square", "whole-image-squashed"])
+def test_device_decoder_gives_the_image_cache_squares(tmp_path, squash):
+    """`EncodedImageDecoder` (torchvision's JPEG decoder and torch's antialiased resize, here on the CPU) gives what
+    the image cache holds for each image (Pillow decode and resize) up to resampling rounding: the same square, the
+    same alignment of the crop, for landscape, portrait and small images; PNG and CMYK JPEG go through Pillow."""
+    from multimodal.images import EncodedImageDecoder, load_image, resize_for_cache
+
+    shapes = [(150, 200), (210, 140), (40, 50), (97, 131)]
+    files = []
+    for i, (h, w) in enumerate(shapes):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(photo_like(h, w, i)).save(path, quality=95)
+        files.append(path)
+    png, cmyk = tmp_path / "p.png", tmp_path / "c.jpg"
+    Image.fromarray(photo_like(120, 90, 7)).save(png)
+    Image.fromarray(photo_like(100, 130, 8)).convert("CMYK").save(cmyk, quality=95)
+    files += [png, cmyk]
+    size, crop = 64, None if squash else 56
+    decoder = EncodedImageDecoder(size, "bicubic", crop=crop, squash=squash)
+    images, errors = decoder([p.read_bytes() for p in files] + [None])
+    assert images.shape == (len(files) + 1, size, size, 3) and images.dtype == torch.uint8
+    assert errors == [None] * (len(files) + 1) and images[-1].eq(0).all()  # None (no file): zeros, no error
+    for path, got in zip(files, images):
+        expected = torch.from_numpy(np.array(resize_for_cache(load_image(path), size, "bicubic", crop, squash)))
+        difference = (got.int() - expected.int()).abs().float()
+        assert difference.mean() < 1.0, (path.name, difference.mean())
+        # a misplaced square (one pixel off) or a swapped channel would differ by far more than rounding
+        assert (difference > 16).float().mean() < 0.01, path.name
+    for_model = EncodedImageDecoder.for_model("tf_efficientnet_lite0", 224, "full" if squash else "center")
+    assert (for_model.size, for_model.squash) == ((224, True) if squash else (256, False))
+
+
+def test_device_decoding_in_batches_names_bad_files_with_their_rows(folder, parts):
+    """The loader only reads the files (a missing one is reported there, with its row); `decode_images` decodes the
+    batch and names an undecodable file with its row and ImageID, or with skip_bad_images zeros and flags it and
+    leaves the rest of the batch as it would be without it."""
+    from multimodal.data import decode_images
+    from multimodal.images import EncodedImageDecoder
+
+    frame, codec, tokenizer, _ = parts
+    decoder = EncodedImageDecoder(SIZE, "bicubic")
+    dataset = ImageCaptionDataset(frame, folder, codec, tokenizer, encoded_images=True)
+    sample = dataset[1]
+    assert "image" not in sample and sample["image_file"] == (folder / "1.jpg").read_bytes()
+    assert sample["image_source"] == (str(folder / "1.jpg"), 1)
+    good = decode_images(Collator()([dataset[i] for i in range(4)]), decoder)
+    assert good["image"].shape == (4, SIZE, SIZE, 3) and good["all_images_ok"] and good["image_ok"].all()
+    assert "image_files" not in good and good["targets"].shape == (4, codec.num_labels)
+    with pytest.raises(ValueError, match="image cache"):
+        ImageCaptionDataset(frame, folder, encoded_images=True, image_cache=object())
+
+    (folder / "2.jpg").write_bytes((folder / "2.jpg").read_bytes()[:300])  # truncated
+    batch = Collator()([dataset[i] for i in range(4)])
+    with pytest.raises(ImageLoadError) as info:
+        decode_images(batch, decoder)
+    assert str(info.value).startswith(f"{folder / '2.jpg'}: row 2 (ImageID '2.jpg'): cannot decode image")
+    lenient = decode_images(batch, decoder, skip_bad_images=True)
+    assert lenient["image_ok"].tolist() == [True, True, False, True] and not lenient["all_images_ok"]
+    assert "row 2" in lenient["error"][2] and lenient["image"][2].eq(0).all()
+    assert torch.equal(lenient["image"][[0, 1, 3]], good["image"][[0, 1, 3]])
+
+    (folder / "0.jpg").unlink()
+    with pytest.raises(ImageLoadError, match=r"0\.jpg: row 0 \(ImageID '0.jpg'\): file not found"):
+        dataset[0]
+    skipping = ImageCaptionDataset(frame, folder, codec, tokenizer, skip_bad_images=True, encoded_images=True)
+    batch = decode_images(Collator()([skipping[i] for i in range(4)]), decoder, skip_bad_images=True)
+    assert batch["image_ok"].tolist() == [False, True, False, True] and "file not found" in batch["error"][0]
+    # through Accelerate's device placement, the files and their sources stay on the host as they are
+    moved = send_to_device(Collator()([skipping[i] for i in (1, 3)]), torch.device("cpu"))
+    assert moved["image_files"][0] == (folder / "1.jpg").read_bytes()
+
+
+def test_device_decoded_real_images_match_the_image_cache(comp5329_dir):
+    """On COMP5329 photos, the device decoder's squares (here decoded on the CPU) differ from the image cache's by a
+    fraction of a grey level."""
+    from multimodal.images import EncodedImageDecoder, image_cache_settings, load_image, resize_for_cache
+
+    paths = [comp5329_dir / "data" / f"{i}.jpg" for i in (0, 1014, 2259, 6751, 9000, 12345)]
+    for crop in ("center", "full"):
+        settings = image_cache_settings("tf_efficientnet_lite0", 288, crop)
+        images, errors = EncodedImageDecoder(**settings)([p.read_bytes() for p in paths])
+        assert errors == [None] * len(paths)
+        for path, got in zip(paths, images):
+            expected = torch.from_numpy(np.array(resize_for_cache(load_image(path), **settings)))
+            assert (got.int() - expected.int()).abs().float().mean() < 0.5, (crop, path.name)

@@ -346,6 +346,40 @@ def test_device_augmentation_from_the_image_cache_resumes_to_bit_identical_weigh
 
 
 @pytest.mark.slow
+def test_decode_on_device_resumes_to_bit_identical_weights_and_predicts_as_the_pil_path(
+        data_dir: Path, run_dir: Path, tmp_path: Path) -> None:
+    """``--decode-on-device``: the loader workers only read the files, and the training step decodes, resizes and
+    augments the batch where the model runs (here the CPU). A killed and resumed run ends with the weights of an
+    uninterrupted one, and predict.py's decoded-on-device probabilities are those of its Pillow path up to
+    resampling rounding."""
+    args = ("--data-dir", data_dir, *RESUMABLE, *TINY, "--no-caption", "--decode-on-device")
+    reference = run(TRAIN, *args, "--output-dir", tmp_path / "reference")
+    assert "images: decoded batched on cpu" in reference.stderr
+    assert "training augmentation" not in reference.stderr  # no image cache is built
+    killed = run(TRAIN, *args, "--output-dir", tmp_path / "killed", check=False,
+                 env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run(TRAIN, "--resume", tmp_path / "killed", "--workers", 0, cwd=tmp_path)
+    expected = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
+    actual = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert metrics["num_val_samples"] == NUM_VAL and 0 < metrics["val"]["final"]["samples_f1"] <= 1
+
+    probs = {}
+    for name, extra in (("pil", ()), ("device", ("--decode-on-device",))):
+        probs[name] = tmp_path / f"{name}.csv"
+        run(PREDICT, "--checkpoint", run_dir / "model", "--data-dir", data_dir, "--output", tmp_path / f"{name}_l.csv",
+            "--probabilities", probs[name], "--batch-size", 5, "--workers", 0, *extra)
+    pil, device = (pd.read_csv(probs[k]) for k in ("pil", "device"))
+    assert list(pil["ImageID"]) == list(device["ImageID"])
+    difference = np.abs(pil.iloc[:, 1:].to_numpy() - device.iloc[:, 1:].to_numpy())
+    assert difference.mean() < 0.01 and difference.max() < 0.1, (difference.mean(), difference.max())
+    refused = run(TRAIN, "--data-dir", data_dir, "--decode-on-device", "--image-cache", tmp_path / "c", check=False)
+    assert refused.returncode == 2 and "--decode-on-device" in refused.stderr
+
+
+@pytest.mark.slow
 def test_cpu_data_parallel_two_processes(data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
