@@ -695,33 +695,28 @@ def decode_rate(s: Setup) -> tuple[int, float]:
     """Images/s of `images.EncodedImageDecoder` alone: a batch of image files already read, decoded and resized to
     the cache's squares on the device."""
     decoder = s.decoder()
-    n = s.args.batch_size
-    files = [(s.image_dir / image_id).read_bytes() for image_id in s.rows(n)["ImageID"]]
-    for _ in range(s.args.warmup):
-        decoder(files)
-    s.sync()
-    reps = max(1, s.args.loader_images // n)
-    start = time.perf_counter()
-    for _ in range(reps):
-        decoder(files)
-    s.sync()
-    return reps * n, time.perf_counter() - start
+    files = [(s.image_dir / image_id).read_bytes() for image_id in s.rows(s.args.batch_size)["ImageID"]]
+    return repeated_batch_rate(s, lambda: decoder(files))
 
 
 def batch_transform_rate(s: Setup, training: bool) -> tuple[int, float]:
     cache = s.ensure_cache()
     transform = BatchImageTransform(s.args.encoder, s.size, training, channels_last=s.args.channels_last).to(s.device)
-    n = s.args.batch_size
-    images = torch.from_numpy(np.array(cache.array[:n])).to(s.device)
+    images = torch.from_numpy(np.array(cache.array[:s.args.batch_size])).to(s.device)
+    return repeated_batch_rate(s, lambda: transform(images))
+
+
+def repeated_batch_rate(s: Setup, step: Callable[[], Any]) -> tuple[int, float]:
+    """(images, seconds) of ``step`` on one batch, repeated to ``--loader-images`` after ``--warmup`` untimed calls."""
     for _ in range(s.args.warmup):
-        transform(images)
+        step()
     s.sync()
-    reps = max(1, s.args.loader_images // n)
+    reps = max(1, s.args.loader_images // s.args.batch_size)
     start = time.perf_counter()
     for _ in range(reps):
-        transform(images)
+        step()
     s.sync()
-    return reps * n, time.perf_counter() - start
+    return reps * s.args.batch_size, time.perf_counter() - start
 
 
 def draft_engagement(s: Setup, size: int, n: int) -> dict[str, Any]:

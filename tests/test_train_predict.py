@@ -322,16 +322,10 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
     assert not differ, f"{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:5]}"
 
 
-@pytest.mark.slow
-def test_device_augmentation_from_the_image_cache_resumes_to_bit_identical_weights(data_dir: Path,
-                                                                                   tmp_path: Path) -> None:
-    """``--device-augment``: the loader hands over the cached uint8 images and the training step augments them
-    batched (here on the CPU), drawing from a generator seeded per batch, so a killed and resumed run still ends with
-    the weights of an uninterrupted one."""
-    args = ("--data-dir", data_dir, *RESUMABLE, *TINY, "--no-caption", "--image-cache", tmp_path / "cache",
-            "--device-augment")
+def assert_killed_and_resumed_run_matches(args: tuple[Any, ...], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Train with ``args`` uninterrupted and killed after the checkpoint of step 6 then resumed; the two exports
+    must be equal tensor for tensor. Returns the uninterrupted run's process."""
     reference = run(TRAIN, *args, "--output-dir", tmp_path / "reference")
-    assert "training augmentation: batched on cpu" in reference.stderr
     killed = run(TRAIN, *args, "--output-dir", tmp_path / "killed", check=False,
                  env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -340,6 +334,19 @@ def test_device_augmentation_from_the_image_cache_resumes_to_bit_identical_weigh
     actual = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    return reference
+
+
+@pytest.mark.slow
+def test_device_augmentation_from_the_image_cache_resumes_to_bit_identical_weights(data_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """``--device-augment``: the loader hands over the cached uint8 images and the training step augments them
+    batched (here on the CPU), drawing from a generator seeded per batch, so a killed and resumed run still ends with
+    the weights of an uninterrupted one."""
+    reference = assert_killed_and_resumed_run_matches(
+        ("--data-dir", data_dir, *RESUMABLE, *TINY, "--no-caption", "--image-cache", tmp_path / "cache",
+         "--device-augment"), tmp_path)
+    assert "training augmentation: batched on cpu" in reference.stderr
     # Without the cache there is nothing to augment on the device: refused before anything is loaded.
     refused = run(TRAIN, "--data-dir", data_dir, "--device-augment", check=False)
     assert refused.returncode == 2 and "--device-augment" in refused.stderr and "--image-cache" in refused.stderr
@@ -352,17 +359,10 @@ def test_decode_on_device_resumes_to_bit_identical_weights_and_predicts_as_the_p
     augments the batch where the model runs (here the CPU). A killed and resumed run ends with the weights of an
     uninterrupted one, and predict.py's decoded-on-device probabilities are those of its Pillow path up to
     resampling rounding."""
-    args = ("--data-dir", data_dir, *RESUMABLE, *TINY, "--no-caption", "--decode-on-device")
-    reference = run(TRAIN, *args, "--output-dir", tmp_path / "reference")
+    reference = assert_killed_and_resumed_run_matches(
+        ("--data-dir", data_dir, *RESUMABLE, *TINY, "--no-caption", "--decode-on-device"), tmp_path)
     assert "images: decoded batched on cpu" in reference.stderr
     assert "training augmentation" not in reference.stderr  # no image cache is built
-    killed = run(TRAIN, *args, "--output-dir", tmp_path / "killed", check=False,
-                 env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    run(TRAIN, "--resume", tmp_path / "killed", "--workers", 0, cwd=tmp_path)
-    expected = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
-    actual = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
     metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     assert metrics["num_val_samples"] == NUM_VAL and 0 < metrics["val"]["final"]["samples_f1"] <= 1
 
