@@ -119,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--focal-gamma", type=float, default=0.0, help="focal BCE gamma (0: plain BCE)")
     g.add_argument("--decoder-loss-weight", type=float, default=1.0, help="weight of the decoder's sequence loss")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and data order")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/validation split alone (default: --seed): models that differ only in "
+                        "initialisation and data order, e.g. the members of an ensemble, share a split")
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<timestamp>, runs/latest -> it)")

@@ -340,7 +340,7 @@ def decode_check(data_dir: Path, row: str) -> None:
     from multimodal.metrics import samples_f1
     run_config = json.loads((RUNS / row / "run_config.json").read_text())["args"]
     frame = read_annotations(data_dir / "train.csv")
-    _, val = train_val_split(frame, run_config["val_fraction"], run_config["seed"])
+    _, val = train_val_split(frame, run_config["val_fraction"], run_config.get("split_seed", run_config["seed"]))
     codec = LabelCodec.from_labels(frame["Labels"])
     work = RUNS / row / "decode_check"
     work.mkdir(parents=True, exist_ok=True)

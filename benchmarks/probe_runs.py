@@ -26,7 +26,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -43,8 +43,9 @@ def score(probs: np.ndarray, targets: np.ndarray) -> float:
 def average(runs: list[Path]) -> dict[str, float]:
     loaded = {run.name: np.load(run / "val_predictions.npz") for run in runs}
     first = next(iter(loaded.values()))
+    known = [rows for rows in map(held_out_rows, runs) if rows is not None]
     for name, z in loaded.items():
-        if not np.array_equal(z["index"], first["index"]):
+        if not np.array_equal(z["targets"], first["targets"]) or any(rows != known[0] for rows in known):
             raise SystemExit(f"{name}: not the same validation rows as {runs[0].name}")
     targets = first["targets"]
     result = {name: score(z["final"], targets) for name, z in loaded.items()}
@@ -88,6 +89,13 @@ def flip(run: Path) -> dict[str, float]:
             "mean of both": score((p["as is"] + p["mirrored"]) / 2, t)}
 
 
+def held_out_rows(run: Path) -> Optional[list[int]]:
+    """The training-CSV rows a run held out for validation, as its metrics.json records them (runs since the eighth
+    session; None for earlier ones)."""
+    metrics = run / "metrics.json"
+    return json.loads(metrics.read_text()).get("val_source_rows") if metrics.is_file() else None
+
+
 def validation_predictions(run: Path) -> Any:
     return np.load(run / "val_predictions.npz")
 
@@ -100,8 +108,10 @@ def run_split(run: Path) -> tuple[dict[str, Any], Any, Any, Any]:
     args = json.loads((run / "run_config.json").read_text())["args"]
     frame = read_annotations(Path(args["data_dir"]) / "train.csv")
     frame["_row"] = np.arange(len(frame))
-    train, val = train_val_split(frame, args["val_fraction"], args["seed"])
-    if not np.array_equal(np.asarray(val.index), validation_predictions(run)["index"]):
+    train, val = train_val_split(frame, args["val_fraction"], args.get("split_seed", args["seed"]))
+    held_out = held_out_rows(run)
+    if len(val) != len(validation_predictions(run)["index"]) or (held_out is not None
+                                                                 and held_out != val["_row"].tolist()):
         raise SystemExit(f"{run}: its validation rows are not the split's")
     return args, frame, train, val
 

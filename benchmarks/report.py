@@ -76,7 +76,7 @@ def decoder_figures(row: dict[str, Any], data_dir: Path, out_dir: Path) -> list[
     codec = model.codec
     frame = read_annotations(data_dir / "train.csv")
     frame["_row"] = np.arange(len(frame))
-    _, val = train_val_split(frame, sys_args["val_fraction"], sys_args["seed"])
+    _, val = train_val_split(frame, sys_args["val_fraction"], sys_args.get("split_seed", sys_args["seed"]))
     # The validation rows' features only (their own cache entry): a fifth of the work when no cache matches.
     features = cached_features(model.image_encoder, val, data_dir / "data", model.config.image_size,
                                sys_args["cache_features"])

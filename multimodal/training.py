@@ -316,8 +316,10 @@ def main(args: argparse.Namespace) -> int:
 
     # Label codec and caption vocabulary (saved with the run and reused on resume).
     frame["_row"] = np.arange(len(frame))  # position in the full frame, for cached features
-    train_frame, val_frame = train_val_split(frame, args.val_fraction, args.seed)
-    train_frame = subsample_rows(train_frame, getattr(args, "train_fraction", 1.0), args.seed)
+    if getattr(args, "split_seed", None) is None:  # resolved here, so that the run's saved arguments name it
+        args.split_seed = args.seed
+    train_frame, val_frame = train_val_split(frame, args.val_fraction, args.split_seed)
+    train_frame = subsample_rows(train_frame, getattr(args, "train_fraction", 1.0), args.split_seed)
     if checkpoint is not None:
         codec = LabelCodec.load(run_dir / "labels.json")
         from tokenizers import Tokenizer
@@ -469,6 +471,8 @@ def main(args: argparse.Namespace) -> int:
         targets = predictions["targets"]
         final = compute_metrics(predictions["final"], targets, 0.5)
         summary.update(num_val_samples=int(len(targets)), val_index=predictions["index"].astype(int).tolist(),
+                       # which rows of the training CSV were held out (0-based data rows): the split itself
+                       val_source_rows=val_frame["_row"].astype(int).tolist(),
                        trivial_samples_f1=trivial_baseline(train_frame, targets, codec),
                        val=evaluate(predictions))
         if args.tune_thresholds:

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -124,6 +126,13 @@ def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
     assert stacked["fused head"] == averaged["a"] and set(stacked) == {
         "fused head", "stack of fused: one model", "stack of fused: one model per class"}
     assert all(0.0 <= v <= 1.0 for v in stacked.values())
+    # Runs that held out other rows of the CSV (as their metrics.json records) are not averaged.
+    (runs[0] / "metrics.json").write_text(json.dumps({"val_source_rows": [1, 2, 3, 4]}))
+    (runs[1] / "metrics.json").write_text(json.dumps({"val_source_rows": [1, 2, 3, 5]}))
+    with pytest.raises(SystemExit, match="not the same validation rows"):
+        average(runs)
+    with pytest.raises(SystemExit, match="not the split's"):  # nor read against the split
+        errors(runs[0])
 
 
 def test_every_table_row_is_a_valid_train_py_command() -> None:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from multimodal.annotations import read_annotations
-from multimodal.data import Collator, ImageCaptionDataset
+from multimodal.data import Collator, ImageCaptionDataset, train_val_split
 from multimodal.demo import LABELS, make_demo_dataset
 from multimodal.labels import LabelCodec
 from multimodal.model import MultimodalClassifier
@@ -528,8 +528,26 @@ def test_train_fraction_shrinks_training_and_keeps_the_validation_split(caption_
     half = json.loads((out / "run_config.json").read_text())
     assert half["args"]["train_fraction"] == 0.5
     assert half["train_rows"] == round(full["train_rows"] / 2) and half["val_rows"] == full["val_rows"]
-    full_val = json.loads((caption_only.parent / "metrics.json").read_text())["val_index"]
-    assert json.loads((out / "metrics.json").read_text())["val_index"] == full_val  # the same validation rows
+    full_val = json.loads((caption_only.parent / "metrics.json").read_text())["val_source_rows"]
+    assert json.loads((out / "metrics.json").read_text())["val_source_rows"] == full_val  # the same validation rows
+
+
+def test_split_seed_keeps_the_validation_split_while_the_seed_changes_the_model(caption_only: Path, data_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """``--split-seed``: members of an ensemble differ in initialisation and data order but share a split."""
+    out = tmp_path / "member"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 1, "--no-plots", *TINY,
+        "--seed", 7, "--split-seed", 0, "--output-dir", out)
+    reference = caption_only.parent
+    assert json.loads((reference / "run_config.json").read_text())["args"]["split_seed"] == 0  # resolved from --seed
+    assert json.loads((out / "run_config.json").read_text())["args"]["split_seed"] == 0
+    held_out = json.loads((out / "metrics.json").read_text())["val_source_rows"]
+    assert held_out == json.loads((reference / "metrics.json").read_text())["val_source_rows"]
+    frame = read_annotations(data_dir / "train.csv")
+    assert held_out == train_val_split(frame.assign(_row=range(len(frame))), 0.2, 0)[1]["_row"].tolist()
+    assert held_out != train_val_split(frame.assign(_row=range(len(frame))), 0.2, 7)[1]["_row"].tolist()  # --seed 7
+    mine, theirs = load_file(str(out / "model" / "model.safetensors")), load_file(str(caption_only / "model.safetensors"))
+    assert any(not torch.equal(mine[k], theirs[k]) for k in mine)  # another initialisation and data order
 
 
 def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path: Path) -> None:
