@@ -268,6 +268,11 @@ class EncodedImageDecoder:
         decoded: dict[int, torch.Tensor] = {}
         if jpegs:
             inputs = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in jpegs]
+            if self.device.type == "cuda":
+                # torchvision's nvJPEG decoder allocates its outputs on the caller's stream but writes them from its
+                # own stream without waiting for the caller's: a block freed while queued kernels still read it could
+                # be overwritten under them (pytorch/vision#9606). Nothing may be pending when it allocates.
+                torch.cuda.current_stream(self.device).synchronize()
             try:
                 decoded = dict(zip(jpegs, decode_jpeg(inputs, mode=ImageReadMode.RGB, device=self.device)))
             except RuntimeError:  # one bad file fails the batch: decode one by one to find it
