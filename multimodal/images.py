@@ -230,9 +230,9 @@ class EncodedImageDecoder:
     files; on a CPU by libjpeg-turbo (the same pixels as Pillow). Each image is then resized on the device as
     `resize_for_cache` resizes it (short side to ``size`` then the aligned square, or the whole image squashed), with
     torch's antialiased interpolation instead of Pillow's: the pixels differ slightly (a test bounds the mean
-    difference below half a grey level on COMP5329 photos; benchmarks/SPEED.md, section 5, for the predictions). Files that are not JPEGs, or that the device decoder refuses (e.g. CMYK),
-    are decoded by Pillow as `load_image` decodes them; a file that neither can decode gets an error message instead
-    of an image.
+    difference below half a grey level on COMP5329 photos; benchmarks/SPEED.md, section 5, for the predictions).
+    Files that are not JPEGs, or that the device decoder refuses (e.g. CMYK), are decoded by Pillow as `load_image`
+    decodes them; a file that neither can decode gets an error message instead of an image.
 
     Args:
         size, interpolation, crop, squash: as `resize_for_cache` (`image_cache_settings` gives them for a model).
