@@ -754,22 +754,29 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
     y_val = np.stack([codec.encode(x) for x in val_rows["Labels"]])
 
     @torch.inference_mode()
-    def features(rows: pd.DataFrame, size: int, draft: Optional[int], interpolation: Optional[str] = None
-                 ) -> torch.Tensor:
-        if interpolation == "device_decode":
+    def features(rows: pd.DataFrame, size: int, draft: Optional[int] = None, interpolation: Optional[str] = None,
+                 on_device: bool = False) -> torch.Tensor:
+        """``on_device``: decoded and resized by `images.EncodedImageDecoder` (what ``--decode-on-device`` feeds the
+        model) instead of by Pillow and timm's transform."""
+        if on_device:
             device = torch.device("cuda" if args.device == "cuda" else "cpu")
             decoder = EncodedImageDecoder.for_model(name, size, device=device)
             transform = BatchImageTransform(name, size, training=False, channels_last=False).to(device)
             dataset = ImageCaptionDataset(rows, image_dir, encoded_images=True)
-            loader = DataLoader(dataset, batch_size=64, num_workers=args.workers, collate_fn=Collator())
-            return torch.cat([encoder(transform(decode_images(batch, decoder)["image"]).cpu()) for batch in loader])
-        config = resolve_image_config(name, size)
-        if interpolation:
-            config["interpolation"] = interpolation
-        dataset = ImageCaptionDataset(rows, image_dir, transform=create_transform(**config, is_training=False),
-                                      draft_size=draft)
+
+            def images(batch: dict[str, Any]) -> torch.Tensor:
+                return transform(decode_images(batch, decoder)["image"]).cpu()
+        else:
+            config = resolve_image_config(name, size)
+            if interpolation:
+                config["interpolation"] = interpolation
+            dataset = ImageCaptionDataset(rows, image_dir, transform=create_transform(**config, is_training=False),
+                                          draft_size=draft)
+
+            def images(batch: dict[str, Any]) -> torch.Tensor:
+                return batch["image"]
         loader = DataLoader(dataset, batch_size=64, num_workers=args.workers, collate_fn=Collator())
-        return torch.cat([encoder(batch["image"]) for batch in loader])
+        return torch.cat([encoder(images(batch)) for batch in loader])
 
     out: dict[str, Any] = {"model": name, "weights": encoder.pretrained_source, "train_rows": n_train,
                            "val_rows": n_val, "loadavg_before": loadavg()}
@@ -777,7 +784,7 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
         need = draft_size_for(name, size)
         start = time.perf_counter()
         torch.manual_seed(0)
-        x_train = features(train_rows, size, None)
+        x_train = features(train_rows, size)
         probe = torch.nn.Linear(x_train.shape[1], codec.num_labels)
         optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-4)
         mean, std = x_train.mean(0), x_train.std(0) + 1e-6
@@ -788,12 +795,13 @@ def section_draft_accuracy(args: argparse.Namespace, frame: pd.DataFrame, image_
             optimizer.step()
         row: dict[str, Any] = {"draft_size": need}
         preds = {}
-        variants = {"full": (None, None), "draft": (need, None), "full_bilinear": (None, "bilinear")}
+        variants: dict[str, dict[str, Any]] = {"full": {}, "draft": {"draft": need},
+                                               "full_bilinear": {"interpolation": "bilinear"}}
         if args.device_decode:
-            variants["device_decode"] = (None, "device_decode")
+            variants["device_decode"] = {"on_device": True}
         feats = {}
-        for variant, (draft, interpolation) in variants.items():
-            feats[variant] = features(val_rows, size, draft, interpolation)
+        for variant, kwargs in variants.items():
+            feats[variant] = features(val_rows, size, **kwargs)
             with torch.no_grad():
                 probs = torch.sigmoid(probe((feats[variant] - mean) / std)).numpy()
             preds[variant] = binarize(probs, 0.5, at_least_one=True)

@@ -55,6 +55,11 @@ def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype)
 
 
+def row_error(path: str | Path, row: int, image_id: str, reason: str) -> ImageLoadError:
+    """The error of an unreadable image, naming its file, its row of the annotation file and its ImageID."""
+    return ImageLoadError(path, f"row {row} (ImageID {image_id!r}): {reason}")
+
+
 class SampleBatch(list):
     """The samples of one batch, as `ImageCaptionDataset.__getitems__` returns them; ``images``, when set, holds
     their images already stacked [B, ...] (each sample's ``image`` is a view of it)."""
@@ -195,26 +200,27 @@ class ImageCaptionDataset(Dataset):
                 return self.transform(self.image_cache.image(image_id))
             image = load_image(path, self.draft_size)
         except ImageLoadError as err:
-            error = ImageLoadError(path, f"row {self.source_row(index)} (ImageID {image_id!r}): {err.reason}")
-            if not self.skip_bad_images:
-                raise error from err
-            logger.warning("skipping unreadable image: %s", error)
-            sample["image_ok"], sample["error"] = False, str(error)
+            self._unreadable(index, image_id, err.reason, sample, err)
             return self._blank_image()
         return self.transform(image)
 
     def _read_file(self, index: int, image_id: str, sample: dict[str, Any]) -> Optional[bytes]:
-        path = self.image_path(index)
         try:
-            return path.read_bytes()
+            return self.image_path(index).read_bytes()
         except OSError as err:
             reason = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read file ({err})"
-            error = ImageLoadError(path, f"row {self.source_row(index)} (ImageID {image_id!r}): {reason}")
-            if not self.skip_bad_images:
-                raise error from err
-            logger.warning("skipping unreadable image: %s", error)
-            sample["image_ok"], sample["error"] = False, str(error)
+            self._unreadable(index, image_id, reason, sample, err)
             return None
+
+    def _unreadable(self, index: int, image_id: str, reason: str, sample: dict[str, Any],
+                    cause: BaseException) -> None:
+        """Raise the error naming the file, its row and ImageID; with ``skip_bad_images`` log it and flag the sample
+        instead."""
+        error = row_error(self.image_path(index), self.source_row(index), image_id, reason)
+        if not self.skip_bad_images:
+            raise error from cause
+        logger.warning("skipping unreadable image: %s", error)
+        sample["image_ok"], sample["error"] = False, str(error)
 
     def _blank_image(self) -> torch.Tensor:
         """Zeros shaped like the transform's output (found once by transforming a grey image)."""
@@ -320,8 +326,7 @@ def decode_images(batch: dict[str, Any], decoder: EncodedImageDecoder, skip_bad_
     for i, reason in enumerate(reasons):
         if reason is None:
             continue
-        path, row = sources[i]
-        error = ImageLoadError(path, f"row {row} (ImageID {batch['image_id'][i]!r}): {reason}")
+        error = row_error(*sources[i], batch["image_id"][i], reason)
         if not skip_bad_images:
             raise error
         logger.warning("skipping unreadable image: %s", error)

@@ -133,7 +133,9 @@ def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     channels_last = channels_last and use_image
     if channels_last:
         model.image_encoder.to(memory_format=torch.channels_last)
-    if cache is not None or encoded:  # uint8 from the cache: preprocessed on the GPU, or by the workers on a CPU
+    # uint8 squares (from the cache, or decoded on the device): preprocessed on the device, or by the workers for a
+    # cache on a CPU
+    if cache is not None or encoded:
         transform = BatchImageTransform(model.image_encoder, model.config.image_size, training=False,
                                         channels_last=on_device)
     dataset = ImageCaptionDataset(frame, image_dir if use_image else None, codec=None, tokenizer=model.tokenizer,
