@@ -315,8 +315,13 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 10
     assert not list(checkpoints.glob(".tmp-*"))
 
-    expected = load_file(str(reference_run / "model" / "model.safetensors"))
-    actual = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert_same_weights(reference_run, run_dir)
+
+
+def assert_same_weights(expected_run: Path, actual_run: Path) -> None:
+    """The two runs' exported weights are equal, tensor for tensor."""
+    expected = load_file(str(expected_run / "model" / "model.safetensors"))
+    actual = load_file(str(actual_run / "model" / "model.safetensors"))
     assert expected.keys() == actual.keys()
     differ = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert not differ, f"{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:5]}"
@@ -330,10 +335,7 @@ def assert_killed_and_resumed_run_matches(args: tuple[Any, ...], tmp_path: Path)
                  env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run(TRAIN, "--resume", tmp_path / "killed", "--workers", 0, cwd=tmp_path)
-    expected = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
-    actual = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert_same_weights(tmp_path / "reference", tmp_path / "killed")
     return reference
 
 
