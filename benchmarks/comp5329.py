@@ -85,6 +85,12 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
         label="caption LSTM + max over word embeddings (`--caption-word-skip`)",
         args=["--no-image", "--no-decoder", "--caption-word-skip", "--epochs", "6", "--workers", "0",
               *REGULARISED]),
+    # The same with Stanford's GloVe 6B 50d vectors as the initial word embeddings (offline PyPI package, the
+    # `glove` extra); the embedding size follows them (50 instead of 128).
+    "caption_glove": dict(
+        label="caption LSTM + word-skip path, embeddings initialised from GloVe 6B 50d (`--glove glove.6B.50d`)",
+        args=["--no-image", "--no-decoder", "--caption-word-skip", "--glove", "glove.6B.50d", "--epochs", "6",
+              "--workers", "0", *REGULARISED]),
     "image_only_lite0": dict(
         label="image only, EfficientNet-Lite0 (frozen, 224 px)",
         args=["--no-caption", "--no-decoder", "--encoder", "tf_efficientnet_lite0", "--epochs", "5", *FROZEN]),

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig, save_json
+from .word_vectors import load_word_vectors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -91,49 +92,6 @@ class ImageEncoder(nn.Module):
         return frozen
 
 
-def load_glove(path: str | os.PathLike, tokenizer_vocab: dict[str, int], dim: int) -> tuple[torch.Tensor, int]:
-    """Word vectors for a vocabulary from a GloVe-format text file (``word v1 ... v_dim`` per line).
-
-    Words missing from the file get random vectors with the spread of the ones found, so that the embedding table
-    has one scale. Only lines whose word is in the vocabulary are parsed, so large files load quickly.
-
-    Returns:
-        ``(weights [max_id + 1, dim], hits)`` where ``hits`` counts the vocabulary words found in the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"word-vector file {path} does not exist")
-    size = max(tokenizer_vocab.values()) + 1
-    weights = torch.zeros(size, dim)
-    found = torch.zeros(size, dtype=torch.bool)
-    checked_dim = False
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip(" ")
-            if not line:
-                continue
-            if not checked_dim:
-                parts = line.split(" ")
-                if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                    continue  # word2vec-style "count dim" header
-                if len(parts) - 1 != dim:
-                    raise ValueError(f"{path} line {line_no}: {len(parts) - 1}-dimensional vectors, expected {dim}")
-                checked_dim = True
-            word, _, rest = line.partition(" ")
-            index = tokenizer_vocab.get(word)
-            if index is None or found[index]:
-                continue
-            values = rest.split(" ")
-            if len(values) != dim:
-                continue  # a multi-word entry (as in glove.840B) or a damaged line
-            weights[index] = torch.tensor([float(v) for v in values])
-            found[index] = True
-    hits = int(found.sum())
-    std = float(weights[found].std()) if hits > 1 else 0.1
-    weights[~found] = torch.randn(int((~found).sum()), dim) * std
-    return weights, hits
-
-
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``. A CPU tensor goes to a CUDA device through pinned memory, a copy the host does not
     wait for: a plain ``.to("cuda")`` of pageable memory first waits until the device has finished all work queued
@@ -190,9 +148,10 @@ class CaptionEncoder(nn.Module):
         # (`_lstm_padded`: the same results, faster to train on a CPU) or "auto" (packed on CUDA, else padded).
         self.lstm_impl = "auto"
 
-    def load_glove(self, path: str | os.PathLike, tokenizer_vocab: dict[str, int]) -> int:
-        """Initialises the word embeddings from a GloVe-format file; returns how many vocabulary words it had."""
-        weights, hits = load_glove(path, tokenizer_vocab, self.embedding.embedding_dim)
+    def load_word_vectors(self, source: str | os.PathLike, tokenizer_vocab: dict[str, int]) -> int:
+        """Initialises the word embeddings from pretrained vectors (a GloVe-format file, a folder, or a package name;
+        see `word_vectors`); returns how many vocabulary words they had."""
+        weights, hits = load_word_vectors(source, tokenizer_vocab, self.embedding.embedding_dim)
         if weights.shape[0] > self.embedding.num_embeddings:
             raise ValueError(f"the vocabulary has ids up to {weights.shape[0] - 1} but the caption encoder only "
                              f"{self.embedding.num_embeddings} embeddings")

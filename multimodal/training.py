@@ -38,6 +38,7 @@ from .losses import JointLoss
 from .metrics import binarize, compute_metrics, samples_f1, select_thresholds
 from .model import MultimodalClassifier
 from .text import PAD_ID, train_caption_tokenizer
+from .word_vectors import word_vector_dim
 
 logger = logging.getLogger("multimodal")
 
@@ -76,6 +77,9 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
         args.epochs = 8 if demo else 10
     if args.backbone_lr is None:
         args.backbone_lr = args.lr / 4 if (args.pretrained or args.pretrained_file) else args.lr
+    if getattr(args, "word_dim", None) is None:
+        glove = getattr(args, "glove", None) and not args.no_caption
+        args.word_dim = word_vector_dim(args.glove) if glove else 128
     return args
 
 
@@ -344,8 +348,8 @@ def main(args: argparse.Namespace) -> int:
     if model.image_encoder is not None:
         log(f"image encoder {config.image_encoder}: weights from {model.image_encoder.pretrained_source}")
     if args.glove and config.use_caption and checkpoint is None:
-        hits = model.caption_encoder.load_glove(args.glove, tokenizer.get_vocab())
-        log(f"GloVe: {hits} of {tokenizer.get_vocab_size()} words initialised from {args.glove}")
+        hits = model.caption_encoder.load_word_vectors(args.glove, tokenizer.get_vocab())
+        log(f"word vectors: {hits} of {tokenizer.get_vocab_size()} words initialised from {args.glove}")
     features = None
     frozen: list[torch.nn.Module] = []
     tail = getattr(args, "train_tail_stages", 0)

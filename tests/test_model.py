@@ -14,8 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from multimodal.config import LossConfig, ModelConfig
 from multimodal.engine import adamw, build_optimizer
 from multimodal.losses import JointLoss
-from multimodal.model import (CaptionEncoder, ImageEncoder, LabelDecoder, MultimodalClassifier, load_glove,
-                             residual_attention)
+from multimodal.model import CaptionEncoder, ImageEncoder, LabelDecoder, MultimodalClassifier, residual_attention
 
 C = 5
 VOCAB = 30
@@ -518,23 +517,6 @@ def test_pretrained_weights_from_a_local_file(tmp_path) -> None:
     assert str(path) in model.image_encoder.pretrained_source
     for key, value in source.backbone.state_dict().items():
         assert torch.equal(model.image_encoder.backbone.state_dict()[key], value), key
-
-
-def test_glove_initialisation(tmp_path) -> None:
-    path = tmp_path / "glove.txt"
-    path.write_text("the 0.1 0.2 0.3 0.4\ncat 1 2 3 4\nzebra 9 9 9 9\nmat -1 -2 -3 -4\n")
-    vocab = {"<pad>": 0, "<unk>": 1, "the": 2, "cat": 3, "dog": 4}
-    weights, hits = load_glove(path, vocab, 4)
-    assert hits == 2 and weights.shape == (5, 4)
-    torch.testing.assert_close(weights[3], torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    assert torch.isfinite(weights).all()
-
-    encoder = CaptionEncoder(len(vocab), word_dim=4, hidden=4)
-    assert encoder.load_glove(path, vocab) == 2
-    torch.testing.assert_close(encoder.embedding.weight[2].detach(), torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    assert encoder.embedding.weight[0].abs().sum() == 0  # padding stays zero
-    with pytest.raises(ValueError, match="4-dimensional"):
-        load_glove(path, vocab, 8)
 
 
 def test_adamw_is_fused_where_the_kernel_exists_and_makes_the_same_update() -> None:

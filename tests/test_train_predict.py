@@ -258,6 +258,33 @@ def test_tuned_thresholds_are_stored_only_when_they_beat_one_half_held_out(run_d
         assert thresholds is None
 
 
+def test_word_vectors_initialise_the_caption_embeddings(data_dir: Path, tmp_path: Path) -> None:
+    # Vectors for every word of the demo captions, in the folder layout, 6-dimensional: --word-dim follows them.
+    words = sorted({w for c in pd.read_csv(data_dir / "train.csv", on_bad_lines="skip")["Caption"]
+                    for w in re.findall(r"[a-z]+", str(c).lower())})
+    vectors = np.random.default_rng(0).normal(size=(len(words), 6)).astype(np.float32)
+    folder = tmp_path / "vectors"
+    folder.mkdir()
+    np.save(folder / "vectors.npy", vectors)
+    (folder / "words.txt").write_text("\n".join(words) + "\n")
+    at = TINY.index("--word-dim")
+    tiny = TINY[:at] + TINY[at + 2:]
+    wrong = run(TRAIN, "--data-dir", data_dir, *TINY, "--glove", folder, "--output-dir", tmp_path / "no", check=False)
+    assert wrong.returncode == 2 and "6-dimensional vectors but --word-dim is 32" in wrong.stderr
+    out = tmp_path / "run"
+    # A learning rate of 0 leaves the embeddings as initialised (AdamW's decay is scaled by the rate too).
+    proc = run(TRAIN, "--data-dir", data_dir, *tiny, "--no-image", "--no-decoder", "--epochs", 1, "--lr", 0,
+               "--no-plots", "--glove", folder, "--output-dir", out)
+    assert json.loads((out / "model" / "config.json").read_text())["model"]["word_dim"] == 6
+    vocab = json.loads((out / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    found = [w for w in words if w in vocab]
+    assert f"word vectors: {len(found)} of {len(vocab)} words initialised" in proc.stderr and len(found) > 5
+    embedding = load_file(str(out / "model" / "model.safetensors"))["caption_encoder.embedding.weight"]
+    rows = {w: i for i, w in enumerate(words)}
+    for word in found:
+        torch.testing.assert_close(embedding[vocab[word]], torch.from_numpy(vectors[rows[word]]), msg=word)
+
+
 @pytest.mark.parametrize("which", ["full", "caption_only", "image_only"])
 def test_ablated_branches_have_no_weights_in_the_export(which: str, run_dir: Path, caption_only: Path,
                                                         image_only_bf16: Path) -> None:
