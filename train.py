@@ -163,7 +163,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         from multimodal.word_vectors import word_vector_dim
         try:
             dim = word_vector_dim(args.glove)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, ImportError) as err:
             parser.error(f"--glove: {err}")
         if args.word_dim not in (None, dim):
             parser.error(f"--glove {args.glove} holds {dim}-dimensional vectors but --word-dim is {args.word_dim}: "

@@ -44,10 +44,15 @@ def resolve_word_vectors(source: str | os.PathLike) -> Path:
 
 
 def word_vector_dim(source: str | os.PathLike) -> int:
-    """The vectors' dimension, read without loading them."""
+    """The vectors' dimension, read without loading them. For a folder, also checks that its word list is there and
+    can be read (a ``.parquet`` list needs ``pyarrow`` or ``fastparquet``; `ImportError` names what to install)."""
     path = resolve_word_vectors(source)
     if path.is_dir():
-        return int(_vector_array(path).shape[1])
+        dim = int(_vector_array(path).shape[1])
+        words = _only_file(path, (".parquet", ".txt"), "words")
+        if words.suffix == ".parquet" and not any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
+            raise ImportError(f"reading the words of {words} needs pyarrow (pip install pyarrow)")
+        return dim
     with path.open(encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             parts = line.rstrip("\n").rstrip(" ").split(" ")
@@ -142,8 +147,4 @@ def _word_list(folder: Path) -> list[str]:
     if path.suffix == ".txt":
         return path.read_text(encoding="utf-8").splitlines()
     import pandas as pd
-    try:
-        frame = pd.read_parquet(path)
-    except ImportError as err:
-        raise ImportError(f"reading the words of {path} needs pyarrow (pip install pyarrow): {err}") from err
-    return frame.iloc[:, 0].astype(str).tolist()
+    return pd.read_parquet(path).iloc[:, 0].astype(str).tolist()

@@ -68,6 +68,19 @@ def test_damaged_folders_are_named(tmp_path: Path) -> None:
         word_vector_dim(tmp_path)
 
 
+def test_a_parquet_word_list_without_a_reader_names_what_to_install(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "vectors"
+    folder.mkdir()
+    np.save(folder / "vectors.npy", VECTORS)
+    (folder / "words.parquet").write_bytes(b"")  # never read: the check comes first
+    real = word_vectors.importlib.util.find_spec
+    monkeypatch.setattr(word_vectors.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("pyarrow", "fastparquet") else real(name, *a))
+    with pytest.raises(ImportError, match="needs pyarrow"):
+        word_vector_dim(folder)
+
+
 def test_missing_sources_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         resolve_word_vectors(tmp_path / "nothing.txt")
