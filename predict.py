@@ -20,11 +20,13 @@ import logging
 import sys
 from pathlib import Path
 
+from multimodal.cli import HelpFormatter  # standard library only: --help needs no torch
+
 logger = logging.getLogger("multimodal")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", nargs="+", default=["runs/latest/model"],
                    help="exported model folder; several folders make an ensemble (the mean of their probabilities, "
                         "thresholded at 0.5 or --threshold)")

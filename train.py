@@ -16,15 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import sys
 
-from multimodal.config import COMBINE_RULES, IMAGE_CROPS, ModelConfig  # standard library only: --help needs no torch
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" to each flag's help unless the help already says what the default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        return help_text if "(default:" in help_text else super()._get_help_string(action)
+from multimodal.cli import HelpFormatter  # these two: standard library only, --help needs no torch
+from multimodal.config import COMBINE_RULES, IMAGE_CROPS, ModelConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -194,7 +194,9 @@ def test_help_lists_every_flag_grouped_with_defaults() -> None:
     assert "(default: 32)" in flat and "(default: tf_efficientnet_lite0)" in flat and "(default: no)" in flat
     # every option but --help states its default
     assert flat.count("(default: ") == len(re.findall(r"^  -", text.split("\ndata:\n")[1], re.MULTILINE))
+    assert "\n    python train.py --data-dir ../shared/comp5329" in text  # the usage examples keep their lines
     text = run(PREDICT, "--help").stdout
+    assert "\n    python predict.py --checkpoint runs/latest/model --image-dir photos/" in text
     for flag in ("--checkpoint", "--data-dir", "--csv", "--image-dir", "--output", "--probabilities", "--threshold",
                  "--batch-size", "--workers", "--mixed-precision {no,fp16,bf16}", "--skip-bad-images"):
         assert re.search(rf"^\s+{re.escape(flag)}(?=[\s,]|$)", text, re.MULTILINE), flag
