@@ -69,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-hidden", type=int, default=256, help="caption LSTM hidden size per direction")
     g.add_argument("--caption-layers", type=int, default=1, help="caption LSTM layers")
     g.add_argument("--caption-embed-dropout", type=float, default=0.0, help="dropout on the word embeddings")
+    g.add_argument("--caption-word-dropout", type=float, default=0.0, metavar="P",
+                   help="in training, replace each caption word by <unk> with probability P, so that the embedding "
+                        "of words unseen in training is learned (see also --min-word-freq)")
     g.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                    help="in training, zero the image embedding of a sample with probability P, else its caption "
                         "embedding with probability P, in the fused head's and decoder's input")

@@ -58,6 +58,9 @@ class ModelConfig:
     caption_embed_dropout: float = 0.0  # dropout on the word embeddings (training only)
     caption_word_skip: bool = False  # append the max over word embeddings to the pooled LSTM states
     caption_bigram_buckets: int = 0  # > 0: append a mean bag of word + hashed-bigram embeddings
+    # Training only: each word of a caption becomes <unk> with this probability, so that the <unk> embedding, which
+    # words unseen in training map to, is learned (with no rare words folded into <unk>, it never is otherwise).
+    caption_word_dropout: float = 0.0
     # Label decoder (CNN-RNN).
     use_decoder: bool = True
     label_embed_dim: int = 128
@@ -84,6 +87,8 @@ class ModelConfig:
             raise ValueError(f"caption_pool must be one of {CAPTION_POOLS}, got {self.caption_pool!r}")
         if self.combine == "fused_decoder" and not self.use_decoder:
             raise ValueError("combine='fused_decoder' needs use_decoder=True")
+        if not 0.0 <= self.caption_word_dropout < 1.0:
+            raise ValueError(f"caption_word_dropout must be in [0, 1), got {self.caption_word_dropout}")
         if not 0.0 <= self.modality_dropout <= 0.5:
             raise ValueError(f"modality_dropout must be in [0, 0.5], got {self.modality_dropout}")
         if self.image_attention < 0 or self.image_attention_temperature <= 0:

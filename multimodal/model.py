@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig, save_json
+from .text import UNK_ID
 from .word_vectors import load_word_vectors
 
 CONFIG_NAME = "config.json"
@@ -111,9 +112,11 @@ class CaptionEncoder(nn.Module):
     is run as a single pad token (length >= 1 is needed) and its pooled vector is then replaced by a learned "empty
     caption" embedding.
 
-    Options: ``embed_dropout`` drops word-embedding units before the LSTM (training only); ``word_skip`` appends the
-    max over the caption's word embeddings to the pooled LSTM states, a direct bag-of-words path next to the
-    sequence model (``num_features`` grows by ``word_dim``); ``bigram_buckets > 0`` appends a fastText-style bag
+    Options: ``embed_dropout`` drops word-embedding units before the LSTM (training only); ``word_dropout`` replaces
+    each word (not padding) by ``unk_id`` with that probability (training only), so that the embedding of the unknown
+    word, which words unseen in training map to, is learned instead of left at its random start; ``word_skip``
+    appends the max over the caption's word embeddings to the pooled LSTM states, a direct bag-of-words path next to
+    the sequence model (``num_features`` grows by ``word_dim``); ``bigram_buckets > 0`` appends a fastText-style bag
     (Joulin et al. 2017): the mean of embeddings of the caption's words and of its word bigrams, the bigrams hashed
     into that many buckets (``num_features`` grows by ``word_dim``). A linear head on that mean is a linear model on
     term frequencies, like TF-IDF + logistic regression, the strong classical caption baseline.
@@ -123,7 +126,8 @@ class CaptionEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, word_dim: int = 128, hidden: int = 256, num_layers: int = 1,
                  bidirectional: bool = True, pool: str = "max", pad_id: int = 0, dropout: float = 0.0,
-                 embed_dropout: float = 0.0, word_skip: bool = False, bigram_buckets: int = 0):
+                 embed_dropout: float = 0.0, word_skip: bool = False, bigram_buckets: int = 0,
+                 word_dropout: float = 0.0, unk_id: int = 1):
         super().__init__()
         if pool not in ("max", "mean", "last"):
             raise ValueError(f"pool must be 'max', 'mean' or 'last', got {pool!r}")
@@ -131,6 +135,8 @@ class CaptionEncoder(nn.Module):
             raise ValueError(f"bigram_buckets must be >= 0, got {bigram_buckets}")
         self.pool = pool
         self.pad_id = pad_id
+        self.unk_id = unk_id
+        self.word_dropout = word_dropout
         self.word_skip = word_skip
         self.vocab_size = vocab_size
         self.bigram_buckets = bigram_buckets
@@ -171,6 +177,9 @@ class CaptionEncoder(nn.Module):
             caption_lengths = (caption_ids != self.pad_id).sum(1)
         elif not torch.is_tensor(caption_lengths):
             caption_lengths = torch.tensor(caption_lengths, dtype=torch.long)
+        if self.training and self.word_dropout > 0:
+            unknown = torch.rand(caption_ids.shape, device=caption_ids.device) < self.word_dropout
+            caption_ids = caption_ids.masked_fill(unknown & (caption_ids != self.pad_id), self.unk_id)
         B, L = caption_ids.shape
         if L == 0:  # every caption empty and nothing padded: one pad step keeps packing valid
             caption_ids = caption_ids.new_full((B, 1), self.pad_id)
@@ -465,7 +474,8 @@ class MultimodalClassifier(nn.Module):
             self.caption_encoder = CaptionEncoder(
                 config.vocab_size, config.word_dim, config.caption_hidden, config.caption_layers,
                 config.bidirectional, config.caption_pool, config.pad_id, config.dropout,
-                config.caption_embed_dropout, config.caption_word_skip, config.caption_bigram_buckets)
+                config.caption_embed_dropout, config.caption_word_skip, config.caption_bigram_buckets,
+                config.caption_word_dropout, UNK_ID)
             self.caption_head = nn.Linear(self.caption_encoder.num_features, C)
         self.num_features: int = sum(enc.num_features for enc in (self.image_encoder, self.caption_encoder)
                                      if enc is not None)

@@ -199,6 +199,7 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         caption_embed_dropout=getattr(args, "caption_embed_dropout", 0.0),
         caption_word_skip=getattr(args, "caption_word_skip", False),
         caption_bigram_buckets=getattr(args, "caption_bigram_buckets", 0),
+        caption_word_dropout=getattr(args, "caption_word_dropout", 0.0),
         use_decoder=not args.no_decoder,
         max_labels=int(frame["Labels"].map(len).max()),
         beam_width=args.beam_width,

@@ -297,6 +297,25 @@ def test_caption_lstm_on_padded_captions_matches_the_packed_lstm(layers: int, bi
         encoder(ids, lengths)
 
 
+def test_word_dropout_trains_the_unknown_word_and_is_off_in_evaluation() -> None:
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    encoder = CaptionEncoder(12, word_dim=8, hidden=8, word_skip=True, word_dropout=0.5, unk_id=1)
+    plain = CaptionEncoder(12, word_dim=8, hidden=8, word_skip=True)
+    plain.load_state_dict(encoder.state_dict())
+    encoder.eval(), plain.eval()
+    torch.testing.assert_close(encoder(ids), plain(ids))  # evaluation: the words as they are
+    encoder.word_dropout = 0.999999  # training, nearly every word: the caption of <unk>s of the same lengths
+    encoder.train(), plain.train()
+    torch.testing.assert_close(encoder(ids), plain(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])))
+    encoder.word_dropout = 0.5
+    encoder(ids.repeat(8, 1)).sum().backward()
+    grad = encoder.embedding.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0  # <unk> learns; padding stays out
+    with pytest.raises(ValueError, match="caption_word_dropout"):
+        ModelConfig(num_labels=2, vocab_size=12, caption_word_dropout=1.0)
+
+
 def test_bigram_bag_is_the_mean_of_word_and_bigram_embeddings_and_ignores_padding() -> None:
     torch.manual_seed(0)
     encoder = CaptionEncoder(VOCAB, 8, 8, bigram_buckets=16).eval()

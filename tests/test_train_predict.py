@@ -706,10 +706,12 @@ def test_model_flags_reach_the_model_config() -> None:
     from multimodal.training import build_model_config
     frame = pd.DataFrame({"ImageID": ["0.jpg", "1.jpg"], "Labels": [(1,), (1, 3)], "Caption": ["a dog", "a cat"]})
     args = get_args_parser().parse_args(["--image-attention", "0.5", "--image-attention-temperature", "4",
-                                         "--image-crop", "full", "--caption-word-skip"])
+                                         "--image-crop", "full", "--caption-word-skip", "--caption-word-dropout",
+                                         "0.1"])
     codec, tokenizer = LabelCodec.from_labels(frame["Labels"]), train_caption_tokenizer(frame["Caption"])
     config = build_model_config(args, codec, tokenizer, frame)
     assert (config.image_attention, config.image_attention_temperature) == (0.5, 4.0)
     assert config.image_crop == "full" and config.caption_word_skip and config.max_labels == 2
+    assert config.caption_word_dropout == 0.1
     default = build_model_config(get_args_parser().parse_args([]), codec, tokenizer, frame)
     assert default.image_attention_temperature == 1.0 and default.image_attention == 0.0
