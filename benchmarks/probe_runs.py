@@ -6,6 +6,7 @@
     python benchmarks/probe_runs.py errors RUN                  # missed and false labels per class, one threshold
     python benchmarks/probe_runs.py tfidf RUN                   # blended with TF-IDF + logistic regression
     python benchmarks/probe_runs.py stack RUN                   # a cross-fitted stack of the run's heads
+    python benchmarks/probe_runs.py unseen RUN                  # on captions with words unseen in training, and not
 
 ``RUN`` is a `train.py` run folder with ``val_predictions.npz`` (every run with a validation split writes one). The
 runs averaged must share the validation split (same ``--val-fraction`` and ``--seed``); this is checked. ``flip``
@@ -16,7 +17,9 @@ than 0.5. ``tfidf`` fits the `tfidf_logreg` row's model (its C) on the run's tra
 run's fused probabilities and the TF-IDF model's at several weights (chosen on the scored split: optimistic).
 ``stack`` asks whether the fused head combines the branches as well as their outputs allow: a logistic regression on
 the logits of the image, caption, fused heads and the decoder's scores, fitted on one half of the validation rows and
-scored on the other (2-fold cross-fitting), one model for all classes and one per class.
+scored on the other (2-fold cross-fitting), one model for all classes and one per class. ``unseen`` scores the run's
+final output on the validation images whose caption has a word that none of the run's training captions has (the
+default vocabulary's test: such words become ``<unk>``), and on the others.
 """
 from __future__ import annotations
 
@@ -177,6 +180,18 @@ def stack(run: Path) -> dict[str, float]:
             f"stack of {', '.join(heads)}: one model per class": score(per_class, y)}
 
 
+def unseen(run: Path) -> dict[str, float | int]:
+    from multimodal.text import UNK_ID, train_caption_tokenizer
+    z = validation_predictions(run)
+    _, _, train, val = run_split(run)
+    tokenizer = train_caption_tokenizer(train["Caption"])  # min frequency 1: only unseen words are <unk>
+    has = np.array([UNK_ID in tokenizer.encode(str(c)).ids for c in val["Caption"]])[z["index"]]
+    result: dict[str, float | int] = {"all validation images": score(z["final"], z["targets"])}
+    for mask, name in ((has, "captions with an unseen word"), (~has, "the other captions")):
+        result[f"{name} ({int(mask.sum())} images)"] = score(z["final"][mask], z["targets"][mask])
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="probe", required=True)
@@ -185,10 +200,11 @@ def main() -> int:
     for name, text in (("flip", "test-time flip of the cached feature maps"),
                        ("errors", "missed and false labels per class; single thresholds"),
                        ("tfidf", "blend with TF-IDF + logistic regression on the same training rows"),
-                       ("stack", "a cross-fitted logistic-regression stack of the run's heads")):
+                       ("stack", "a cross-fitted logistic-regression stack of the run's heads"),
+                       ("unseen", "on the captions with words unseen in training, and on the others")):
         sub.add_parser(name, help=text).add_argument("run", type=Path)
     args = p.parse_args()
-    probes = {"flip": flip, "errors": errors, "tfidf": tfidf, "stack": stack}
+    probes = {"flip": flip, "errors": errors, "tfidf": tfidf, "stack": stack, "unseen": unseen}
     result = average(args.runs) if args.probe == "average" else probes[args.probe](args.run)
     for name, value in result.items():
         print(f"{value if isinstance(value, (int, str)) else format(value, '.4f'):>9}  {name}")

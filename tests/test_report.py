@@ -135,6 +135,34 @@ def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
         errors(runs[0])
 
 
+def test_probe_runs_scores_captions_with_words_unseen_in_training_apart(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+    from probe_runs import unseen
+
+    from multimodal.annotations import read_annotations
+    from multimodal.data import train_val_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    frame = pd.DataFrame({"ImageID": [f"{i}.jpg" for i in range(20)], "Labels": ["1"] * 20, "Caption": ["a dog"] * 20})
+    frame.to_csv(data / "train.csv", index=False)
+    _, val = train_val_split(read_annotations(data / "train.csv"), 0.2, 0)
+    # Two validation captions with a word that no training caption has.
+    frame.loc[frame["ImageID"].isin(val["ImageID"][:2]), "Caption"] = "a zebra"
+    frame.to_csv(data / "train.csv", index=False)
+    targets = np.array([[1, 0], [1, 0], [1, 0], [1, 0]], dtype=np.float32)
+    final = np.array([[0.2, 0.9], [0.2, 0.9], [0.9, 0.1], [0.9, 0.9]], dtype=np.float32)  # 0, 0, 1, 2/3
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"args": {"data_dir": str(data), "val_fraction": 0.2, "seed": 0}}))
+    np.savez(run / "val_predictions.npz", final=final, targets=targets, index=np.arange(4))
+    result = unseen(run)
+    assert result["captions with an unseen word (2 images)"] == 0.0
+    assert result["the other captions (2 images)"] == pytest.approx(5 / 6)
+    assert result["all validation images"] == pytest.approx(5 / 12)
+
+
 def test_every_table_row_is_a_valid_train_py_command() -> None:
     """Each neural row's arguments (CPU and GPU rows alike: the GPU ones cannot run here) parse with train.py's parser
     and pass its checks, so a typo in a row is found before a machine is rented for it."""
