@@ -85,6 +85,13 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
         label="caption LSTM + max over word embeddings (`--caption-word-skip`)",
         args=["--no-image", "--no-decoder", "--caption-word-skip", "--epochs", "6", "--workers", "0",
               *REGULARISED]),
+    # The same with word dropout: in training each word becomes <unk> with probability 0.05, so that the embedding
+    # that words unseen in training map to is learned (it is not otherwise: every training word is in the vocabulary).
+    "caption_word_dropout": dict(
+        label="caption LSTM + word-skip path, words replaced by `<unk>` with probability 0.05 in training "
+              "(`--caption-word-dropout 0.05`)",
+        args=["--no-image", "--no-decoder", "--caption-word-skip", "--caption-word-dropout", "0.05", "--epochs", "6",
+              "--workers", "0", *REGULARISED]),
     # The same with Stanford's GloVe 6B 50d vectors as the initial word embeddings (offline PyPI package, the
     # `glove` extra); the embedding size follows them (50 instead of 128).
     "caption_glove": dict(

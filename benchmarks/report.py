@@ -12,10 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["tfidf_logreg", "linear_probe", "linear_probe_full", "caption_only", "caption_word_skip", "caption_glove",
-         "image_only_lite0", "image_only_lite1", "image_caption", "image_caption_decoder", "tail_lite0_224",
-         "cpu_tail2", "cpu_lite2", "best_cpu", "best_cpu_train80", "cpu_full", "cpu_full_e4", "gpu_recipe", "gpu_reg",
-         "gpu_reg_384"]
+ORDER = ["tfidf_logreg", "linear_probe", "linear_probe_full", "caption_only", "caption_word_skip",
+         "caption_word_dropout", "caption_glove", "image_only_lite0", "image_only_lite1", "image_caption",
+         "image_caption_decoder", "tail_lite0_224", "cpu_tail2", "cpu_lite2", "best_cpu", "best_cpu_train80",
+         "cpu_full", "cpu_full_e4", "gpu_recipe", "gpu_reg", "gpu_reg_384"]
 RECIPE = "cpu_full_e4"  # the row of the CPU recipe (the target: samples F1 >= 0.88 within 60 minutes from nothing)
 
 
@@ -203,6 +203,9 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
         out.append(f"- **Caption branch**: the LSTM alone {f1('caption_only'):.4f}; with the max over word embeddings "
                    f"beside it (`--caption-word-skip`) {f1('caption_word_skip'):.4f} "
                    f"({f1('caption_word_skip') - f1('caption_only'):+.4f})"
+                   + (f"; with word dropout to `<unk>` (`caption_word_dropout`) {f1('caption_word_dropout'):.4f} "
+                      f"({f1('caption_word_dropout') - f1('caption_word_skip'):+.4f} on this split, `EXPLORATION.md` "
+                      "has two more)" if "caption_word_dropout" in by else "")
                    + (f"; with GloVe 6B 50d word vectors as its initial embeddings (`caption_glove`) "
                       f"{f1('caption_glove'):.4f} ({f1('caption_glove') - f1('caption_word_skip'):+.4f} on this "
                       "split; on two other splits the two differ by less, one each way: `EXPLORATION.md`)"
