@@ -40,10 +40,35 @@ def plot_training_curves(log_path: str | Path, out_png: str | Path) -> None:
     plt.close(fig)
 
 
+MAX_BAR_SERIES = 6  # more bars per class than this cannot be told apart: a heat map instead
+
+
+def _per_class_heatmap(per_output: dict[str, Sequence[float]], class_names: Sequence[str], out_png: str | Path,
+                       title: str) -> None:
+    names = list(per_output)
+    values = np.array([list(per_output[n]) for n in names], dtype=float)  # [series, classes]
+    fig, ax = plt.subplots(figsize=(3 + 0.75 * len(class_names), 1.5 + 0.38 * len(names)))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(np.arange(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(names)), names)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                color="black" if value > 0.6 else "white")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="F1", fraction=0.02, pad=0.01)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def plot_per_class_f1(per_output: dict[str, Sequence[float]], class_names: Sequence[str],
                       out_png: str | Path, title: str = "per-class F1 (validation)") -> None:
-    """Grouped bars: one group per class, one bar per output or configuration."""
+    """Grouped bars (one group per class, one bar per output or configuration), or, for more than
+    `MAX_BAR_SERIES` of them, a table-like heat map with one row per configuration and each cell's F1 written in it."""
     names = list(per_output)
+    if len(names) > MAX_BAR_SERIES:
+        _per_class_heatmap(per_output, class_names, out_png, title)
+        return
     x = np.arange(len(class_names))
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(class_names) * max(1, len(names)) / 2), 4.5))

@@ -187,3 +187,21 @@ def test_every_table_row_is_a_valid_train_py_command() -> None:
         except (Refused, SystemExit) as e:
             raise AssertionError(f"row {name}: {e}") from e
         assert isinstance(parsed, argparse.Namespace)
+
+
+def test_per_class_chart_is_a_heat_map_when_bars_would_be_too_many(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from multimodal import plots
+    classes = ["a", "b", "c"]
+    calls = []
+    real = plots._per_class_heatmap
+    monkeypatch.setattr(plots, "_per_class_heatmap", lambda *a: (calls.append(len(a[0])), real(*a)))
+    for series in (plots.MAX_BAR_SERIES, plots.MAX_BAR_SERIES + 1, 20):
+        path = tmp_path / f"{series}.png"
+        plots.plot_per_class_f1({f"row {i}": [0.1 * i % 1, 0.5, 0.9] for i in range(series)}, classes, path)
+        assert Image.open(path).size[0] > 0
+    assert calls == [plots.MAX_BAR_SERIES + 1, 20]  # the bars up to MAX_BAR_SERIES, the heat map beyond
+    fewer = Image.open(tmp_path / f"{plots.MAX_BAR_SERIES + 1}.png").size[1]
+    assert Image.open(tmp_path / "20.png").size[1] > fewer  # a row per series
