@@ -46,9 +46,12 @@ def score(probs: np.ndarray, targets: np.ndarray) -> float:
 def average(runs: list[Path]) -> dict[str, float]:
     loaded = {run.name: np.load(run / "val_predictions.npz") for run in runs}
     first = next(iter(loaded.values()))
-    known = [rows for rows in map(held_out_rows, runs) if rows is not None]
+    held = {run.name: held_out_rows(run) for run in runs}  # None for runs that predate the record
+    reference = next((name for name, rows in held.items() if rows is not None), runs[0].name)
     for name, z in loaded.items():
-        if not np.array_equal(z["targets"], first["targets"]) or any(rows != known[0] for rows in known):
+        if held[name] is not None and held[name] != held[reference]:
+            raise SystemExit(f"{name}: not the same validation rows as {reference}")
+        if not np.array_equal(z["targets"], first["targets"]):
             raise SystemExit(f"{name}: not the same validation rows as {runs[0].name}")
     targets = first["targets"]
     result = {name: score(z["final"], targets) for name, z in loaded.items()}

@@ -360,7 +360,7 @@ def train_end_to_end(s: Setup, cache: bool, decode: bool = False) -> tuple[int, 
     rows = s.rows(n)
     dataset = s.dataset(rows, training=True, cache=cache, encoded=decode)
     transform = None
-    if decode or cache and s.device.type == "cuda":  # uint8 batches augmented on the GPU
+    if decode or cache and s.device.type == "cuda":  # uint8 batches augmented on the device (decoded there: any)
         transform = BatchImageTransform(s.args.encoder, s.size, training=True,
                                         channels_last=s.args.channels_last).to(s.device)
     elif cache:  # on a CPU: timm's PIL augmentation of the cached image, in the DataLoader workers
