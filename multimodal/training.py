@@ -30,7 +30,7 @@ from .config import LossConfig, ModelConfig, save_json
 from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, decode_images,
                    subsample_rows, train_val_split)
 from .features import FeatureDataset, cached_features
-from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_optimizer,
+from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema, build_optimizer,
                      collect_predictions, evaluate, lr_lambda, resolve_checkpoint, train_one_epoch)
 from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, build_transform
 from .labels import LabelCodec
@@ -405,7 +405,15 @@ def main(args: argparse.Namespace) -> int:
                                             image_cache=image_cache, device_augment=device_augment,
                                             encoded_images=decode_on_device)
     optimizer = build_optimizer(model, args.lr, args.backbone_lr, args.weight_decay)
+    # The weight average is copied from the bare model (a prepared one may carry a wrapped forward), then moved along.
+    ema = build_ema(model, args.ema_decay) if getattr(args, "ema_decay", 0.0) else None
+    if getattr(args, "compile", False) and model.image_encoder is not None and features is None:
+        model.image_encoder.compile_forward()  # after the average's copy, which stays eager
+        log("image encoder: compiled with torch.compile (the first training and validation batches wait for it)")
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if ema is not None:
+        ema.module.to(accelerator.device)
+        log(f"weight average: decay warming up to {args.ema_decay}; validated and exported in place of the weights")
     steps_per_epoch = -(-len(train_loader) // args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
@@ -416,7 +424,7 @@ def main(args: argparse.Namespace) -> int:
         optimizer, lr_lambda(total_steps * accelerator.num_processes, warmup * accelerator.num_processes))
     scheduler = accelerator.prepare(scheduler)
 
-    checkpoints = CheckpointManager(accelerator, run_dir, keep=args.keep_checkpoints)
+    checkpoints = CheckpointManager(accelerator, run_dir, keep=args.keep_checkpoints, ema=ema)
     progress = Progress()
     if checkpoint is not None:
         progress = checkpoints.load(checkpoint)
@@ -434,7 +442,9 @@ def main(args: argparse.Namespace) -> int:
     bad_images: list[str] = []
     seen_ids: list[list[str]] = []  # per epoch (of this call), the image ids this process trained on, in order
     val_metrics: dict[str, Any] = {}
-    predictions: Optional[dict[str, np.ndarray]] = None  # of the validation rows, by the latest weights
+    predictions: Optional[dict[str, np.ndarray]] = None  # of the validation rows, by the latest weights (or average)
+    raw_metrics: dict[str, Any] = {}  # with a weight average: the trained weights' own metrics, for comparison
+    evaluated = model if ema is None else ema.module  # what is validated and exported
     val_bad = bad_images if config.use_image else None
     t_start = time.perf_counter()
     while progress.epoch < args.epochs and not (args.max_steps and progress.step >= args.max_steps):
@@ -451,15 +461,22 @@ def main(args: argparse.Namespace) -> int:
             total_batches=len(train_loader), max_steps=args.max_steps, log_every=args.log_every,
             checkpoint_every=args.checkpoint_every, checkpoints=checkpoints, on_checkpoint=on_checkpoint,
             bad_images=bad_images, use_image=config.use_image, frozen=frozen, seen_ids=seen_ids[-1],
-            batch_transform=batch_transform, augment_seed=args.seed, prepare=prepare_train)
+            batch_transform=batch_transform, augment_seed=args.seed, prepare=prepare_train, ema=ema)
         epoch_done = progress.batches_done >= len(train_loader)
         if len(val_frame):
-            predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad, prepare=prepare_val)
+            predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
+                                              prepare=prepare_val)
             val_metrics = evaluate(predictions)
+            if ema is not None:
+                raw_metrics = evaluate(collect_predictions(model, val_loader, accelerator, prepare=prepare_val))
         # Logged with or without a validation split (--val-fraction 0 still gets its per-epoch losses).
-        accelerator.log(epoch_log_values(val_metrics, terms, codec) | {"epoch": progress.epoch}, step=progress.step)
+        values = epoch_log_values(val_metrics, terms, codec)
+        values |= {f"val_without_ema/{out}/{k}": v for out, m in raw_metrics.items() for k, v in m.items()
+                   if not k.startswith("per_class")}
+        accelerator.log(values | {"epoch": progress.epoch}, step=progress.step)
         log(f"epoch {progress.epoch}: loss {terms.get('loss', float('nan')):.4f}" + ("  val samples-F1 " + "  ".join(
-            f"{out} {m['samples_f1']:.4f}" for out, m in val_metrics.items()) if val_metrics else ""))
+            f"{out} {m['samples_f1']:.4f}" for out, m in val_metrics.items()) if val_metrics else "")
+            + (f"  (without the average: final {raw_metrics['final']['samples_f1']:.4f})" if raw_metrics else ""))
         if epoch_done:
             progress.epoch += 1
             progress.batches_done = 0
@@ -471,7 +488,7 @@ def main(args: argparse.Namespace) -> int:
     thresholds = None
     if len(val_frame):
         if predictions is None:  # no training in this call (a finished run resumed)
-            predictions = collect_predictions(model, val_loader, accelerator, bad_images=val_bad,
+            predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
                                               prepare=prepare_val)
         targets = predictions["targets"]
         final = compute_metrics(predictions["final"], targets, 0.5)
@@ -480,6 +497,8 @@ def main(args: argparse.Namespace) -> int:
                        val_source_rows=val_frame["_row"].astype(int).tolist(),
                        trivial_samples_f1=trivial_baseline(train_frame, targets, codec),
                        val=evaluate(predictions))
+        if raw_metrics:
+            summary["val_without_ema"] = raw_metrics
         if args.tune_thresholds:
             tuned, report = select_thresholds(predictions["final"], targets)
             thresholds = None if tuned is None else tuned.tolist()
@@ -499,7 +518,7 @@ def main(args: argparse.Namespace) -> int:
     bad_all = sorted(set(gather_object(bad_images)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        core = accelerator.unwrap_model(model)
+        core = accelerator.unwrap_model(model) if ema is None else ema.module
         export_dir = run_dir / "model"
         core.save_pretrained(export_dir, codec=codec, tokenizer=tokenizer if config.use_caption else None,
                              thresholds=thresholds)

@@ -66,3 +66,19 @@ def test_select_thresholds_keeps_tuning_only_when_it_pays_held_out():
     separable = np.where(targets, 0.9, 0.1)  # perfect at 0.5: nothing to gain, so nothing is stored
     thresholds, report = select_thresholds(separable, targets)
     assert report["at_0_5"] == 1.0 and not report["kept"] and thresholds is None
+
+
+def test_scores_of_predictions_leave_out_the_rows_that_could_not_be_predicted() -> None:
+    from multimodal.inference import score_predictions
+    from multimodal.labels import LabelCodec
+    codec = LabelCodec.from_labels([(1,), (2,), (1, 3)])
+    probs = np.array([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.1]], dtype=np.float32)
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=np.float32)  # the third row would score 0
+    result = {"probabilities": probs, "usable": np.array([True, True, False]), "thresholds": 0.5}
+    scores = score_predictions(result, targets, codec)
+    assert scores["rows_scored"] == 2 and scores["rows_not_predicted"] == 1
+    assert scores["samples_f1"] == 1.0 and scores["thresholds"] == [0.5, 0.5, 0.5]
+    assert [c["support"] for c in scores["per_class"].values()] == [1, 1, 0]
+    assert scores["per_class"]["3"]["ap"] is None  # no positive among the scored rows: no AP (JSON null, not NaN)
+    result["usable"] = np.zeros(3, dtype=bool)
+    assert score_predictions(result, targets, codec) == {"rows_scored": 0, "rows_not_predicted": 3}

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from multimodal.annotations import read_annotations
 from multimodal.data import Collator, ImageCaptionDataset, train_val_split
 from multimodal.demo import LABELS, make_demo_dataset
+from multimodal.engine import CheckpointManager
 from multimodal.labels import LabelCodec
 from multimodal.model import MultimodalClassifier
 
@@ -369,6 +370,58 @@ def assert_killed_and_resumed_run_matches(args: tuple[Any, ...], tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_weight_average_is_validated_exported_and_resumed(data_dir: Path, tmp_path: Path) -> None:
+    """``--ema-decay``: the moving average of the weights is what is validated and exported, the last weights' own
+    validation is logged beside it, and it is checkpointed (safetensors), so a killed and resumed run exports the
+    average of an uninterrupted one."""
+    reference = assert_killed_and_resumed_run_matches(("--data-dir", data_dir, *RESUMABLE, *TINY, "--ema-decay", 0.9),
+                                                      tmp_path)
+    assert "weight average: decay warming up to 0.9" in reference.stderr
+    assert re.search(r"epoch 1: .*\(without the average: final \d\.\d{4}\)", reference.stderr)
+    run_dir = tmp_path / "reference"
+    last = CheckpointManager.latest(run_dir)
+    assert last.name == "step_00000010"  # the end of training: its weights and average are those exported
+    exported = load_file(str(run_dir / "model" / "model.safetensors"))
+    average = load_file(str(last / "ema.safetensors"))
+    weights = load_file(str(last / "model.safetensors"))
+    assert exported.keys() == average.keys()
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    trained = [k for k in weights if exported[k].is_floating_point() and not torch.equal(exported[k], weights[k])]
+    assert len(trained) > len(weights) // 2  # the average is not the last weights
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for out in OUTPUTS:
+        assert 0 <= metrics["val"][out]["samples_f1"] <= 1 and 0 <= metrics["val_without_ema"][out]["samples_f1"] <= 1
+    epochs = [line for line in read_log(run_dir) if "epoch" in line]
+    assert [line["epoch"] for line in epochs] == [0, 1]
+    assert all("val_without_ema/final/samples_f1" in line and "val/final/samples_f1" in line for line in epochs)
+    refused = run(TRAIN, "--data-dir", data_dir, "--ema-decay", 1, check=False)
+    assert refused.returncode == 2 and "--ema-decay must be in [0, 1)" in refused.stderr
+
+
+@pytest.mark.slow
+def test_compiled_image_encoder_trains_exports_the_same_weights_and_predicts_as_eager(data_dir: Path,
+                                                                                      reference_run: Path,
+                                                                                      tmp_path: Path) -> None:
+    """``--compile`` (train.py and predict.py) compiles the image encoder in place: the run trains and validates,
+    its export has the weights of an eager run under the same names, and compiled prediction matches eager
+    prediction of the same model to float rounding."""
+    out = tmp_path / "run"
+    proc = run(TRAIN, "--data-dir", data_dir, "--max-steps", 2, "--no-plots", "--compile", *TINY, "--output-dir", out)
+    assert "image encoder: compiled with torch.compile" in proc.stderr
+    assert checkpoint_keys(out / "model") == checkpoint_keys(reference_run / "model")
+    assert 0 <= json.loads((out / "metrics.json").read_text())["val"]["final"]["samples_f1"] <= 1
+    probs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        probs[name] = tmp_path / f"{name}.csv"
+        run(PREDICT, "--checkpoint", out / "model", "--data-dir", data_dir, "--output", tmp_path / f"{name}_l.csv",
+            "--probabilities", probs[name], "--workers", 0, *extra)
+    np.testing.assert_allclose(pd.read_csv(probs["compiled"]).iloc[:, 1:].to_numpy(),
+                               pd.read_csv(probs["eager"]).iloc[:, 1:].to_numpy(), atol=1e-4)
+    refused = run(TRAIN, "--data-dir", data_dir, "--compile", "--cache-features", tmp_path / "c", check=False)
+    assert refused.returncode == 2 and "--compile" in refused.stderr and "--cache-features" in refused.stderr
+
+
+@pytest.mark.slow
 def test_device_augmentation_from_the_image_cache_resumes_to_bit_identical_weights(data_dir: Path,
                                                                                    tmp_path: Path) -> None:
     """``--device-augment``: the loader hands over the cached uint8 images and the training step augments them
@@ -536,6 +589,44 @@ def test_predict_writes_one_row_per_input_in_order_by_the_stored_thresholds(run_
     assert [r["ImageID"] for r in prob_rows] == expected_ids
     p = np.array([[float(r[str(i)]) for i in codec.label_ids] for r in prob_rows])
     assert ((p >= 0) & (p <= 1)).all() and len({tuple(row) for row in p}) == NUM_TEST  # a prediction per row
+
+
+def test_predict_scores_a_labelled_csv_as_the_label_sets_it_wrote(caption_only: Path, data_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A CSV with a Labels column is scored too; the scores are those of the written label sets (recomputed here
+    from the two CSVs with scikit-learn), and a label the model does not know stops the run before predicting."""
+    out, scores = tmp_path / "predictions.csv", tmp_path / "scores.json"
+    proc = run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "train.csv", "--output", out,
+               "--metrics", scores, "--workers", 0, "--threshold", 0.3)
+    m = json.loads(scores.read_text())
+    truth = read_annotations(data_dir / "train.csv")
+    rows = read_rows(out)
+    assert [r["ImageID"] for r in rows] == list(truth["ImageID"])
+    ids = [label.id for label in LABELS]
+    y_true = np.array([[i in labels for i in ids] for labels in truth["Labels"]])
+    y_pred = np.array([[str(i) in r["Labels"].split() for i in ids] for r in rows])
+    from sklearn.metrics import f1_score
+    for average in ("samples", "micro", "macro"):
+        assert m[f"{average}_f1"] == pytest.approx(f1_score(y_true, y_pred, average=average, zero_division=0))
+    assert m["rows_scored"] == NUM_TRAIN and m["rows_not_predicted"] == 0 and m["thresholds"] == [0.3] * len(ids)
+    assert list(m["per_class"]) == [str(i) for i in ids]
+    assert [c["support"] for c in m["per_class"].values()] == y_true.sum(0).tolist()
+    assert [c["name"] for c in m["per_class"].values()] == CLASS_NAMES
+    assert 0 <= m["map"] <= 1 and m["csv"] == str(data_dir / "train.csv")
+    assert f"samples F1 {m['samples_f1']:.4f}" in proc.stderr
+
+    lines = (data_dir / "train.csv").read_text().splitlines(keepends=True)
+    image_id, _, caption = lines[3].split(",", 2)
+    bad_csv = tmp_path / "unknown_label.csv"
+    bad_csv.write_text("".join(lines[:3]) + f"{image_id},1 5,{caption}" + "".join(lines[4:]))  # the demo has no 5
+    refused = run(PREDICT, "--checkpoint", caption_only, "--csv", bad_csv, "--output", tmp_path / "bad.csv",
+                  "--workers", 0, check=False)
+    message = error_line(refused)
+    assert str(bad_csv) in message and f"row 3 (ImageID {image_id!r})" in message and "5" in message
+    assert not (tmp_path / "bad.csv").exists()
+    unlabelled = run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "test.csv", "--output",
+                     tmp_path / "t.csv", "--metrics", tmp_path / "t.json", "--workers", 0, check=False)
+    assert "Labels column" in error_line(unlabelled) and not (tmp_path / "t.json").exists()
 
 
 def test_predict_a_folder_without_csv_with_a_threshold_override(run_dir: Path, data_dir: Path,
