@@ -266,7 +266,7 @@ class CheckpointManager:
             if not path.is_file():
                 raise FileNotFoundError(f"{checkpoint}: no {EMA_FILE}, though the run averages its weights "
                                         "(--ema-decay)")
-            self.ema.module.load_state_dict(load_file(str(path), device=str(self.accelerator.device)))
+            self.ema.module.load_state_dict(load_file(str(path)))  # copied onto the average's device
         return Progress(**json.loads((Path(checkpoint) / "progress.json").read_text()))
 
     # On a GPU, cuDNN keeps each nn.LSTM's weights as views of one flat buffer (`flatten_parameters`). Accelerate

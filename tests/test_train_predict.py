@@ -502,6 +502,29 @@ def test_cpu_data_parallel_two_processes(data_dir: Path, reference_run: Path, tm
 
 
 @pytest.mark.slow
+def test_cpu_data_parallel_weight_average_is_checkpointed_and_restored_on_every_process(data_dir: Path,
+                                                                                        tmp_path: Path) -> None:
+    """The average is written once (by the main process) and read back by every process: a finished 2-process run
+    resumed from its last checkpoint exports the same average again."""
+    out = tmp_path / "ddp"
+    common = ("--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
+              "--dynamo_backend", "no")
+    env = script_env(ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf"))
+    proc = launch(*common, "--main_process_port", free_port(), TRAIN, "--data-dir", data_dir, "--epochs", 1,
+                  "--no-plots", "--ema-decay", 0.9, *TINY, "--output-dir", out, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    first = load_file(str(out / "model" / "model.safetensors"))
+    last = CheckpointManager.latest(out)
+    assert (last / "ema.safetensors").is_file() and not list(last.glob("ema*_1*"))  # one file, from the main process
+    resumed = launch(*common, "--main_process_port", free_port(), TRAIN, "--resume", out, "--workers", 0,
+                     cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert "resumed from" in resumed.stderr
+    again = load_file(str(out / "model" / "model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="reproduces a launch on a machine without GPUs")
 def test_multi_gpu_launch_without_gpus_stops_instead_of_training_copies(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
