@@ -127,6 +127,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "a CPU (training step 1.14x at 128 px on 2 cores, see benchmarks/SPEED.md); not with "
                         "--cache-features")
     g.add_argument("--focal-gamma", type=float, default=0.0, help="focal BCE gamma (0: plain BCE)")
+    g.add_argument("--asl-gamma-neg", type=float, default=0.0, metavar="G",
+                   help="asymmetric loss (Ridnik et al. 2021; timm's) instead of the BCE on every head: negatives "
+                        "weighted by p_m^G, p_m = max(p - --asl-clip, 0); the paper uses 4 (0: off)")
+    g.add_argument("--asl-clip", type=float, default=0.05, metavar="M",
+                   help="with --asl-gamma-neg: the probability margin below which a negative costs nothing")
     g.add_argument("--decoder-loss-weight", type=float, default=1.0, help="weight of the decoder's sequence loss")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and data order")
     g.add_argument("--split-seed", type=int, default=None,
@@ -167,6 +172,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--compile compiles the image encoder's pass over the images: there is none with "
                      + ("--cache-features (the model runs on cached features)" if args.cache_features
                         else "--no-image"))
+    if args.asl_gamma_neg and args.focal_gamma:
+        parser.error("--asl-gamma-neg replaces the (focal) BCE: leave --focal-gamma at 0")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.image_attention_temperature <= 0:

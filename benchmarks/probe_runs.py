@@ -139,7 +139,7 @@ def errors(run: Path) -> dict[str, float | int | str]:
             f"{int(missed[:, c].sum())} ({int((missed & named)[:, c].sum())})"
         result[f"{name}: found (caption names it)"] = f"{int(found[:, c].sum())} ({int((found & named)[:, c].sum())})"
         result[f"{name}: added"] = int((~truth[:, c] & pred[:, c]).sum())
-    for threshold in (0.3, 0.35, 0.4, 0.45, 0.5):
+    for threshold in (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8):
         result[f"samples F1 at threshold {threshold}"] = float(
             samples_f1(binarize(z["final"], threshold), truth).mean())
     return result

@@ -847,6 +847,23 @@ def _encoder_train_step(s: Setup, model: torch.nn.Module, optimizer: Any,
     return step
 
 
+def _encoder_train_pair(s: Setup, batches: list[dict[str, Any]],
+                        variants: dict[str, tuple[torch.memory_format, bool]]) -> dict[str, Any]:
+    """The bare encoder's training step in each variant (memory format, compiled in place or not), interleaved batch
+    by batch over ``batches``."""
+    steps = {}
+    for name, (fmt, compiled) in variants.items():
+        model = s.encoder_model().to(memory_format=fmt)
+        if compiled:
+            model.compile()
+        optimizer = adamw(model.parameters(), lr=1e-3)
+        model, optimizer = s.acc.prepare(model, optimizer)
+        steps[name] = _encoder_train_step(s, model, optimizer, fmt)
+    pair = interleaved(s, steps, batches)
+    s.acc.free_memory()
+    return pair
+
+
 def _joint_train_step(s: Setup, model: torch.nn.Module, optimizer: Any) -> Callable[[dict[str, Any]], None]:
     """The joint model's plain training step: forward with teacher forcing, joint loss, backward, AdamW step."""
     criterion = JointLoss(LossConfig())
@@ -886,31 +903,15 @@ def section_options(s: Setup) -> dict[str, Any]:
         out["draft"][str(size)] = pair
     # channels_last, bare encoder, training step and forward, interleaved batch by batch.
     train_batches = s.memory_batches(args.warmup + args.option_batches, training=True)
-    steps = {}
-    for layout in ("contiguous", "channels_last"):
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        model = s.encoder_model().to(memory_format=fmt)
-        optimizer = adamw(model.parameters(), lr=1e-3)
-        model, optimizer = s.acc.prepare(model, optimizer)
-        steps[layout] = _encoder_train_step(s, model, optimizer, fmt)
-    pair = interleaved(s, steps, train_batches)
-    s.acc.free_memory()
+    pair = _encoder_train_pair(s, train_batches, {"contiguous": (torch.contiguous_format, False),
+                                                  "channels_last": (torch.channels_last, False)})
     pair["ratio_channels_last/contiguous"] = ratio(pair["channels_last"], pair["contiguous"])
     out["channels_last_train"] = pair
     # torch.compile of the bare encoder's training step (forward, backward, AdamW), in place (`nn.Module.compile`, as
     # a user would, keeping the weights' names); its compile time is the first batch (not timed in the rate).
     if args.try_compile and not args.compile:
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        steps = {}
-        for variant in ("eager", "compiled"):
-            model = s.encoder_model().to(memory_format=fmt)
-            if variant == "compiled":
-                model.compile()
-            optimizer = adamw(model.parameters(), lr=1e-3)
-            model, optimizer = s.acc.prepare(model, optimizer)
-            steps[variant] = _encoder_train_step(s, model, optimizer, fmt)
-        pair = interleaved(s, steps, train_batches)
-        s.acc.free_memory()
+        pair = _encoder_train_pair(s, train_batches, {"eager": (fmt, False), "compiled": (fmt, True)})
         pair["ratio_compiled/eager"] = ratio(pair["compiled"], pair["eager"])
         pair["ratio_compiled/eager (median of per-batch ratios)"] = median_paired_ratio(pair["compiled"],
                                                                                        pair["eager"])

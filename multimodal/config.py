@@ -130,6 +130,11 @@ class LossConfig:
     pos_weight: Optional[tuple[float, ...]] = None
     focal_gamma: float = 0.0
     label_smoothing: float = 0.0
+    # Asymmetric loss (Ridnik et al. 2021) in place of BCE when asl_gamma_neg > 0: negatives' terms weighted by
+    # p_m ** gamma_neg with p_m = max(p - asl_clip, 0), positives' by (1 - p) ** asl_gamma_pos
+    asl_gamma_neg: float = 0.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import AsymmetricLossMultiLabel
 
 from .config import LossConfig
 
@@ -22,7 +23,10 @@ class JointLoss(nn.Module):
     under fp16/bf16 autocast. Options (`LossConfig`): ``pos_weight`` [C] weighs the positives of each class;
     ``focal_gamma > 0`` multiplies each BCE element by ``(1 - p_t) ** gamma`` (focal loss, Lin et al. 2017) to
     down-weight easy negatives; ``label_smoothing`` moves the BCE targets to ``eps / 2`` and ``1 - eps / 2`` and is
-    passed to the decoder's cross-entropy.
+    passed to the decoder's cross-entropy. ``asl_gamma_neg > 0`` replaces the BCE by timm's asymmetric loss
+    (`timm.loss.AsymmetricLossMultiLabel`, Ridnik et al. 2021: easy negatives down-weighted by ``p_m ** gamma_neg``
+    and those below ``asl_clip`` discarded), a mean over the elements like the BCE; it is not combined with the
+    focal, ``pos_weight`` or smoothing options.
     """
 
     def __init__(self, config: LossConfig = LossConfig()):
@@ -32,10 +36,20 @@ class JointLoss(nn.Module):
                         "fused": config.fused_weight, "decoder": config.decoder_weight}
         pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, dtype=torch.float32)
         self.register_buffer("pos_weight", pos_weight, persistent=False)
+        self.asymmetric = None
+        if config.asl_gamma_neg > 0:
+            if config.focal_gamma > 0 or config.pos_weight is not None or config.label_smoothing > 0:
+                raise ValueError("the asymmetric loss replaces the BCE: it is not combined with focal_gamma, "
+                                 "pos_weight or label_smoothing")
+            self.asymmetric = AsymmetricLossMultiLabel(gamma_neg=config.asl_gamma_neg,
+                                                       gamma_pos=config.asl_gamma_pos, clip=config.asl_clip,
+                                                       reduction="mean")
 
     def bce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean (focal) BCE over [B, C] elements."""
         logits, targets = logits.float(), targets.float()
+        if self.asymmetric is not None:
+            return self.asymmetric(logits, targets)
         if self.pos_weight is not None and self.pos_weight.numel() != logits.shape[-1]:
             raise ValueError(f"pos_weight has {self.pos_weight.numel()} values but the logits {logits.shape[-1]} "
                              "classes")

@@ -370,7 +370,9 @@ def main(args: argparse.Namespace) -> int:
         frozen = [model.image_encoder]
     if getattr(args, "channels_last", False) and model.image_encoder is not None:
         model.image_encoder.to(memory_format=torch.channels_last)
-    criterion = JointLoss(LossConfig(decoder_weight=args.decoder_loss_weight, focal_gamma=args.focal_gamma))
+    criterion = JointLoss(LossConfig(decoder_weight=args.decoder_loss_weight, focal_gamma=args.focal_gamma,
+                                     asl_gamma_neg=getattr(args, "asl_gamma_neg", 0.0),
+                                     asl_clip=getattr(args, "asl_clip", LossConfig.asl_clip)))
     image_cache = None
     if getattr(args, "image_cache", None) and model.image_encoder is not None and features is None:
         with accelerator.main_process_first():  # the main process builds the cache, the others then reuse it

@@ -112,3 +112,23 @@ def test_under_cpu_autocast() -> None:
         assert logits.dtype == torch.bfloat16
         terms = JointLoss()({"fused_logits": logits}, targets)
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+
+
+def test_asymmetric_loss_replaces_the_bce_with_the_papers_formula() -> None:
+    """``asl_gamma_neg``: positives -log p, negatives -p_m^gamma log(1 - p_m) with p_m = max(p - clip, 0), averaged
+    over the elements (Ridnik et al. 2021, eq. 6 with gamma+ = 0); not combinable with the focal BCE."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 5) * 3, (torch.rand(6, 5) < 0.3).float()
+    p = torch.sigmoid(logits)
+    p_m = (p - 0.05).clamp(min=0)
+    manual = -(targets * torch.log(p) + (1 - targets) * p_m.pow(4) * torch.log(1 - p_m)).mean()
+    asl = JointLoss(LossConfig(asl_gamma_neg=4.0))
+    torch.testing.assert_close(asl.bce(logits, targets), manual)
+    assert asl.bce(logits, targets) < JointLoss().bce(logits, targets)  # easy negatives count for less
+    easy_negative = torch.tensor([[-3.0]])  # p = 0.047 < clip: no loss, no gradient
+    easy_negative.requires_grad_(True)
+    loss = asl.bce(easy_negative, torch.zeros(1, 1))
+    loss.backward()
+    assert loss.item() == 0 and easy_negative.grad.abs().item() == 0
+    with pytest.raises(ValueError, match="focal"):
+        JointLoss(LossConfig(asl_gamma_neg=4.0, focal_gamma=1.0))

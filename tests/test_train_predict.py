@@ -203,6 +203,15 @@ def test_help_lists_every_flag_grouped_with_defaults() -> None:
         assert re.search(rf"^\s+{re.escape(flag)}(?=[\s,]|$)", text, re.MULTILINE), flag
 
 
+def test_conflicting_loss_and_compile_flags_are_refused_before_anything_loads(tmp_path: Path) -> None:
+    for flags, words in ((("--asl-gamma-neg", 4, "--focal-gamma", 1), ("--asl-gamma-neg", "--focal-gamma")),
+                         (("--compile", "--no-image"), ("--compile", "--no-image")),
+                         (("--ema-decay", -0.1), ("--ema-decay must be in [0, 1)",))):
+        proc = run(TRAIN, *flags, check=False, cwd=tmp_path)
+        assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
+    assert not list(tmp_path.iterdir())  # no run folder, no demo data
+
+
 def test_default_run_trains_on_demo_data_and_exports(default_run: tuple[Path, subprocess.CompletedProcess],
                                                      run_dir: Path) -> None:
     cwd, proc = default_run
