@@ -55,7 +55,7 @@ step 2 "$LIMIT2" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision fp16 
     --train-batches 30 --infer-images 32768 --label "gpu fp16 channels_last" \
     --output "$OUT/throughput-gpu-fp16.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 
-echo "== 3/3 options on the GPU (bf16): channels_last, torch.compile, persistent workers"
+echo "== 3/3 options on the GPU (bf16): channels_last, torch.compile (forward; the training step last), persistent workers"
 step 3 "$LIMIT3" "$PY" benchmarks/throughput.py "${COMMON[@]}" --precision bf16 --sections options --no-cache \
     --option-batches 30 --loader-images 1024 --draft-sizes 224 --try-compile --label "gpu options" \
     --output "$OUT/throughput-gpu-options.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
