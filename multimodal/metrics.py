@@ -101,19 +101,31 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray,
     return thresholds
 
 
+def tune_single_threshold(probs: np.ndarray, targets: np.ndarray, grid: Sequence[float] | np.ndarray | None = None,
+                          at_least_one: bool = True) -> float:
+    """The one threshold for every class that maximises samples-F1 (the grid value nearest 0.5 among ties): for a
+    model whose probabilities are not centred on 0.5 as a whole, e.g. one trained with the asymmetric loss."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    grid = np.linspace(0.05, 0.95, 19) if grid is None else np.asarray(grid, dtype=np.float64)
+    scores = [(samples_f1(binarize(probs, t, at_least_one), targets).mean(), -abs(t - 0.5), t) for t in grid]
+    return float(max(scores)[2])
+
+
 def crossfit_tuned_metrics(probs: np.ndarray, targets: np.ndarray, folds: int = 2, seed: int = 0,
-                           at_least_one: bool = True) -> dict[str, Any]:
-    """Metrics with per-class thresholds tuned on held-out folds: an honest estimate of what tuning gains.
+                           at_least_one: bool = True, per_class: bool = True) -> dict[str, Any]:
+    """Metrics with thresholds tuned on held-out folds: an honest estimate of what tuning gains.
 
     Tuning thresholds on the validation split and scoring on that same split is optimistic. Here the rows are split
-    into ``folds`` parts; each part is predicted with thresholds tuned on the other parts, and the metrics are taken
-    over all rows.
+    into ``folds`` parts; each part is predicted with thresholds tuned on the other parts (one per class, or with
+    ``per_class=False`` one for all classes), and the metrics are taken over all rows.
     """
     probs = np.asarray(probs, dtype=np.float64)
     fold_of = np.random.default_rng(seed).permutation(len(probs)) % folds
     pred = np.zeros(probs.shape, dtype=bool)
+    tune = tune_thresholds if per_class else tune_single_threshold
     for k in range(folds):
-        thresholds = tune_thresholds(probs[fold_of != k], targets[fold_of != k], at_least_one=at_least_one)
+        thresholds = tune(probs[fold_of != k], targets[fold_of != k], at_least_one=at_least_one)
         pred[fold_of == k] = binarize(probs[fold_of == k], thresholds, at_least_one)
     # compute_metrics on 0/1 "probabilities" at threshold 0.5 scores exactly these predictions (AP is left as is).
     result = compute_metrics(pred.astype(np.float64), targets, 0.5, at_least_one=False)
@@ -123,20 +135,30 @@ def crossfit_tuned_metrics(probs: np.ndarray, targets: np.ndarray, folds: int = 
 
 def select_thresholds(probs: np.ndarray, targets: np.ndarray, folds: int = 2, seed: int = 0,
                       at_least_one: bool = True) -> tuple[Optional[np.ndarray], dict[str, Any]]:
-    """Per-class thresholds tuned on all of ``probs``, kept only if tuning pays on held-out rows.
+    """Thresholds tuned on all of ``probs``: one per class, or one for every class, or none (0.5), whichever scores
+    best on held-out rows.
 
     Tuning can lose: for a well-calibrated model, per-class thresholds fitted on one split partly fit its noise. The
-    held-out estimate (`crossfit_tuned_metrics`) decides: the thresholds tuned on all rows are returned only when the
-    cross-fitted samples-F1 beats the single threshold 0.5 on the same rows; otherwise ``None`` (predict at 0.5).
+    held-out estimates (`crossfit_tuned_metrics`, per class and single) decide: tuned thresholds are returned only
+    when their cross-fitted samples-F1 beats 0.5 on the same rows; otherwise ``None`` (predict at 0.5). Ties go to
+    the simpler rule (0.5, then one threshold).
 
     Returns:
-        ``(thresholds or None, report)``; ``report`` has the metrics ``tuned`` (in-sample, optimistic),
-        ``tuned_heldout`` (cross-fitted), the samples-F1 ``at_0_5`` and ``kept``.
+        ``(thresholds [C] or None, report)``; ``report`` has the metrics ``tuned`` (per class, in-sample:
+        optimistic), ``tuned_heldout`` (per class, cross-fitted), ``single_threshold`` (tuned on all rows) and
+        ``single_heldout`` (cross-fitted), the samples-F1 ``at_0_5``, ``mode`` ("0.5", "single" or "per_class") and
+        ``kept`` (whether thresholds are returned).
     """
     tuned = tune_thresholds(probs, targets, at_least_one=at_least_one)
     heldout = crossfit_tuned_metrics(probs, targets, folds, seed, at_least_one)
+    single = tune_single_threshold(probs, targets, at_least_one=at_least_one)
+    single_heldout = crossfit_tuned_metrics(probs, targets, folds, seed, at_least_one, per_class=False)
     at_half = compute_metrics(probs, targets, 0.5, at_least_one)["samples_f1"]
-    kept = bool(heldout["samples_f1"] > at_half)
+    candidates = [(at_half, 2, "0.5"), (single_heldout["samples_f1"], 1, "single"), (heldout["samples_f1"], 0,
+                                                                                       "per_class")]
+    mode = max(candidates)[2]  # the best held-out score; among ties the simplest rule
     report = {"tuned": compute_metrics(probs, targets, tuned, at_least_one), "tuned_heldout": heldout,
-              "at_0_5": at_half, "kept": kept}
-    return (tuned if kept else None), report
+              "single_threshold": single, "single_heldout": single_heldout, "at_0_5": at_half, "mode": mode,
+              "kept": mode != "0.5"}
+    thresholds = {"0.5": None, "single": np.full(probs.shape[1], single), "per_class": tuned}[mode]
+    return thresholds, report

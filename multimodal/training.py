@@ -506,13 +506,19 @@ def main(args: argparse.Namespace) -> int:
             thresholds = None if tuned is None else tuned.tolist()
             summary["val_tuned"] = report["tuned"]  # tuned and scored on the same rows: optimistic
             summary["val_tuned_crossfit"] = report["tuned_heldout"]  # honest
+            summary["val_single_threshold"] = report["single_threshold"]
+            summary["val_single_threshold_crossfit"] = report["single_heldout"]  # honest
+            summary["threshold_mode"] = report["mode"]
             summary["thresholds_stored"] = report["kept"]
         message = (f"validation samples-F1 {final['samples_f1']:.4f} (trivial baseline: always the most frequent "
                    f"labels, {summary['trivial_samples_f1']:.4f})")
         if args.tune_thresholds:
-            message += (f"; with per-class thresholds {summary['val_tuned_crossfit']['samples_f1']:.4f} "
-                        f"(tuned on held-out folds): " +
-                        ("stored with the model" if thresholds else "not stored, the model predicts at 0.5"))
+            chosen = {"per_class": "the per-class thresholds are stored with the model",
+                      "single": f"the single threshold {summary['val_single_threshold']:g} is stored with the model",
+                      "0.5": "the model predicts at 0.5"}[report["mode"]]
+            message += (f"; with per-class thresholds {summary['val_tuned_crossfit']['samples_f1']:.4f}, with one "
+                        f"threshold for all classes {summary['val_single_threshold_crossfit']['samples_f1']:.4f} "
+                        f"(each tuned on held-out folds): {chosen}")
         log(message)
     summary["param_checksum_per_rank"] = accelerator.gather(
         torch.tensor([param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()

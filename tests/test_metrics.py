@@ -65,7 +65,22 @@ def test_select_thresholds_keeps_tuning_only_when_it_pays_held_out():
     targets[~targets.any(axis=1), 0] = True  # every image has a label, as in the data
     separable = np.where(targets, 0.9, 0.1)  # perfect at 0.5: nothing to gain, so nothing is stored
     thresholds, report = select_thresholds(separable, targets)
-    assert report["at_0_5"] == 1.0 and not report["kept"] and thresholds is None
+    assert report["at_0_5"] == 1.0 and not report["kept"] and thresholds is None and report["mode"] == "0.5"
+
+
+def test_select_thresholds_takes_one_threshold_for_all_classes_when_the_probabilities_run_high():
+    """A model whose probabilities are all shifted up (as the asymmetric loss's are): one threshold for every class
+    recovers what 0.5 loses, held out, and is stored for every class."""
+    from multimodal.metrics import select_thresholds
+    rng = np.random.default_rng(4)
+    targets = rng.random((400, 4)) > 0.6
+    targets[~targets.any(axis=1), 0] = True
+    probs = np.clip(np.where(targets, 0.85, 0.62) + rng.normal(0, 0.04, targets.shape), 0, 1)
+    thresholds, report = select_thresholds(probs, targets)
+    assert report["mode"] == "single" and report["kept"]
+    assert 0.65 <= report["single_threshold"] <= 0.8 and thresholds.tolist() == [report["single_threshold"]] * 4
+    assert report["single_heldout"]["samples_f1"] > report["at_0_5"] + 0.2
+    assert report["single_heldout"]["samples_f1"] >= report["tuned_heldout"]["samples_f1"]
 
 
 def test_scores_of_predictions_leave_out_the_rows_that_could_not_be_predicted() -> None:

@@ -259,13 +259,21 @@ def test_log_has_every_epoch_metric_per_output_and_class(run_dir: Path) -> None:
 
 def test_tuned_thresholds_are_stored_only_when_they_beat_one_half_held_out(run_dir: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert "val_tuned" in metrics and "val_tuned_crossfit" in metrics
-    kept = metrics["val_tuned_crossfit"]["samples_f1"] > metrics["val"]["final"]["samples_f1"]
+    assert "val_tuned" in metrics and "val_tuned_crossfit" in metrics and "val_single_threshold_crossfit" in metrics
+    held_out = {"0.5": metrics["val"]["final"]["samples_f1"],
+                "single": metrics["val_single_threshold_crossfit"]["samples_f1"],
+                "per_class": metrics["val_tuned_crossfit"]["samples_f1"]}
+    best = max(held_out.values())
+    assert held_out[metrics["threshold_mode"]] == best
+    assert metrics["threshold_mode"] == next(m for m in ("0.5", "single", "per_class") if held_out[m] == best)
+    kept = metrics["threshold_mode"] != "0.5"
     assert metrics["thresholds_stored"] is kept
     thresholds = json.loads((run_dir / "model" / "config.json").read_text())["thresholds"]
     if kept:
         assert isinstance(thresholds, list) and len(thresholds) == len(LABELS)
         assert all(0.0 < t < 1.0 for t in thresholds)
+        if metrics["threshold_mode"] == "single":
+            assert thresholds == [metrics["val_single_threshold"]] * len(LABELS)
     else:
         assert thresholds is None
 
