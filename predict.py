@@ -80,8 +80,8 @@ def main(args: argparse.Namespace) -> int:
         for model in models:
             if model.image_encoder is not None:
                 model.image_encoder.compile_forward()
-    frame, image_dir, has_captions = resolve_inputs(args.data_dir, args.csv, args.image_dir)
-    source = args.csv or (Path(args.data_dir) / "test.csv" if args.data_dir else args.image_dir)
+    frame, image_dir, csv_file = resolve_inputs(args.data_dir, args.csv, args.image_dir)
+    source = csv_file or image_dir  # what the rows came from, for messages
     targets = None
     if "Labels" in frame:  # checked before predicting: a label the models do not know stops the run now
         targets = label_targets(frame, models[0].codec, source)
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         raise AnnotationError(source, None, "--metrics scores the predictions against a Labels column, and this "
                                             "input has none (give a CSV with ImageID,Labels,Caption)")
     with_captions = any(m.caption_encoder is not None for m in models)
-    if not has_captions and with_captions:
+    if csv_file is None and with_captions:
         logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
     if all(m.image_encoder is None for m in models):
         image_dir = None

@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 from multimodal.metrics import binarize, samples_f1  # noqa: E402
 
 
-def score(probs: np.ndarray, targets: np.ndarray) -> float:
-    return float(samples_f1(binarize(probs, 0.5), targets.astype(bool)).mean())
+def score(probs: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+    return float(samples_f1(binarize(probs, threshold), targets.astype(bool)).mean())
 
 
 def average(runs: list[Path]) -> dict[str, float]:
@@ -140,8 +140,7 @@ def errors(run: Path) -> dict[str, float | int | str]:
         result[f"{name}: found (caption names it)"] = f"{int(found[:, c].sum())} ({int((found & named)[:, c].sum())})"
         result[f"{name}: added"] = int((~truth[:, c] & pred[:, c]).sum())
     for threshold in (0.3, 0.35, 0.4, 0.45, 0.5):
-        result[f"samples F1 at threshold {threshold}"] = float(
-            samples_f1(binarize(z["final"], threshold), truth).mean())
+        result[f"samples F1 at threshold {threshold}"] = score(z["final"], truth, threshold)
     return result
 
 
@@ -163,7 +162,7 @@ def thresholds(run: Path) -> dict[str, float | str]:
               "one threshold tuned on all rows": f"{report['single_threshold']:g}",
               "what --tune-thresholds would store": report["mode"]}
     for t in SINGLE_THRESHOLDS:
-        result[f"at {t} (chosen on these rows: optimistic)"] = float(samples_f1(binarize(probs, t), truth).mean())
+        result[f"at {t} (chosen on these rows: optimistic)"] = score(probs, truth, t)
     return result
 
 

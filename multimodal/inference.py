@@ -37,8 +37,8 @@ def folder_frame(image_dir: str | Path) -> pd.DataFrame:
 
 
 def resolve_inputs(data_dir: Optional[str], csv_path: Optional[str],
-                   image_dir: Optional[str]) -> tuple[pd.DataFrame, Optional[Path], bool]:
-    """The rows to predict, their image folder, and whether captions came with them.
+                   image_dir: Optional[str]) -> tuple[pd.DataFrame, Optional[Path], Optional[Path]]:
+    """The rows to predict, their image folder, and the CSV they were read from (``None``: a folder without captions).
 
     ``--csv`` defaults to ``DATA_DIR/test.csv`` when that exists, else every image of the image folder is predicted
     (``--image-dir``, default ``DATA_DIR/data`` or ``DATA_DIR`` itself).
@@ -51,10 +51,10 @@ def resolve_inputs(data_dir: Optional[str], csv_path: Optional[str],
     if csv_file is None and base is not None and (base / "test.csv").is_file():
         csv_file = base / "test.csv"
     if csv_file is not None:
-        return read_annotations(csv_file), images, True
+        return read_annotations(csv_file), images, csv_file
     if images is None:
         raise ValueError("nothing to predict: give --data-dir, --csv or --image-dir")
-    return folder_frame(images), images, False
+    return folder_frame(images), images, None
 
 
 def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerator: Any,

@@ -74,6 +74,9 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray,
     }
 
 
+THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)  # the thresholds that tuning tries, per class or for all
+
+
 def tune_thresholds(probs: np.ndarray, targets: np.ndarray,
                     grid: Sequence[float] | np.ndarray | None = None, rounds: int = 2,
                     at_least_one: bool = True) -> np.ndarray:
@@ -87,7 +90,7 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray,
     """
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets).astype(bool)
-    grid = np.linspace(0.05, 0.95, 19) if grid is None else np.asarray(grid, dtype=np.float64)
+    grid = THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64)
     thresholds = np.full(probs.shape[1], 0.5)
     best = samples_f1(binarize(probs, thresholds, at_least_one), targets).mean()
     for _ in range(rounds):
@@ -107,7 +110,7 @@ def tune_single_threshold(probs: np.ndarray, targets: np.ndarray, grid: Sequence
     model whose probabilities are not centred on 0.5 as a whole, e.g. one trained with the asymmetric loss."""
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets).astype(bool)
-    grid = np.linspace(0.05, 0.95, 19) if grid is None else np.asarray(grid, dtype=np.float64)
+    grid = THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64)
     scores = [(samples_f1(binarize(probs, t, at_least_one), targets).mean(), -abs(t - 0.5), t) for t in grid]
     return float(max(scores)[2])
 
