@@ -13,6 +13,7 @@
 # Needs only torch, timm, accelerate, tokenizers, pandas, Pillow (torchvision comes with timm); nothing is
 # downloaded (random weights). Each step has its own time limit, so a slow step cannot eat the others' time.
 # Results: $OUT/throughput-gpu-{bf16,fp16,options}.json; the log is on stdout.
+# On the lent GPU machine: benchmarks/device/README.md (`step.sh speed` runs this on the images carried there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
