@@ -145,8 +145,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None,
                    help="checkpoint folder, run folder or 'latest': continue that run with its saved arguments")
     g.add_argument("--tune-thresholds", action="store_true",
-                   help="tune per-class thresholds on the validation split; they are stored with the model only "
-                        "if they beat 0.5 on held-out folds of it")
+                   help="tune one threshold for every class and per-class thresholds on the validation split; "
+                        "whichever scores best on held-out folds of it is stored with the model, or none if 0.5 does")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="one threshold for every class, stored with the model: for a refit with --val-fraction 0 "
+                        "of a recipe whose threshold was chosen on validation splits (default: none, so 0.5)")
     g.add_argument("--log-every", type=int, default=10, help="log training losses every N steps")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG charts")
     return p
@@ -158,6 +161,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.tune_thresholds and args.val_fraction == 0:
         parser.error("--tune-thresholds needs a validation split: --val-fraction above 0")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.threshold is not None and args.tune_thresholds:
+        parser.error("--threshold and --tune-thresholds both set the stored threshold: give one")
     if args.image_attention and args.cache_features and not args.train_tail_stages:
         parser.error("--image-attention needs the image's feature map: with --cache-features, also "
                      "--train-tail-stages >= 1 (a frozen encoder caches pooled features only)")

@@ -487,7 +487,8 @@ def main(args: argparse.Namespace) -> int:
 
     # Export: thresholds, the model, metrics and charts; only the main process writes.
     summary: dict[str, Any] = {"train_seconds": train_seconds, "steps": progress.step}
-    thresholds = None
+    threshold = getattr(args, "threshold", None)  # absent from the saved arguments of runs before it existed
+    thresholds = None if threshold is None else [float(threshold)] * codec.num_labels
     if len(val_frame):
         if predictions is None:  # no training in this call (a finished run resumed)
             predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
@@ -501,6 +502,8 @@ def main(args: argparse.Namespace) -> int:
                        val=evaluate(predictions))
         if raw_metrics:
             summary["val_without_ema"] = raw_metrics
+        if threshold is not None:
+            summary["val_at_threshold"] = compute_metrics(predictions["final"], targets, thresholds)
         if args.tune_thresholds:
             tuned, report = select_thresholds(predictions["final"], targets)
             thresholds = None if tuned is None else tuned.tolist()
@@ -512,6 +515,8 @@ def main(args: argparse.Namespace) -> int:
             summary["thresholds_stored"] = report["kept"]
         message = (f"validation samples-F1 {final['samples_f1']:.4f} (trivial baseline: always the most frequent "
                    f"labels, {summary['trivial_samples_f1']:.4f})")
+        if threshold is not None:
+            message += f"; at the stored threshold {threshold:g}: {summary['val_at_threshold']['samples_f1']:.4f}"
         if args.tune_thresholds:
             chosen = {"per_class": "the per-class thresholds are stored with the model",
                       "single": f"the single threshold {summary['val_single_threshold']:g} is stored with the model",

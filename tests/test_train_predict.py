@@ -30,6 +30,7 @@ from multimodal.data import Collator, ImageCaptionDataset, train_val_split
 from multimodal.demo import LABELS, make_demo_dataset
 from multimodal.engine import CheckpointManager
 from multimodal.labels import LabelCodec
+from multimodal.metrics import compute_metrics
 from multimodal.model import MultimodalClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -726,9 +727,28 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
     MultimodalClassifier.from_pretrained(out / "model")
     for bad, said in ((("--val-fraction", 0, "--tune-thresholds"), "--tune-thresholds needs a validation split"),
                       (("--train-fraction", 0), "--train-fraction must be in (0, 1]"),
-                      (("--image-attention-temperature", 0), "--image-attention-temperature must be above 0")):
+                      (("--image-attention-temperature", 0), "--image-attention-temperature must be above 0"),
+                      (("--threshold", 1.5), "--threshold must be in (0, 1)"),
+                      (("--threshold", 0.6, "--tune-thresholds"), "--threshold and --tune-thresholds")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists()
+
+
+def test_a_given_threshold_is_stored_and_scored(data_dir: Path, tmp_path: Path) -> None:
+    """``--threshold T`` (for a refit whose threshold was chosen on validation splits) is stored with the model for
+    every class, and where there is a validation split the run scores its output at T beside 0.5."""
+    out = tmp_path / "run"
+    proc = run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 1, "--no-plots", *TINY,
+               "--threshold", 0.3, "--output-dir", out)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["thresholds"] == [0.3] * len(config["codec"]["label_ids"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    saved = np.load(out / "val_predictions.npz")
+    expected = compute_metrics(saved["final"], saved["targets"], 0.3)
+    assert metrics["val_at_threshold"]["samples_f1"] == pytest.approx(expected["samples_f1"])
+    assert metrics["val_at_threshold"]["samples_f1"] != pytest.approx(metrics["val"]["final"]["samples_f1"])
+    assert f"at the stored threshold 0.3: {expected['samples_f1']:.4f}" in proc.stderr
+    assert MultimodalClassifier.from_pretrained(out / "model").thresholds == [0.3] * len(config["codec"]["label_ids"])
 
 
 def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, caption_only: Path, data_dir: Path,
