@@ -205,3 +205,32 @@ def test_per_class_chart_is_a_heat_map_when_bars_would_be_too_many(tmp_path: Pat
     assert calls == [plots.MAX_BAR_SERIES + 1, 20]  # the bars up to MAX_BAR_SERIES, the heat map beyond
     fewer = Image.open(tmp_path / f"{plots.MAX_BAR_SERIES + 1}.png").size[1]
     assert Image.open(tmp_path / "20.png").size[1] > fewer  # a row per series
+
+
+def test_probe_runs_common_threshold_is_chosen_on_the_runs_and_held_out_on_the_others(tmp_path: Path) -> None:
+    import numpy as np
+    from probe_runs import common_threshold, score
+
+    from multimodal.metrics import THRESHOLD_GRID
+
+    # Three runs whose probabilities run high (as the asymmetric loss's do): the right threshold is well above 0.5.
+    rng = np.random.default_rng(0)
+    runs = []
+    for name in ("s0", "s1", "s2"):
+        targets = (rng.random((200, 5)) < 0.3).astype(np.float32)
+        targets[np.arange(200), rng.integers(0, 5, 200)] = 1  # at least one label per image
+        probs = np.clip(0.55 + 0.4 * targets + rng.normal(0, 0.08, targets.shape), 0, 1).astype(np.float32)
+        run = tmp_path / name
+        run.mkdir()
+        np.savez(run / "val_predictions.npz", final=probs, targets=targets, index=np.arange(200))
+        runs.append(run)
+    found = common_threshold(runs)
+    loaded = [np.load(r / "val_predictions.npz") for r in runs]
+    table = np.array([[score(z["final"], z["targets"], t) for t in THRESHOLD_GRID] for z in loaded])
+    best = THRESHOLD_GRID[int(np.argmax(table.mean(axis=0)))]
+    assert found["the threshold with the best mean"] == f"{best:g}" and 0.6 < best < 0.95
+    assert found["mean at it (chosen on these runs)"] == pytest.approx(table.mean(axis=0).max())
+    assert found["s0 at 0.5"] < found[f"s0 at {best:g}"]
+    held = [v for k, v in found.items() if k.endswith("chosen on the other runs")]
+    assert len(held) == 3
+    assert found["mean, each run at the threshold chosen on the others (held out)"] == pytest.approx(np.mean(held))
