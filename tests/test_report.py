@@ -41,8 +41,8 @@ def test_table_lists_rows_in_order_with_wall_time_and_from_nothing(tmp_path: Pat
     table = [line for line in text.splitlines() if line.startswith("| label of")]
     assert [line.split("`")[1] for line in table] == ["tfidf_logreg", "caption_only", "cpu_full_e4"]
     assert "| 700 (from nothing) |" in table[2] and "| 700 |" in table[1]
-    assert ("samples F1 0.8800 in 11.7 minutes of wall time from nothing (JPEGs to exported model, feature cache "
-            "included): it meets the target") in text
+    assert ("samples F1 0.8800 (at 0.5) in 11.7 minutes of wall time from nothing (JPEGs to exported model, "
+            "feature cache included): it meets the target") in text
     assert "5 rows by the `best_cpu` model in 12 s (test machine), labels per image: 3 with 1, 2 with 2" in text
     with open(tmp_path / "results.csv", newline="") as f:
         written = list(csv.DictReader(f))
@@ -71,7 +71,7 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
     table = [line for line in text.splitlines() if line.startswith("| label of")]
     assert [line.split("`")[1] for line in table] == ["cpu_lite2", "best_cpu", "best_cpu_train80", "cpu_full",
                                                       "cpu_full_e4"]  # the refit has no row
-    assert "- **CPU recipe** (`cpu_full_e4`): samples F1 0.8810 in 11.7 minutes of wall time from nothing" in text
+    assert "- **CPU recipe** (`cpu_full_e4`): samples F1 0.8810 (at 0.5) in 11.7 minutes of wall time from nothing" in text
     assert ("(`cpu_full` against `best_cpu`, the same recipe otherwise): 0.8790 against 0.8750 (+0.0040); image head "
             "alone 0.8320 against 0.8180.") in text
     assert "4 (`cpu_full_e4`) 0.8810, 6 (`cpu_full`) 0.8790 (+0.0020)" in text
@@ -81,6 +81,29 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
     assert "5 rows by the `best_cpu_all` model" in text
     assert "The `best_cpu_all` model is the recipe refit on every row" in text and "1500 steps" in text
     assert "best_cpu_all" not in (tmp_path / "results.csv").read_text()
+
+
+def test_a_recipe_with_a_stored_threshold_is_reported_at_it(tmp_path: Path) -> None:
+    """A row whose model stores one threshold (the asymmetric loss's) is the recipe when present, scored at that
+    threshold on held-out folds, not at 0.5, in the table's column and in the recipe's line."""
+    results = tmp_path / "results"
+    results.mkdir()
+    one = {"samples_f1": 0.8822, "micro_f1": 0.85, "macro_f1": 0.77, "map": 0.8, "per_class_f1": [0.5, 0.6, 0.7]}
+    for r in (result("cpu_full_e4", 0.8816, from_nothing=True),
+              result("cpu_asl", 0.8386, from_nothing=True, single=one, single_threshold=0.7, threshold_mode="single",
+                     wall_seconds=2058.0)):
+        (results / f"{r['row']}.json").write_text(json.dumps(r))
+    write_report(results, tmp_path, data_dir=None)
+    text = (tmp_path / "RESULTS.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| label of cpu_asl"))
+    assert "| 0.8386 | 0.8406 | 0.8822 (0.70) |" in row
+    assert ("- **CPU recipe** (`cpu_asl`): samples F1 0.8822 (at the one threshold it stores (0.7), held out) in 34.3 "
+            "minutes of wall time from nothing") in text and "it meets the target" in text
+    assert ("(`cpu_asl` against `cpu_full_e4`, the same recipe otherwise): 0.8822 with one threshold chosen on held-out "
+            "folds, against 0.8816 at 0.5 (+0.0006); at 0.5 it scores 0.8386") in text
+    with open(tmp_path / "results.csv", newline="") as f:
+        written = {r["row"]: r for r in csv.DictReader(f)}
+    assert written["cpu_asl"]["samples_f1_single"] == "0.8822" and written["cpu_full_e4"]["samples_f1_single"] == ""
 
 
 def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
