@@ -96,7 +96,8 @@ def test_a_recipe_with_a_stored_threshold_is_reported_at_it(tmp_path: Path) -> N
     write_report(results, tmp_path, data_dir=None)
     text = (tmp_path / "RESULTS.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| label of cpu_asl"))
-    assert "| 0.8386 | 0.8406 | 0.8822 (0.70) |" in row
+    assert "| 0.8386 | 0.8406 | 0.8822 (0.70) | 0.8500 | 0.7700 | 0.7886 |" in row  # micro, macro at its threshold
+    assert "| `cpu_asl` (at its threshold) | 0.50 | 0.60 | 0.70 |" in text and "| `cpu_full_e4` | 0.50 |" in text
     assert ("- **CPU recipe** (`cpu_asl`): samples F1 0.8822 (at the one threshold it stores (0.7), held out) in 34.3 "
             "minutes of wall time from nothing") in text and "it meets the target" in text
     assert ("(`cpu_asl` against `cpu_full_e4`, the same recipe otherwise): 0.8822 with one threshold chosen on held-out "
