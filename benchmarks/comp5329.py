@@ -151,15 +151,16 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
     # The CPU recipe: the cpu_full recipe with four epochs instead of six (cpu_full's validation score peaked after
     # its fourth epoch: a choice made on this split). Timed from nothing.
     "cpu_full_e4": dict(
-        label="CPU recipe: the `cpu_full` recipe (whole image, 288 px) with 4 epochs instead of 6; timed from nothing",
+        label="CPU recipe of the fifth to tenth sessions: the `cpu_full` recipe (whole image, 288 px) with 4 epochs "
+              "instead of 6; timed from nothing",
         from_nothing=True, args=[*CPU_FULL_E4, "--tune-thresholds", "--cache-features", FRESH_CACHE]),
     # The CPU recipe with the asymmetric loss (Ridnik et al. 2021; gamma- = 4) and caption word dropout 0.05: each
     # was ahead of the recipe on all three splits of the tenth and ninth sessions (+0.0010 and +0.0005 on average).
     # The loss shifts the probabilities up, so --tune-thresholds matters here: it stores one threshold for every class
     # (or per-class ones) when that scores best on held-out folds. Timed from nothing.
     "cpu_asl": dict(
-        label="CPU candidate: the `cpu_full_e4` recipe with the asymmetric loss (gamma- 4) and caption word dropout "
-              "0.05, threshold tuned held out; timed from nothing",
+        label="CPU recipe since the eleventh session: the `cpu_full_e4` recipe with the asymmetric loss (gamma- 4) "
+              "and caption word dropout 0.05, threshold tuned held out; timed from nothing",
         from_nothing=True, args=[*CPU_FULL_E4, *CPU_ASL, "--tune-thresholds", "--cache-features", FRESH_CACHE]),
     # The cpu_asl recipe refit on all 16,000 labelled images: the model of the test predictions since the eleventh
     # session. With no validation rows it cannot tune its threshold, so it stores the one that suits the recipe's runs

@@ -292,7 +292,12 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             "alter results only by float rounding. The sixth session's (the caption LSTM reads padded captions "
             "within their lengths on a CPU instead of packing them; AdamW is fused) made training faster: "
             "`cpu_full_e4` and its refit on every labelled image (`cpu_full_e4_all`) were rerun after it, the "
-            "other rows were not (`cpu_asl` and its refit `cpu_asl_all` came later)."]
+            "other rows were not (`cpu_asl` and its refit `cpu_asl_all` came later).",
+            "- The CPU rows ran on two kinds of 2-core machine (`Machines` above): `cpu_asl` and `cpu_asl_all` on an "
+            "AMD EPYC, the earlier ones on an Intel Xeon, which did the same work in about 0.7 of the time (`cpu_full_e4` "
+            "and `cpu_asl` outside training, the feature maps mostly: 987 s against 1,385 s), so wall times across the "
+            "two are not comparable. While `cpu_asl` ran from nothing, light work "
+            "(packing files, a few unit tests) shared the machine."]
     return "\n".join(out) + "\n"
 
 
