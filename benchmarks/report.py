@@ -274,8 +274,9 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
         out.append(f"- **Asymmetric loss and caption word dropout** (`cpu_asl` against `cpu_full_e4`, the same "
                    f"recipe otherwise): {one:.4f} with one threshold chosen on held-out folds, against "
                    f"{f1('cpu_full_e4'):.4f} at 0.5 ({one - f1('cpu_full_e4'):+.4f}); at 0.5 it scores "
-                   f"{f1('cpu_asl'):.4f}, since the loss shifts the probabilities up. `EXPLORATION.md` (eleventh "
-                   "session) has the other two splits.")
+                   f"{f1('cpu_asl'):.4f}, since the loss shifts the probabilities up. The two rows ran on different "
+                   "machines (below); `EXPLORATION.md` (eleventh session) has both recipes on the same machine and on "
+                   "two more splits.")
     tuned = [(r["row"], r["metrics"]["samples_f1"], r["tuned"]["samples_f1"]) for r in rows if r.get("tuned")]
     if tuned:
         out.append("- **Per-class thresholds** (held-out tuning) vs 0.5: " + ", ".join(
