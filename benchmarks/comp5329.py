@@ -79,7 +79,7 @@ GPU_RECIPE = ["--encoder", "tf_efficientnet_lite2", "--image-size", "288", "--im
 # (`without_ema` in its result), so one run measures the average too.
 GPU_REG = ["--epochs", "6", "--backbone-lr", "2e-4", "--dropout", "0.4", "--weight-decay", "0.05",
            "--ema-decay", "0.999"]
-CPU_FULL_E4 = with_epochs(CPU_FULL, 4)  # the CPU recipe since the fifth session
+CPU_FULL_E4 = with_epochs(CPU_FULL, 4)  # the CPU recipe of the fifth to tenth sessions (cpu_asl adds CPU_ASL)
 CPU_ASL = ["--asl-gamma-neg", "4", "--caption-word-dropout", "0.05"]  # the cpu_asl row's additions
 BEST_CPU_MAPS = row_cache("best_cpu")
 NEURAL_ROWS: dict[str, dict[str, Any]] = {
@@ -148,8 +148,8 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
         label="CPU candidate: the `best_cpu` recipe on the whole image resized to 288 x 288 (`--image-crop full`, no "
               "centre crop); timed from nothing",
         from_nothing=True, args=[*CPU_FULL, "--tune-thresholds", "--cache-features", FRESH_CACHE]),
-    # The CPU recipe: the cpu_full recipe with four epochs instead of six (cpu_full's validation score peaked after
-    # its fourth epoch: a choice made on this split). Timed from nothing.
+    # The CPU recipe of the fifth to tenth sessions: the cpu_full recipe with four epochs instead of six (cpu_full's
+    # validation score peaked after its fourth epoch: a choice made on this split). Timed from nothing.
     "cpu_full_e4": dict(
         label="CPU recipe of the fifth to tenth sessions: the `cpu_full` recipe (whole image, 288 px) with 4 epochs "
               "instead of 6; timed from nothing",
