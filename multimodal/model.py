@@ -6,10 +6,11 @@ Every branch is optional: a switched-off branch is ``None`` and owns no paramete
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import timm
@@ -28,6 +29,18 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
 
+
+@contextlib.contextmanager
+def float32_lstm_on_cpu(device: torch.device) -> Iterator[bool]:
+    """Leaves CPU autocast around an LSTM and yields whether it did, for the caller to cast the LSTM's inputs and
+    states to float32. Under CPU autocast (bf16) oneDNN refuses to build a bf16 LSTM on CPUs without native bf16
+    ("could not create a primitive descriptor for the LSTM forward propagation primitive", on an AMD EPYC), and such
+    CPUs gain nothing from bf16; the LSTM then runs in float32 on every CPU, so that results do not depend on which."""
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield True
+    else:
+        yield False
 
 class ImageEncoder(nn.Module):
     """A timm EfficientNet without classifier: image -> pooled features [B, num_features].
@@ -196,11 +209,13 @@ class CaptionEncoder(nn.Module):
         empty = raw <= 0  # [B]
         lengths = raw.clamp(1, L)  # [B]
         valid = (torch.arange(L, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, L, 1]
-        if self._use_packed(x):
-            out, h_last = self._lstm_packed(x, caption_lengths.clamp(1, L) if caption_lengths.device.type == "cpu"
-                                            else lengths.cpu())  # lengths from a GPU: the one wait left
-        else:
-            out, h_last = self._lstm_padded(x, lengths)  # [B, L, dirs * H], [B, dirs * H]
+        with float32_lstm_on_cpu(x.device) as fp32:
+            x_lstm = x.float() if fp32 else x
+            if self._use_packed(x):
+                out, h_last = self._lstm_packed(x_lstm, caption_lengths.clamp(1, L) if caption_lengths.device.type
+                                                == "cpu" else lengths.cpu())  # lengths from a GPU: the one wait left
+            else:
+                out, h_last = self._lstm_padded(x_lstm, lengths)  # [B, L, dirs * H], [B, dirs * H]
         if self.pool == "last":
             pooled = h_last
         else:
@@ -363,7 +378,11 @@ class LabelDecoder(nn.Module):
         start = label_seq.new_full((B, 1), self.start_index)
         inputs = self.label_embedding(torch.cat([start, prev], dim=1))  # [B, T, E]
         ctx = self.context_embed(context)  # [B, H]
-        out, _ = self.lstm(inputs, self.initial_state(ctx))  # [B, T, H]
+        state = self.initial_state(ctx)
+        with float32_lstm_on_cpu(inputs.device) as fp32:
+            if fp32:
+                inputs, state = inputs.float(), tuple(t.float() for t in state)
+            out, _ = self.lstm(inputs, state)  # [B, T, H]
         return self.scores(out, self.context_out(ctx).unsqueeze(1))  # [B, T, C + 1]
 
     @torch.no_grad()
@@ -406,7 +425,11 @@ class LabelDecoder(nn.Module):
         only_end[C] = 0.0
 
         for t in range(steps + 1):
-            out, (h, c) = self.lstm(self.label_embedding(tokens).unsqueeze(1), (h, c))  # [B * K, 1, H]
+            step_input = self.label_embedding(tokens).unsqueeze(1)  # [B * K, 1, E]
+            with float32_lstm_on_cpu(device) as fp32:
+                if fp32:
+                    step_input, h, c = step_input.float(), h.float(), c.float()
+                out, (h, c) = self.lstm(step_input, (h, c))  # [B * K, 1, H]
             logits = self.scores(out[:, 0], ctx_term).float().view(B, K, V)  # [B * K, V] -> [B, K, V]
             mask = torch.cat([emitted, torch.zeros_like(emitted[..., :1])], dim=-1)  # [B, K, V]
             if t < min_labels:

@@ -520,6 +520,30 @@ def test_bf16_autocast_forward_loss_and_decode_are_finite() -> None:
     assert torch.isfinite(scores).all() and torch.isfinite(probs).all() and all(label_sets)
 
 
+def test_lstms_run_in_float32_under_cpu_autocast() -> None:
+    """oneDNN builds no bf16 LSTM on CPUs without native bf16 (it raises), so under CPU autocast both LSTMs leave it:
+    the caption encoder, whose other operations autocast leaves alone, gives exactly its float32 output, and the label
+    decoder's LSTM receives float32 inputs and states, in training and in beam search."""
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config())
+    batch = make_batch()
+    caption = model.caption_encoder.eval()
+    for impl in ("padded", "packed"):
+        caption.lstm_impl = impl
+        plain = caption(batch["caption_ids"], batch["caption_lengths"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = caption(batch["caption_ids"], batch["caption_lengths"])
+        assert torch.equal(mixed, plain), impl
+    seen = []
+    model.label_decoder.lstm.register_forward_pre_hook(
+        lambda module, args: seen.append({args[0].dtype, *(t.dtype for t in args[1])}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs_of(batch), label_seq=batch["label_seq"])
+        model.eval()
+        model.decode(**inputs_of(batch))
+    assert len(seen) > 1 and all(dtypes == {torch.float32} for dtypes in seen)
+
+
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "efficientnetv2_rw_t"])
 def test_image_encoder_reads_its_width_from_timm(name: str) -> None:
     encoder = ImageEncoder(name).eval()
