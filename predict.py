@@ -32,8 +32,9 @@ logger = logging.getLogger("multimodal")
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", nargs="+", default=["runs/latest/model"],
-                   help="exported model folder; several folders make an ensemble (the mean of their probabilities, "
-                        "thresholded at 0.5 or --threshold)")
+                   help="exported model folder; several folders make an ensemble: the mean of their probabilities, "
+                        "thresholded at --threshold, else at the mean of the thresholds the models store (0.5 for "
+                        "one that stores none)")
     p.add_argument("--data-dir", default=None, help="dataset folder (test.csv, data/)")
     p.add_argument("--csv", default=None,
                    help="CSV with ImageID,Caption, or ImageID,Labels,Caption to score the predictions too (default: "
@@ -70,7 +71,9 @@ def main(args: argparse.Namespace) -> int:
 
     from multimodal.annotations import AnnotationError
     from multimodal.config import save_json
-    from multimodal.inference import label_targets, predict_to_csv, resolve_inputs, score_predictions
+    from multimodal.inference import (ensemble_thresholds, label_targets, predict_to_csv, resolve_inputs,
+                                      score_predictions)
+    from multimodal.metrics import describe_thresholds
     from multimodal.model import MultimodalClassifier
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -101,10 +104,12 @@ def main(args: argparse.Namespace) -> int:
         caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,
                                           workers=args.workers, skip_bad_images=args.skip_bad_images)
                   if m.image_encoder is not None else None for m in models]
-    if len(models) > 1:
-        logger.info("ensemble of %d models: mean probabilities, threshold %s", len(models),
-                    args.threshold if args.threshold is not None else 0.5)
-    result = predict_to_csv(models, frame, image_dir, args.output, accelerator, thresholds=args.threshold,
+    thresholds = args.threshold if args.threshold is not None else ensemble_thresholds(models)
+    logger.info("%s, threshold %s%s", "one model" if len(models) == 1 else
+                f"ensemble of {len(models)} models: mean probabilities", describe_thresholds(thresholds),
+                "" if args.threshold is not None or thresholds is None else
+                " (stored)" if len(models) == 1 else " (the mean of the stored ones)")
+    result = predict_to_csv(models, frame, image_dir, args.output, accelerator, thresholds=thresholds,
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, image_cache=caches,
                             decode_on_device=args.decode_on_device, keep_probabilities=targets is not None)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Offline probes of finished training runs on their validation split (the numbers in `EXPLORATION.md`).
 
-    python benchmarks/probe_runs.py average RUN RUN [RUN ...]   # samples F1 of each run and of their averaged probs
+    python benchmarks/probe_runs.py average RUN RUN [RUN ...]   # samples F1 of each run and of their averaged probs,
+                                                                # at 0.5 and at the mean of the stored thresholds
     python benchmarks/probe_runs.py flip RUN                    # test-time flip of the cached feature maps
     python benchmarks/probe_runs.py errors RUN                  # missed and false labels per class, one threshold
     python benchmarks/probe_runs.py tfidf RUN                   # blended with TF-IDF + logistic regression
@@ -41,10 +42,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multimodal.metrics import binarize, samples_f1  # noqa: E402
+from multimodal.metrics import binarize, describe_thresholds, mean_thresholds, samples_f1  # noqa: E402
 
 
-def score(probs: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+def score(probs: np.ndarray, targets: np.ndarray, threshold: Any = 0.5) -> float:
     return float(samples_f1(binarize(probs, threshold), targets.astype(bool)).mean())
 
 
@@ -59,11 +60,24 @@ def average(runs: list[Path]) -> dict[str, float]:
         if not np.array_equal(z["targets"], first["targets"]):
             raise SystemExit(f"{name}: not the same validation rows as {runs[0].name}")
     targets = first["targets"]
-    result = {name: score(z["final"], targets) for name, z in loaded.items()}
-    for k in range(2, len(runs) + 1):
+    stored = {run.name: stored_thresholds(run) for run in runs}
+    result: dict[str, float] = {}
+    for k in range(1, len(runs) + 1):
         for combo in itertools.combinations(loaded, k):
-            result[" + ".join(combo)] = score(np.mean([loaded[n]["final"] for n in combo], axis=0), targets)
+            mean = np.mean([loaded[n]["final"] for n in combo], axis=0)
+            result[" + ".join(combo)] = score(mean, targets)
+            # predict.py's rule for an ensemble without --threshold: the mean of the members' stored thresholds.
+            thresholds = mean_thresholds([stored[n] for n in combo], targets.shape[1])
+            if thresholds is not None:
+                result[f"{' + '.join(combo)} at the stored thresholds ({describe_thresholds(thresholds)})"] = score(
+                    mean, targets, thresholds)
     return result
+
+
+def stored_thresholds(run: Path) -> Optional[list[float]]:
+    """The thresholds a run's exported model stores (None: it stores none, 0.5)."""
+    config = run / "model" / "config.json"
+    return json.loads(config.read_text()).get("thresholds") if config.is_file() else None
 
 
 def flip(run: Path) -> dict[str, float]:

@@ -19,7 +19,7 @@ from .annotations import AnnotationError, read_annotations
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
-from .metrics import binarize, compute_metrics
+from .metrics import binarize, compute_metrics, mean_thresholds
 from .model import MultimodalClassifier
 from .text import PAD_ID
 
@@ -170,6 +170,12 @@ def _ensemble(streams: list[Iterator[tuple[list[str], np.ndarray, np.ndarray, li
         yield ids, mean, usable.any(0), errors
 
 
+def ensemble_thresholds(models: Sequence[MultimodalClassifier]) -> Optional[list[float]]:
+    """The thresholds for the mean probabilities of ``models`` when none are given: `metrics.mean_thresholds` of
+    those the models store (one model's are its own; None: 0.5 for every class)."""
+    return mean_thresholds([m.thresholds for m in models], models[0].codec.num_labels)
+
+
 def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier], frame: pd.DataFrame,
                    image_dir: Optional[Path], output: str | Path, accelerator: Any, *, thresholds: Any = None,
                    probabilities: Optional[str | Path] = None, batch_size: int = 64, workers: int = 2,
@@ -180,7 +186,7 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
 
     ``model`` may be a list of models with the same labels: an ensemble. Each runs with its own preprocessing
     (resolution, crop, vocabulary), all in step batch by batch, and the mean of their probabilities is thresholded
-    (at ``thresholds``, else 0.5: the per-class thresholds stored with each model were tuned for that model alone).
+    at ``thresholds``, else at `ensemble_thresholds` (one model's: those it stores, else 0.5).
 
     Speed options: ``draft_size`` (``"auto"``: `images.draft_size_for` the model's evaluation transform, so JPEGs at
     least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
@@ -206,7 +212,7 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
             raise ValueError(f"the models of an ensemble must predict the same labels: {list(codec.label_ids)} vs "
                              f"{list(other.codec.label_ids)}")
     if thresholds is None:
-        thresholds = models[0].thresholds if len(models) == 1 else None
+        thresholds = ensemble_thresholds(models)
     thresholds = 0.5 if thresholds is None else thresholds
     streams = [_model_batches(m, frame, image_dir, accelerator, batch_size=batch_size, workers=workers,
                               skip_bad_images=skip_bad_images, draft_size=draft_size, image_cache=c,

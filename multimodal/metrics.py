@@ -6,10 +6,13 @@ threshold (``at_least_one``); an empty prediction would score 0 for that image.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score
+
+logger = logging.getLogger("multimodal")
 
 
 def binarize(probs: np.ndarray, thresholds: float | Sequence[float] | np.ndarray = 0.5,
@@ -72,6 +75,38 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray,
         "per_class_f1": [float(v) for v in f1_score(targets, pred, average=None, zero_division=0)],
         "per_class_ap": per_class_ap,
     }
+
+
+ENSEMBLE_THRESHOLD_SPREAD = 0.1  # members' stored thresholds further apart than this on a class: warned about
+
+
+def mean_thresholds(stored: Sequence[Optional[Sequence[float] | float]], num_labels: int) -> Optional[list[float]]:
+    """The thresholds for an ensemble's mean probabilities: per class, the mean of the thresholds its members store
+    (0.5 for a member that stores none); None (0.5 for every class) if no member stores any.
+
+    Members of one recipe store similar thresholds, and their mean probability runs as high as theirs: members trained
+    with the asymmetric loss, whose probabilities run high, each store about 0.7, and so must their mean (0.5 would
+    lose about 0.045 samples F1: `benchmarks/EXPLORATION.md`, twelfth session). Where the members' thresholds differ
+    (models of different recipes) their mean is only a guess, and a warning says so: a threshold chosen for the
+    ensemble itself on labelled data is better.
+    """
+    if all(t is None for t in stored):
+        return None
+    values = np.stack([np.broadcast_to(np.asarray(0.5 if t is None else t, dtype=np.float64), (num_labels,))
+                       for t in stored])
+    spread = float((values.max(0) - values.min(0)).max())
+    if spread > ENSEMBLE_THRESHOLD_SPREAD:
+        logger.warning("the %d models store thresholds up to %.2f apart on a class (0.5 where a model stores none): "
+                       "the ensemble uses their mean, a guess; give a threshold chosen for the ensemble on labelled "
+                       "data instead", len(stored), spread)
+    return values.mean(0).tolist()
+
+
+def describe_thresholds(thresholds: Any) -> str:
+    """``0.7`` for one threshold (or the same for every class), ``0.35..0.8 per class`` otherwise."""
+    values = np.atleast_1d(np.asarray(0.5 if thresholds is None else thresholds, dtype=np.float64))
+    low, high = float(values.min()), float(values.max())
+    return f"{low:g}" if high - low < 1e-9 else f"{low:g}..{high:g} per class"
 
 
 THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)  # the thresholds that tuning tries, per class or for all

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from multimodal.metrics import binarize, compute_metrics, samples_f1, tune_thresholds
+from multimodal.metrics import (binarize, compute_metrics, describe_thresholds, mean_thresholds, samples_f1,
+                                tune_thresholds)
 
 
 def test_binarize_falls_back_to_the_most_probable_label():
@@ -97,3 +98,19 @@ def test_scores_of_predictions_leave_out_the_rows_that_could_not_be_predicted() 
     assert scores["per_class"]["3"]["ap"] is None  # no positive among the scored rows: no AP (JSON null, not NaN)
     result["usable"] = np.zeros(3, dtype=bool)
     assert score_predictions(result, targets, codec) == {"rows_scored": 0, "rows_not_predicted": 3}
+
+
+def test_an_ensemble_thresholds_at_the_mean_of_its_members_stored_thresholds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="multimodal")
+    assert mean_thresholds([None, None], 3) is None  # 0.5 for all, as before
+    assert describe_thresholds(None) == "0.5"
+    # Members of one recipe (the asymmetric loss stores about 0.7): their thresholds' mean, no warning.
+    same = mean_thresholds([[0.7, 0.7, 0.7], [0.65, 0.75, 0.7]], 3)
+    np.testing.assert_allclose(same, [0.675, 0.725, 0.7])
+    assert describe_thresholds(same) == "0.675..0.725 per class"
+    assert describe_thresholds(mean_thresholds([0.7, [0.7] * 3], 3)) == "0.7"  # a scalar counts for every class
+    assert not caplog.records
+    # A member that stores none counts as 0.5; thresholds more than 0.1 apart are warned about.
+    np.testing.assert_allclose(mean_thresholds([[0.7, 0.3, 0.55], None], 3), [0.6, 0.4, 0.525])
+    assert len(caplog.records) == 1 and "up to 0.20 apart" in caplog.records[0].getMessage()

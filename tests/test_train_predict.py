@@ -751,19 +751,35 @@ def test_a_given_threshold_is_stored_and_scored(data_dir: Path, tmp_path: Path) 
     assert MultimodalClassifier.from_pretrained(out / "model").thresholds == [0.3] * len(config["codec"]["label_ids"])
 
 
+def with_thresholds(model_dir: Path, thresholds: Any, out: Path) -> Path:
+    """A copy of an exported model that stores ``thresholds`` (a list, or None for none)."""
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["thresholds"] = thresholds
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, caption_only: Path, data_dir: Path,
                                                              tmp_path: Path) -> None:
-    # Two models with different branches and vocabularies; whatever thresholds are stored with each model, the
-    # ensemble thresholds the mean at 0.5 (stored thresholds were tuned for their model alone).
+    # Two models with different branches and vocabularies, storing different thresholds: the mean of their
+    # probabilities is thresholded at the mean of their thresholds, with a warning that they differ.
+    num_labels = MultimodalClassifier.from_pretrained(caption_only).codec.num_labels
+    low = [0.3 + 0.02 * c for c in range(num_labels)]
+    members = {"full": with_thresholds(run_dir / "model", low, tmp_path / "full"),
+               "caption": with_thresholds(caption_only, [0.8] * num_labels, tmp_path / "caption")}
     probs = {}
-    for name, model_dir in (("full", run_dir / "model"), ("caption", caption_only)):
+    for name, model_dir in members.items():
         probs[name] = tmp_path / f"{name}.csv"
         run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", tmp_path / f"{name}_labels.csv",
             "--probabilities", probs[name], "--batch-size", 5, "--workers", 0)
     out, mean = tmp_path / "ensemble.csv", tmp_path / "ensemble_probs.csv"
-    proc = run(PREDICT, "--checkpoint", run_dir / "model", caption_only, "--data-dir", data_dir, "--output", out,
+    proc = run(PREDICT, "--checkpoint", *members.values(), "--data-dir", data_dir, "--output", out,
                "--probabilities", mean, "--batch-size", 5, "--workers", 0)
-    assert "ensemble of 2 models" in proc.stderr
+    thresholds = (np.asarray(low) + 0.8) / 2
+    assert f"ensemble of 2 models: mean probabilities, threshold {min(thresholds):g}..{max(thresholds):g} per " \
+           "class (the mean of the stored ones)" in proc.stderr
+    assert "store thresholds up to" in proc.stderr  # they differ by more than 0.1: the mean is only a guess
     single = [pd.read_csv(probs[n]).iloc[:, 1:].to_numpy() for n in ("full", "caption")]
     ensemble = pd.read_csv(mean).iloc[:, 1:].to_numpy()
     np.testing.assert_allclose(ensemble, (single[0] + single[1]) / 2, atol=2e-6)
@@ -771,7 +787,14 @@ def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, capti
     rows = read_rows(out)
     assert [r["ImageID"] for r in rows] == list(read_annotations(data_dir / "test.csv")["ImageID"])
     label_ids = [int(c) for c in pd.read_csv(mean).columns[1:]]
-    for r, p in zip(rows, ensemble):  # threshold 0.5, at least one label
+    for r, p in zip(rows, ensemble):  # the mean thresholds, at least one label
+        expected = [i for i, v, t in zip(label_ids, p, thresholds) if v >= t] or [label_ids[int(np.argmax(p))]]
+        assert r["Labels"] == " ".join(map(str, expected))
+    # --threshold overrides the stored ones.
+    proc = run(PREDICT, "--checkpoint", *members.values(), "--data-dir", data_dir, "--output", out, "--batch-size", 5,
+               "--workers", 0, "--threshold", 0.5)
+    assert "mean probabilities, threshold 0.5\n" in proc.stderr
+    for r, p in zip(read_rows(out), ensemble):
         expected = [i for i, v in zip(label_ids, p) if v >= 0.5] or [label_ids[int(np.argmax(p))]]
         assert r["Labels"] == " ".join(map(str, expected))
 
