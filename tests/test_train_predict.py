@@ -207,7 +207,11 @@ def test_help_lists_every_flag_grouped_with_defaults() -> None:
 def test_conflicting_loss_and_compile_flags_are_refused_before_anything_loads(tmp_path: Path) -> None:
     for flags, words in ((("--asl-gamma-neg", 4, "--focal-gamma", 1), ("--asl-gamma-neg", "--focal-gamma")),
                          (("--compile", "--no-image"), ("--compile", "--no-image")),
-                         (("--ema-decay", -0.1), ("--ema-decay must be in [0, 1)",))):
+                         (("--ema-decay", -0.1), ("--ema-decay must be in [0, 1)",)),
+                         (("--decoder-weight", 0.2), ("--decoder-weight", "--combine fused_decoder")),
+                         (("--combine", "fused_decoder", "--decoder-weight", 0.2, "--no-decoder"),
+                          ("--decoder-weight", "the decoder on")),
+                         (("--combine", "fused_decoder", "--decoder-weight", 1.5), ("--decoder-weight must be in [0, 1]",))):
         proc = run(TRAIN, *flags, check=False, cwd=tmp_path)
         assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
     assert not list(tmp_path.iterdir())  # no run folder, no demo data
@@ -758,6 +762,19 @@ def with_thresholds(model_dir: Path, thresholds: Any, out: Path) -> Path:
     config["thresholds"] = thresholds
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def test_the_decoder_weight_mixes_the_final_output_and_is_stored(data_dir: Path, tmp_path: Path) -> None:
+    """``--combine fused_decoder --decoder-weight W``: the final output (validated, thresholded, exported) is
+    (1 - W) * fused + W * the decoder's scores."""
+    out = tmp_path / "run"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--epochs", 1, "--no-plots", *TINY, "--combine", "fused_decoder",
+        "--decoder-weight", 0.2, "--output-dir", out)
+    saved = np.load(out / "val_predictions.npz")
+    np.testing.assert_allclose(saved["final"], 0.8 * saved["fused"] + 0.2 * saved["decoder"], atol=1e-6)
+    assert not np.allclose(saved["final"], saved["fused"], atol=1e-3)
+    model = MultimodalClassifier.from_pretrained(out / "model")
+    assert (model.config.combine, model.config.decoder_weight) == ("fused_decoder", 0.2)
 
 
 def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, caption_only: Path, data_dir: Path,
