@@ -179,7 +179,8 @@ validation split (20 %, seed 0: 12,800 training and 3,200 validation images), me
 "Tuned" thresholds are per class and chosen on held-out folds of the validation split (2-fold cross-fitting), so the
 tuned column is not optimistic; "one threshold" is the same with one threshold for every class (in brackets: the one
 tuned on the whole split, which the model stores; recorded by rows run since the eleventh session). Micro and macro F1
-and the per-class F1 are as each model predicts: at 0.5, or, for a model that stores one threshold, at it (held out).
+and the per-class F1 are at 0.5, or, for a model that stores one threshold, at it (held out); for a model that stores
+per-class thresholds (`cpu_asl_dec`) they are at 0.5, not as it predicts: the tuned column is its score.
 The floor, always answering "person", is about 0.63.
 """
 
