@@ -3,6 +3,8 @@
 
     python benchmarks/probe_runs.py average RUN RUN [RUN ...]   # samples F1 of each run and of their averaged probs,
                                                                 # at 0.5 and at the mean of the stored thresholds
+    python benchmarks/probe_runs.py average --decoder-weight 0.2 --threshold 0.65 RUN RUN   # the same, of the
+                                                                # decoder mix, at 0.65 too
     python benchmarks/probe_runs.py flip RUN                    # test-time flip of the cached feature maps
     python benchmarks/probe_runs.py errors RUN                  # missed and false labels per class, one threshold
     python benchmarks/probe_runs.py tfidf RUN                   # blended with TF-IDF + logistic regression
@@ -52,7 +54,11 @@ def score(probs: np.ndarray, targets: np.ndarray, threshold: Any = 0.5) -> float
     return float(samples_f1(binarize(probs, threshold), targets.astype(bool)).mean())
 
 
-def average(runs: list[Path]) -> dict[str, float]:
+def average(runs: list[Path], decoder_weight: Optional[float] = None,
+            threshold: Optional[float] = None) -> dict[str, float]:
+    """Each run and each combination of them averaged: at 0.5, at the mean of the runs' stored thresholds (what
+    predict.py does) and at ``threshold``. With ``decoder_weight`` W each run's output is (1 - W) * fused + W * decoder
+    (``--combine fused_decoder --decoder-weight W``) instead of its final output; stored thresholds are then skipped."""
     loaded = {run.name: np.load(run / "val_predictions.npz") for run in runs}
     first = next(iter(loaded.values()))
     held = {run.name: held_out_rows(run) for run in runs}  # None for runs that predate the record
@@ -65,15 +71,19 @@ def average(runs: list[Path]) -> dict[str, float]:
     targets = first["targets"]
     stored = {run.name: stored_thresholds(run) for run in runs}
     result: dict[str, float] = {}
+    outputs = {name: z["final"] if decoder_weight is None else
+               (1 - decoder_weight) * z["fused"] + decoder_weight * z["decoder"] for name, z in loaded.items()}
     for k in range(1, len(runs) + 1):
         for combo in itertools.combinations(loaded, k):
-            mean = np.mean([loaded[n]["final"] for n in combo], axis=0)
+            mean = np.mean([outputs[n] for n in combo], axis=0)
             result[" + ".join(combo)] = score(mean, targets)
             # predict.py's rule for an ensemble without --threshold: the mean of the members' stored thresholds.
             thresholds = mean_thresholds([stored[n] for n in combo], targets.shape[1])
-            if thresholds is not None:
+            if thresholds is not None and decoder_weight is None:
                 result[f"{' + '.join(combo)} at the stored thresholds ({describe_thresholds(thresholds)})"] = score(
                     mean, targets, thresholds)
+            if threshold is not None:
+                result[f"{' + '.join(combo)} at {threshold:g}"] = score(mean, targets, threshold)
     return result
 
 
@@ -307,6 +317,9 @@ def main() -> int:
     sub = p.add_subparsers(dest="probe", required=True)
     a = sub.add_parser("average", help="average the final probabilities of runs")
     a.add_argument("runs", nargs="+", type=Path)
+    a.add_argument("--decoder-weight", type=float, default=None, metavar="W",
+                   help="average (1 - W) * fused + W * decoder instead of the final output")
+    a.add_argument("--threshold", type=float, default=None, help="also score at this threshold")
     c = sub.add_parser("common-threshold", help="one threshold for runs of a recipe on different splits")
     c.add_argument("runs", nargs="+", type=Path)
     d = sub.add_parser("decoder-mix", help="the fused head mixed with the decoder's scores, and one threshold, for runs "
@@ -322,7 +335,8 @@ def main() -> int:
     args = p.parse_args()
     probes = {"flip": flip, "errors": errors, "tfidf": tfidf, "stack": stack, "unseen": unseen,
               "thresholds": thresholds}
-    several = {"average": average, "common-threshold": common_threshold, "decoder-mix": decoder_mix}
+    several = {"average": lambda runs: average(runs, args.decoder_weight, args.threshold),
+               "common-threshold": common_threshold, "decoder-mix": decoder_mix}
     result = several[args.probe](args.runs) if args.probe in several else probes[args.probe](args.run)
     for name, value in result.items():
         print(f"{value if isinstance(value, (int, str)) else format(value, '.4f'):>9}  {name}")

@@ -111,7 +111,7 @@ def test_a_recipe_with_a_stored_threshold_is_reported_at_it(tmp_path: Path) -> N
 def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
     import numpy as np
     import pandas as pd
-    from probe_runs import average, errors, stack
+    from probe_runs import average, errors, score, stack
 
     from multimodal.annotations import read_annotations
     from multimodal.data import train_val_split
@@ -147,10 +147,24 @@ def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
     assert averaged["a"] == found["samples F1 at threshold 0.5"]
     # The mean of p and 1 - p is 0.5 everywhere: every label is predicted.
     assert averaged["a + b"] == np.mean([2 / 4, 4 / 5, 2 / 4, 4 / 5])
+    # Stored thresholds (predict.py's rule: their mean) and a given threshold; a decoder mix instead of the final output.
+    config = json.loads((runs[0] / "model" / "config.json").read_text())
+    (runs[0] / "model" / "config.json").write_text(json.dumps({**config, "thresholds": [0.85, 0.85, 0.85]}))
+    at = average(runs, threshold=0.85)
+    # At 0.85 only row 0's dog clears it; the others fall back to their most probable label (dog, car, car).
+    assert at["a at the stored thresholds (0.85)"] == at["a at 0.85"] == np.mean([1.0, 2 / 3, 1.0, 2 / 3])
+    # b stores none (0.5): (0.85 + 0.5) / 2; the mean probability, 0.5 everywhere, clears nothing: dog (the first).
+    assert at["a + b at the stored thresholds (0.675)"] == np.mean([1.0, 2 / 3, 0.0, 0.0])
     stacked = stack(runs[0])  # only a fused head in these predictions: a stack of that one output
     assert stacked["fused head"] == averaged["a"] and set(stacked) == {
         "fused head", "stack of fused: one model", "stack of fused: one model per class"}
     assert all(0.0 <= v <= 1.0 for v in stacked.values())
+    for run, probs in zip(runs, (final, 1.0 - final)):
+        np.savez(run / "val_predictions.npz", final=probs, fused=probs, decoder=1.0 - probs, targets=targets,
+                 index=order)
+    mixed = average(runs, decoder_weight=0.25, threshold=0.5)
+    assert mixed["a"] == score(0.75 * final + 0.25 * (1.0 - final), targets) and "a at the stored thresholds" not in \
+        " ".join(mixed)
     # Runs that held out other rows of the CSV (as their metrics.json records) are not averaged.
     (runs[0] / "metrics.json").write_text(json.dumps({"val_source_rows": [1, 2, 3, 4]}))
     (runs[1] / "metrics.json").write_text(json.dumps({"val_source_rows": [1, 2, 3, 5]}))
