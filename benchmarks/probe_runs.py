@@ -322,8 +322,8 @@ def main() -> int:
     a.add_argument("--threshold", type=float, default=None, help="also score at this threshold")
     c = sub.add_parser("common-threshold", help="one threshold for runs of a recipe on different splits")
     c.add_argument("runs", nargs="+", type=Path)
-    d = sub.add_parser("decoder-mix", help="the fused head mixed with the decoder's scores, and one threshold, for runs "
-                                           "of a recipe on different splits")
+    d = sub.add_parser("decoder-mix", help="the fused head mixed with the decoder's scores, and one threshold, for "
+                                           "runs of a recipe on different splits")
     d.add_argument("runs", nargs="+", type=Path)
     for name, text in (("flip", "test-time flip of the cached feature maps"),
                        ("errors", "missed and false labels per class; single thresholds"),

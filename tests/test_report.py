@@ -147,7 +147,7 @@ def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
     assert averaged["a"] == found["samples F1 at threshold 0.5"]
     # The mean of p and 1 - p is 0.5 everywhere: every label is predicted.
     assert averaged["a + b"] == np.mean([2 / 4, 4 / 5, 2 / 4, 4 / 5])
-    # Stored thresholds (predict.py's rule: their mean) and a given threshold; a decoder mix instead of the final output.
+    # Stored thresholds (predict.py's rule: their mean) and a given threshold.
     config = json.loads((runs[0] / "model" / "config.json").read_text())
     (runs[0] / "model" / "config.json").write_text(json.dumps({**config, "thresholds": [0.85, 0.85, 0.85]}))
     at = average(runs, threshold=0.85)
@@ -159,6 +159,7 @@ def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
     assert stacked["fused head"] == averaged["a"] and set(stacked) == {
         "fused head", "stack of fused: one model", "stack of fused: one model per class"}
     assert all(0.0 <= v <= 1.0 for v in stacked.values())
+    # A decoder mix instead of the final output.
     for run, probs in zip(runs, (final, 1.0 - final)):
         np.savez(run / "val_predictions.npz", final=probs, fused=probs, decoder=1.0 - probs, targets=targets,
                  index=order)
