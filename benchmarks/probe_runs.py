@@ -212,19 +212,20 @@ def common_threshold(runs: list[Path]) -> dict[str, float | str]:
         result[f"{name} at 0.5"] = score(loaded[name]["final"], loaded[name]["targets"])
         result[f"{name} at {THRESHOLD_GRID[best]:g}"] = float(row[best])
     if len(runs) > 1:
-        held = []
-        for name, pick in chosen_on_the_others(table).items():
-            held.append(float(table[name][pick]))
-            result[f"{name} at {THRESHOLD_GRID[pick]:g}, chosen on the other runs"] = held[-1]
-        result["mean, each run at the threshold chosen on the others (held out)"] = float(np.mean(held))
+        result.update(held_out(table, lambda i: f"{THRESHOLD_GRID[i]:g}", "threshold"))
     return result
 
 
-def chosen_on_the_others(table: dict[str, np.ndarray]) -> dict[str, int]:
-    """For each run of ``table`` (run -> its scores over a list of settings), the setting with the best mean score on
-    the other runs alone."""
-    return {name: int(np.argmax(np.mean([row for other, row in table.items() if other != name], axis=0)))
-            for name in table}
+def held_out(table: dict[str, np.ndarray], named: Any, what: str) -> dict[str, float]:
+    """Each run of ``table`` (run -> its scores over a list of settings) at the setting with the best mean score on the
+    other runs alone (``named(i)`` names setting i; ``what`` says what a setting is), and the mean of those scores."""
+    result, held = {}, []
+    for name in table:
+        pick = int(np.argmax(np.mean([row for other, row in table.items() if other != name], axis=0)))
+        held.append(float(table[name][pick]))
+        result[f"{name} at {named(pick)}, chosen on the other runs"] = held[-1]
+    result[f"mean, each run at the {what} chosen on the others (held out)"] = float(np.mean(held))
+    return result
 
 
 DECODER_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -254,11 +255,7 @@ def decoder_mix(runs: list[Path]) -> dict[str, float | str]:
         result[f"{name}, fused alone ({named(alone)})"] = float(row[alone])
         result[f"{name} at {named(best)}"] = float(row[best])
     if len(runs) > 1:
-        held = []
-        for name, pick in chosen_on_the_others(table).items():
-            held.append(float(table[name][pick]))
-            result[f"{name} at {named(pick)}, chosen on the other runs"] = held[-1]
-        result["mean, each run at the setting chosen on the others (held out)"] = float(np.mean(held))
+        result.update(held_out(table, named, "setting"))
     return result
 
 
