@@ -91,8 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="how the final probabilities are formed (see ModelConfig): the fused head alone, or mixed "
                         "with the label decoder's beam-search scores (fused_decoder)")
     g.add_argument("--decoder-weight", type=float, default=None, metavar="W",
-                   help="the decoder scores' share of the final probabilities with --combine fused_decoder or mean "
-                        f"(default {ModelConfig.decoder_weight}); --combine fused does not use it")
+                   help="the decoder scores' share of the final probabilities with --combine fused_decoder or mean; "
+                        f"--combine fused does not use it (default: {ModelConfig.decoder_weight})")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the heads")
     g.add_argument("--fusion-hidden", type=int, default=0, help="hidden units of an MLP fused head (0: linear)")
     g.add_argument("--image-attention", type=float, default=0.0, metavar="LAMBDA",
