@@ -54,6 +54,12 @@ def score(probs: np.ndarray, targets: np.ndarray, threshold: Any = 0.5) -> float
     return float(samples_f1(binarize(probs, threshold), targets.astype(bool)).mean())
 
 
+def decoder_mixed(predictions: Any, weight: float) -> np.ndarray:
+    """A run's output with the decoder's scores mixed in, as ``--combine fused_decoder --decoder-weight W`` predicts
+    (`MultimodalClassifier.predict_proba`): (1 - W) * fused + W * decoder."""
+    return (1 - weight) * predictions["fused"] + weight * predictions["decoder"]
+
+
 def average(runs: list[Path], decoder_weight: Optional[float] = None,
             threshold: Optional[float] = None) -> dict[str, float]:
     """Each run and each combination of them averaged: at 0.5, at the mean of the runs' stored thresholds (what
@@ -71,19 +77,19 @@ def average(runs: list[Path], decoder_weight: Optional[float] = None,
     targets = first["targets"]
     stored = {run.name: stored_thresholds(run) for run in runs}
     result: dict[str, float] = {}
-    outputs = {name: z["final"] if decoder_weight is None else
-               (1 - decoder_weight) * z["fused"] + decoder_weight * z["decoder"] for name, z in loaded.items()}
+    outputs = {name: z["final"] if decoder_weight is None else decoder_mixed(z, decoder_weight)
+               for name, z in loaded.items()}
     for k in range(1, len(runs) + 1):
         for combo in itertools.combinations(loaded, k):
-            mean = np.mean([outputs[n] for n in combo], axis=0)
-            result[" + ".join(combo)] = score(mean, targets)
+            label, mean = " + ".join(combo), np.mean([outputs[n] for n in combo], axis=0)
+            result[label] = score(mean, targets)
             # predict.py's rule for an ensemble without --threshold: the mean of the members' stored thresholds.
             thresholds = mean_thresholds([stored[n] for n in combo], targets.shape[1])
             if thresholds is not None and decoder_weight is None:
-                result[f"{' + '.join(combo)} at the stored thresholds ({describe_thresholds(thresholds)})"] = score(
+                result[f"{label} at the stored thresholds ({describe_thresholds(thresholds)})"] = score(
                     mean, targets, thresholds)
             if threshold is not None:
-                result[f"{' + '.join(combo)} at {threshold:g}"] = score(mean, targets, threshold)
+                result[f"{label} at {threshold:g}"] = score(mean, targets, threshold)
     return result
 
 
@@ -239,7 +245,7 @@ def decoder_mix(runs: list[Path]) -> dict[str, float | str]:
     from multimodal.metrics import THRESHOLD_GRID
     loaded = {run.name: validation_predictions(run) for run in runs}
     settings = [(w, t) for w in DECODER_WEIGHTS for t in THRESHOLD_GRID]
-    table = {name: np.array([score((1 - w) * z["fused"] + w * z["decoder"], z["targets"], t) for w, t in settings])
+    table = {name: np.array([score(decoder_mixed(z, w), z["targets"], t) for w, t in settings])
              for name, z in loaded.items()}
     mean = np.mean(list(table.values()), axis=0)
 

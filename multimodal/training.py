@@ -207,7 +207,8 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         fusion_hidden=getattr(args, "fusion_hidden", 0),
         modality_dropout=getattr(args, "modality_dropout", 0.0),
         combine=args.combine,
-        **({} if getattr(args, "decoder_weight", None) is None else {"decoder_weight": args.decoder_weight}),
+        decoder_weight=ModelConfig.decoder_weight if getattr(args, "decoder_weight", None) is None
+        else args.decoder_weight,
     )
 
 
