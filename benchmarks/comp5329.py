@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from multimodal.annotations import read_annotations  # noqa: E402
 from multimodal.data import train_val_split  # noqa: E402
 from multimodal.labels import LabelCodec  # noqa: E402
-from multimodal.metrics import compute_metrics, crossfit_tuned_metrics  # noqa: E402
+from multimodal.metrics import binarize, compute_metrics, crossfit_tuned_metrics  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "benchmarks"
@@ -172,6 +172,23 @@ NEURAL_ROWS: dict[str, dict[str, Any]] = {
               "the final output (0.8 fused + 0.2 decoder), threshold tuned held out; timed from nothing",
         from_nothing=True, args=[*CPU_FULL_E4, *CPU_ASL, *CPU_DEC, "--tune-thresholds", "--cache-features",
                                  FRESH_CACHE]),
+    # Two models of the cpu_asl_dec recipe that differ only in their seed (initialisation and data order; seeds 0 and
+    # 100, the same split), their final outputs averaged: above 0.88 on each of three splits where one model is not
+    # (EXPLORATION.md, twelfth and thirteenth sessions). Each member stores the threshold 0.65, chosen with the decoder
+    # weight on the recipe's runs on the other two splits (held out here), and predict.py thresholds the ensemble at
+    # their mean. The second member trains on the maps the first cached. Timed from nothing.
+    "cpu_asl_dec_ens2": dict(
+        label="the `cpu_asl_dec` recipe trained twice (seeds 0 and 100) and averaged, threshold 0.65 (chosen on the "
+              "recipe's runs on two other splits); timed from nothing",
+        from_nothing=True, members=[0, 100], threshold=0.65,
+        args=[*CPU_FULL_E4, *CPU_ASL, *CPU_DEC, "--threshold", "0.65", "--cache-features", FRESH_CACHE]),
+    # The same two members refit on all 16,000 labelled images: the model of the test predictions since the thirteenth
+    # session. Reuses the feature maps that the cpu_asl_dec_ens2 row cached.
+    "cpu_asl_dec_ens2_all": dict(
+        label="the `cpu_asl_dec_ens2` ensemble refit on all 16,000 labelled images (no validation split), threshold "
+              "0.65", refit=True, members=[0, 100],
+        args=[*CPU_FULL_E4, *CPU_ASL, *CPU_DEC, "--val-fraction", "0", "--threshold", "0.65", "--cache-features",
+              str(row_cache("cpu_asl_dec_ens2"))]),
     # The cpu_asl_dec recipe refit on all 16,000 labelled images: the model of the test predictions since the twelfth
     # session. It stores the threshold chosen with the decoder weight on the cpu_asl recipe's runs on three splits:
     # 0.65 (`probe_runs.py decoder-mix`, EXPLORATION.md, twelfth session). Reuses the row's feature maps.
@@ -246,7 +263,22 @@ def write_result(name: str, result: dict[str, Any]) -> None:
           + f"  ({result['train_seconds']:.0f} s)")
 
 
+def row_model_dirs(row: str) -> list[Path]:
+    """The exported model(s) of a row: its ``model`` folder, or one per member for an ensemble row."""
+    members = NEURAL_ROWS.get(row, {}).get("members")
+    return [RUNS / row / "model"] if not members else [RUNS / row / f"seed{s}" / "model" for s in members]
+
+
+def parameter_count(weights: Path) -> int:
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
 def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
+    """Train a row's model with `train.py` and record it. An ensemble row (``members``: seeds) trains one model per
+    seed on the same split (``--split-seed``), the first building the feature cache that the others reuse, and is
+    scored by the mean of its members' final outputs, as `predict.py` with their checkpoints predicts."""
     spec = NEURAL_ROWS[name]
     out = RUNS / name
     fresh_cache = row_cache(name)
@@ -255,40 +287,71 @@ def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
         shutil.rmtree(fresh_cache, ignore_errors=True)
     args = [str(fresh_cache) if a == FRESH_CACHE else a for a in spec["args"]]
     split = [] if "--val-fraction" in args else ["--val-fraction", str(VAL_FRACTION)]  # a refit row sets its own
-    cmd = [sys.executable, "train.py", "--data-dir", str(data_dir), "--output-dir", str(out), "--seed", str(SEED),
-           *split, "--no-plots", *args, *extra]
-    print("+", shlex.join(cmd), flush=True)
+    members = spec.get("members")
+    runs = [(out, ["--seed", str(SEED)])] if not members else [
+        (out / f"seed{s}", ["--seed", str(s), "--split-seed", str(SEED)]) for s in members]
+    commands, member_metrics = [], []
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    for run_dir, seeds in runs:
+        cmd = [sys.executable, "train.py", "--data-dir", str(data_dir), "--output-dir", str(run_dir), *seeds,
+               *split, "--no-plots", *args, *extra]
+        print("+", shlex.join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        commands.append(shlex.join(["python", *cmd[1:]]).replace(str(data_dir), "DATA").replace(f"{ROOT}/", ""))
+        member_metrics.append(json.loads((run_dir / "metrics.json").read_text()))
     wall = time.perf_counter() - t0
-    metrics = json.loads((out / "metrics.json").read_text())
-    weights = out / "model" / "model.safetensors"
-    from safetensors import safe_open
-    with safe_open(str(weights), "pt") as f:
-        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    weights = [run_dir / "model" / "model.safetensors" for run_dir, _ in runs]
+    params = sum(parameter_count(w) for w in weights)
+    train_seconds = sum(m["train_seconds"] for m in member_metrics)
     common = {"command": shlex.join(["python", "benchmarks/comp5329.py", "--row", name]),
-              "train_command": shlex.join(["python", *cmd[1:]]).replace(str(data_dir), "DATA").replace(f"{ROOT}/", "")}
+              "train_command": " && ".join(commands)}
     if spec.get("refit"):  # no validation rows: nothing to score, so not a row of the table
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"refit_{name}.json").write_text(json.dumps({
             "refit": name, "label": spec["label"], **common, "params": params,
-            "train_seconds": metrics["train_seconds"], "wall_seconds": wall, "steps": metrics["steps"],
-            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model_dir": str(out / "model")}, indent=1) + "\n")
-        print(f"{name}: refit on every labelled row in {wall:.0f} s -> {out / 'model'}")
+            "train_seconds": train_seconds, "wall_seconds": wall, "steps": sum(m["steps"] for m in member_metrics),
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "model_dir": str(weights[0].parent), **({"model_dirs": [str(w.parent) for w in weights]} if members
+                                                    else {})}, indent=1) + "\n")
+        print(f"{name}: refit on every labelled row in {wall:.0f} s -> {', '.join(str(w.parent) for w in weights)}")
         return
+    metrics = member_metrics[0]
+    result = {"row": name, "label": spec["label"], "kind": "neural", **common,
+              "metrics": metrics["val"]["final"], "per_output": {k: v["samples_f1"] for k, v in metrics["val"].items()},
+              "tuned": metrics.get("val_tuned_crossfit"), "trivial": metrics.get("trivial_samples_f1"),
+              **({"single": metrics["val_single_threshold_crossfit"], "single_threshold": metrics["val_single_threshold"],
+                  "threshold_mode": metrics["threshold_mode"]} if "threshold_mode" in metrics else {}),
+              **({"without_ema": metrics["val_without_ema"]["final"]["samples_f1"]} if "val_without_ema" in metrics
+                 else {})}
+    if members:
+        result.update(ensemble_scores([run_dir for run_dir, _ in runs], spec["threshold"]))
     write_result(name, {
-        "row": name, "label": spec["label"], "kind": "neural", **common,
-        "metrics": metrics["val"]["final"], "per_output": {k: v["samples_f1"] for k, v in metrics["val"].items()},
-        "tuned": metrics.get("val_tuned_crossfit"), "trivial": metrics.get("trivial_samples_f1"),
-        **({"single": metrics["val_single_threshold_crossfit"], "single_threshold": metrics["val_single_threshold"],
-            "threshold_mode": metrics["threshold_mode"]} if "threshold_mode" in metrics else {}),
-        **({"without_ema": metrics["val_without_ema"]["final"]["samples_f1"]} if "val_without_ema" in metrics else {}),
-        "params": params, "size_mb": weights.stat().st_size / 2**20,
-        "train_seconds": metrics["train_seconds"], "wall_seconds": wall,
-        "from_nothing": bool(spec.get("from_nothing")),
+        **result, "params": params, "size_mb": sum(w.stat().st_size for w in weights) / 2**20,
+        "train_seconds": train_seconds, "wall_seconds": wall, "from_nothing": bool(spec.get("from_nothing")),
         "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-        "model_dir": str(out / "model"), "num_val": metrics.get("num_val_samples"),
+        "model_dir": str(weights[0].parent), **({"model_dirs": [str(w.parent) for w in weights]} if members else {}),
+        "num_val": metrics.get("num_val_samples"),
     })
+
+
+def ensemble_scores(run_dirs: list[Path], threshold: float) -> dict[str, Any]:
+    """An ensemble row's scores: the mean of its members' final outputs on the validation split, at 0.5, at the one
+    ``threshold`` its members store (chosen before the row ran, on runs of the recipe on other splits, so held out
+    here; `predict.py` thresholds an ensemble at its members' stored thresholds' mean), and with thresholds tuned on
+    held-out folds; and each member's own score at ``threshold``."""
+    from multimodal.metrics import samples_f1
+    predictions = [np.load(d / "val_predictions.npz") for d in run_dirs]
+    targets = predictions[0]["targets"]
+    for d, p in zip(run_dirs, predictions):
+        if not np.array_equal(p["targets"], targets):
+            raise SystemExit(f"{d}: not the same validation rows as {run_dirs[0]}")
+    mean = np.mean([p["final"] for p in predictions], axis=0)
+    members = {d.name: float(samples_f1(binarize(p["final"], threshold), targets.astype(bool)).mean())
+               for d, p in zip(run_dirs, predictions)}
+    at_threshold = compute_metrics(mean, targets, threshold)
+    return {"metrics": compute_metrics(mean, targets), "tuned": crossfit_tuned_metrics(mean, targets),
+            "single": at_threshold, "single_threshold": threshold, "threshold_mode": "fixed",
+            "per_output": {"ensemble": at_threshold["samples_f1"], **{f"member {k}": v for k, v in members.items()}}}
 
 
 def tfidf_logreg(train: Any, predict: Any, codec: LabelCodec, c: float) -> tuple[np.ndarray, Any]:
@@ -366,9 +429,9 @@ def predict_test(data_dir: Path, row: str = "cpu_asl_dec_all") -> None:
     """`predict.py` with a row's exported model (by default the best CPU recipe refit on every labelled image) on the
     unlabelled ``test.csv``. Writes ``benchmarks/comp5329_test_predictions.csv`` and ``results/test_predictions.json``.
     """
-    model_dir = RUNS / row / "model"
     out = ROOT / "benchmarks" / "comp5329_test_predictions.csv"
-    cmd = [sys.executable, "predict.py", "--checkpoint", str(model_dir), "--data-dir", str(data_dir),
+    checkpoints = [a for d in row_model_dirs(row) for a in ("--checkpoint", str(d))]  # several for an ensemble
+    cmd = [sys.executable, "predict.py", *checkpoints, "--data-dir", str(data_dir),
            "--output", str(out), "--workers", "2"]
     print("+", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
