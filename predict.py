@@ -29,12 +29,17 @@ from multimodal.cli import HelpFormatter  # standard library only: --help needs 
 logger = logging.getLogger("multimodal")
 
 
+DEFAULT_MODEL = "runs/latest/model"  # train.py's latest run
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", default=["runs/latest/model"],
-                   help="exported model folder; several folders make an ensemble: the mean of their probabilities, "
-                        "thresholded at --threshold, else at the mean of the thresholds the models store (0.5 for "
-                        "one that stores none)")
+    # action="extend": "--checkpoint A B" and "--checkpoint A --checkpoint B" both give [A, B] (with nargs="+" alone
+    # a repeated flag would replace the folders given before it, and the ensemble would silently lose its members).
+    p.add_argument("--checkpoint", action="extend", nargs="+", default=None,
+                   help=f"exported model folder; several folders (after one flag or each after its own) make an "
+                        f"ensemble: the mean of their probabilities, thresholded at --threshold, else at the mean of "
+                        f"the thresholds the models store (0.5 for one that stores none) (default: {DEFAULT_MODEL})")
     p.add_argument("--data-dir", default=None, help="dataset folder (test.csv, data/)")
     p.add_argument("--csv", default=None,
                    help="CSV with ImageID,Caption, or ImageID,Labels,Caption to score the predictions too (default: "
@@ -142,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
+    args.checkpoint = args.checkpoint or [DEFAULT_MODEL]
     from multimodal.training import run_cli
 
     sys.exit(run_cli(main, args))

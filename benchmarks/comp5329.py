@@ -241,8 +241,10 @@ CLASSICAL_ROWS = ["tfidf_logreg", "linear_probe", "linear_probe_full"]
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = names[0] if names else platform.processor()  # (which runs `uname -p`: only where needed)
     import torch
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({cpu}, {os.cpu_count()} cores, torch {torch.__version__})"

@@ -777,6 +777,14 @@ def test_the_decoder_weight_mixes_the_final_output_and_is_stored(data_dir: Path,
     assert (model.config.combine, model.config.decoder_weight) == ("fused_decoder", 0.2)
 
 
+def test_predict_checkpoint_folders_are_collected_from_one_flag_or_several() -> None:
+    from predict import DEFAULT_MODEL, get_args_parser
+    parser = get_args_parser()
+    assert parser.parse_args(["--checkpoint", "a", "b"]).checkpoint == ["a", "b"]
+    assert parser.parse_args(["--checkpoint", "a", "--checkpoint", "b", "c"]).checkpoint == ["a", "b", "c"]
+    assert parser.parse_args([]).checkpoint is None and DEFAULT_MODEL == "runs/latest/model"  # filled in when run
+
+
 def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, caption_only: Path, data_dir: Path,
                                                              tmp_path: Path) -> None:
     # Two models with different branches and vocabularies, storing different thresholds: the mean of their
@@ -791,7 +799,8 @@ def test_predict_ensemble_averages_the_models_probabilities(run_dir: Path, capti
         run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", tmp_path / f"{name}_labels.csv",
             "--probabilities", probs[name], "--batch-size", 5, "--workers", 0)
     out, mean = tmp_path / "ensemble.csv", tmp_path / "ensemble_probs.csv"
-    proc = run(PREDICT, "--checkpoint", *members.values(), "--data-dir", data_dir, "--output", out,
+    full, caption = members.values()  # each after its own flag: both count (as after one flag, below)
+    proc = run(PREDICT, "--checkpoint", full, "--checkpoint", caption, "--data-dir", data_dir, "--output", out,
                "--probabilities", mean, "--batch-size", 5, "--workers", 0)
     thresholds = (np.asarray(low) + 0.8) / 2
     assert f"ensemble of 2 models: mean probabilities, threshold {min(thresholds):g}..{max(thresholds):g} per " \
