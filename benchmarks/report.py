@@ -302,7 +302,7 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
                    + " and ".join(f"{v:.4f}" for v in members.values()) + " for its members alone at the same threshold "
                    f"({r['per_output']['ensemble'] - np.mean(list(members.values())):+.4f} over their mean), for twice "
                    "the training and prediction time. `EXPLORATION.md` (twelfth and thirteenth sessions) has the same "
-                   "on two more splits.")
+                   "on three more splits.")
     tuned = [(r["row"], r["metrics"]["samples_f1"], r["tuned"]["samples_f1"]) for r in rows if r.get("tuned")]
     if tuned:
         out.append("- **Per-class thresholds** (held-out tuning) vs 0.5: " + ", ".join(
