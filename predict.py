@@ -37,8 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # action="extend": "--checkpoint A B" and "--checkpoint A --checkpoint B" both give [A, B] (with nargs="+" alone
     # a repeated flag would replace the folders given before it, and the ensemble would silently lose its members).
     p.add_argument("--checkpoint", action="extend", nargs="+", default=None,
-                   help=f"exported model folder; several folders (after one flag or each after its own) make an "
-                        f"ensemble: the mean of their probabilities, thresholded at --threshold, else at the mean of "
+                   help="exported model folder; several folders (after one flag or each after its own) make an "
+                        "ensemble: the mean of their probabilities, thresholded at --threshold, else at the mean of "
                         f"the thresholds the models store (0.5 for one that stores none) (default: {DEFAULT_MODEL})")
     p.add_argument("--data-dir", default=None, help="dataset folder (test.csv, data/)")
     p.add_argument("--csv", default=None,

@@ -188,9 +188,9 @@ tuned on the whole split, which the model stores; recorded by rows run since the
 `cpu_asl_dec_ens2`, whose two models store the threshold 0.65 chosen before the row ran, on runs of its recipe on two
 other splits, and which is scored at it: the mean of its models' probabilities, as `predict.py` predicts with both
 checkpoints (its wall time covers both trainings; its training time, parameters and size are the two models'
-sums). Micro and macro F1
-and the per-class F1 are as each model predicts: at 0.5, or at the threshold(s) it stores, scored held out where they
-were tuned on this split (each half of it at the thresholds tuned on the other half). The floor, always answering "person", is about 0.63.
+sums). Micro and macro F1 and the per-class F1 are as each model predicts: at 0.5, or at the threshold(s) it stores,
+scored held out where they were tuned on this split (each half of it at the thresholds tuned on the other half). The
+floor, always answering "person", is about 0.63.
 """
 
 
