@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from multimodal.annotations import read_annotations  # noqa: E402
 from multimodal.data import train_val_split  # noqa: E402
 from multimodal.labels import LabelCodec  # noqa: E402
-from multimodal.metrics import binarize, compute_metrics, crossfit_tuned_metrics  # noqa: E402
+from multimodal.metrics import compute_metrics, crossfit_tuned_metrics  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "benchmarks"
@@ -265,10 +265,13 @@ def write_result(name: str, result: dict[str, Any]) -> None:
           + f"  ({result['train_seconds']:.0f} s)")
 
 
-def row_model_dirs(row: str) -> list[Path]:
-    """The exported model(s) of a row: its ``model`` folder, or one per member for an ensemble row."""
+def row_runs(row: str) -> list[tuple[Path, list[str]]]:
+    """A row's `train.py` run folders with their seed flags: one run with seed ``SEED``, or for an ensemble row
+    (``members``: seeds) one run per member seed, all on ``SEED``'s split."""
     members = NEURAL_ROWS.get(row, {}).get("members")
-    return [RUNS / row / "model"] if not members else [RUNS / row / f"seed{s}" / "model" for s in members]
+    if not members:
+        return [(RUNS / row, ["--seed", str(SEED)])]
+    return [(RUNS / row / f"seed{s}", ["--seed", str(s), "--split-seed", str(SEED)]) for s in members]
 
 
 def parameter_count(weights: Path) -> int:
@@ -282,16 +285,13 @@ def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
     seed on the same split (``--split-seed``), the first building the feature cache that the others reuse, and is
     scored by the mean of its members' final outputs, as `predict.py` with their checkpoints predicts."""
     spec = NEURAL_ROWS[name]
-    out = RUNS / name
     fresh_cache = row_cache(name)
     if spec.get("from_nothing"):  # timed from nothing: no run folder, no cached features
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(RUNS / name, ignore_errors=True)
         shutil.rmtree(fresh_cache, ignore_errors=True)
     args = [str(fresh_cache) if a == FRESH_CACHE else a for a in spec["args"]]
     split = [] if "--val-fraction" in args else ["--val-fraction", str(VAL_FRACTION)]  # a refit row sets its own
-    members = spec.get("members")
-    runs = [(out, ["--seed", str(SEED)])] if not members else [
-        (out / f"seed{s}", ["--seed", str(s), "--split-seed", str(SEED)]) for s in members]
+    runs = row_runs(name)
     commands, member_metrics = [], []
     t0 = time.perf_counter()
     for run_dir, seeds in runs:
@@ -303,36 +303,34 @@ def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
         member_metrics.append(json.loads((run_dir / "metrics.json").read_text()))
     wall = time.perf_counter() - t0
     weights = [run_dir / "model" / "model.safetensors" for run_dir, _ in runs]
-    params = sum(parameter_count(w) for w in weights)
-    train_seconds = sum(m["train_seconds"] for m in member_metrics)
     common = {"command": shlex.join(["python", "benchmarks/comp5329.py", "--row", name]),
-              "train_command": " && ".join(commands)}
+              "train_command": " && ".join(commands), "params": sum(parameter_count(w) for w in weights),
+              "train_seconds": sum(m["train_seconds"] for m in member_metrics), "wall_seconds": wall,
+              "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model_dir": str(weights[0].parent),
+              **({"model_dirs": [str(w.parent) for w in weights]} if len(runs) > 1 else {})}
     if spec.get("refit"):  # no validation rows: nothing to score, so not a row of the table
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"refit_{name}.json").write_text(json.dumps({
-            "refit": name, "label": spec["label"], **common, "params": params,
-            "train_seconds": train_seconds, "wall_seconds": wall, "steps": sum(m["steps"] for m in member_metrics),
-            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "model_dir": str(weights[0].parent), **({"model_dirs": [str(w.parent) for w in weights]} if members
-                                                    else {})}, indent=1) + "\n")
+            "refit": name, "label": spec["label"], **common, "steps": sum(m["steps"] for m in member_metrics)},
+            indent=1) + "\n")
         print(f"{name}: refit on every labelled row in {wall:.0f} s -> {', '.join(str(w.parent) for w in weights)}")
         return
     metrics = member_metrics[0]
-    result = {"row": name, "label": spec["label"], "kind": "neural", **common,
-              "metrics": metrics["val"]["final"], "per_output": {k: v["samples_f1"] for k, v in metrics["val"].items()},
-              "tuned": metrics.get("val_tuned_crossfit"), "trivial": metrics.get("trivial_samples_f1"),
-              **({"single": metrics["val_single_threshold_crossfit"], "single_threshold": metrics["val_single_threshold"],
-                  "threshold_mode": metrics["threshold_mode"]} if "threshold_mode" in metrics else {}),
-              **({"without_ema": metrics["val_without_ema"]["final"]["samples_f1"]} if "val_without_ema" in metrics
-                 else {})}
-    if members:
-        result.update(ensemble_scores([run_dir for run_dir, _ in runs], spec["threshold"]))
+    if len(runs) > 1:
+        scores = ensemble_scores([run_dir for run_dir, _ in runs], spec["threshold"])
+    else:
+        scores = {"metrics": metrics["val"]["final"],
+                  "per_output": {k: v["samples_f1"] for k, v in metrics["val"].items()},
+                  "tuned": metrics.get("val_tuned_crossfit"),
+                  **({"single": metrics["val_single_threshold_crossfit"],
+                      "single_threshold": metrics["val_single_threshold"], "threshold_mode": metrics["threshold_mode"]}
+                     if "threshold_mode" in metrics else {}),
+                  **({"without_ema": metrics["val_without_ema"]["final"]["samples_f1"]}
+                     if "val_without_ema" in metrics else {})}
     write_result(name, {
-        **result, "params": params, "size_mb": sum(w.stat().st_size for w in weights) / 2**20,
-        "train_seconds": train_seconds, "wall_seconds": wall, "from_nothing": bool(spec.get("from_nothing")),
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-        "model_dir": str(weights[0].parent), **({"model_dirs": [str(w.parent) for w in weights]} if members else {}),
-        "num_val": metrics.get("num_val_samples"),
+        "row": name, "label": spec["label"], "kind": "neural", **scores, "trivial": metrics.get("trivial_samples_f1"),
+        **common, "size_mb": sum(w.stat().st_size for w in weights) / 2**20,
+        "from_nothing": bool(spec.get("from_nothing")), "num_val": metrics.get("num_val_samples"),
     })
 
 
@@ -341,19 +339,18 @@ def ensemble_scores(run_dirs: list[Path], threshold: float) -> dict[str, Any]:
     ``threshold`` its members store (chosen before the row ran, on runs of the recipe on other splits, so held out
     here; `predict.py` thresholds an ensemble at its members' stored thresholds' mean), and with thresholds tuned on
     held-out folds; and each member's own score at ``threshold``."""
-    from multimodal.metrics import samples_f1
     predictions = [np.load(d / "val_predictions.npz") for d in run_dirs]
     targets = predictions[0]["targets"]
     for d, p in zip(run_dirs, predictions):
         if not np.array_equal(p["targets"], targets):
             raise SystemExit(f"{d}: not the same validation rows as {run_dirs[0]}")
     mean = np.mean([p["final"] for p in predictions], axis=0)
-    members = {d.name: float(samples_f1(binarize(p["final"], threshold), targets.astype(bool)).mean())
-               for d, p in zip(run_dirs, predictions)}
     at_threshold = compute_metrics(mean, targets, threshold)
     return {"metrics": compute_metrics(mean, targets), "tuned": crossfit_tuned_metrics(mean, targets),
             "single": at_threshold, "single_threshold": threshold, "threshold_mode": "fixed",
-            "per_output": {"ensemble": at_threshold["samples_f1"], **{f"member {k}": v for k, v in members.items()}}}
+            "per_output": {"ensemble": at_threshold["samples_f1"], **{
+                f"member {d.name}": compute_metrics(p["final"], targets, threshold)["samples_f1"]
+                for d, p in zip(run_dirs, predictions)}}}
 
 
 def tfidf_logreg(train: Any, predict: Any, codec: LabelCodec, c: float) -> tuple[np.ndarray, Any]:
@@ -432,7 +429,7 @@ def predict_test(data_dir: Path, row: str = "cpu_asl_dec_ens2_all") -> None:
     labelled image) on the unlabelled ``test.csv``. Writes ``benchmarks/comp5329_test_predictions.csv`` and ``results/test_predictions.json``.
     """
     out = ROOT / "benchmarks" / "comp5329_test_predictions.csv"
-    checkpoints = [a for d in row_model_dirs(row) for a in ("--checkpoint", str(d))]  # several for an ensemble
+    checkpoints = [a for d, _ in row_runs(row) for a in ("--checkpoint", str(d / "model"))]  # several: an ensemble
     cmd = [sys.executable, "predict.py", *checkpoints, "--data-dir", str(data_dir),
            "--output", str(out), "--workers", "2"]
     print("+", shlex.join(cmd), flush=True)
