@@ -30,6 +30,18 @@ def predicted_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return row["tuned"] if mode == "per_class" else row["single"] if mode in ("single", "fixed") else row["metrics"]
 
 
+def predicted_at(row: dict[str, Any]) -> str:
+    """Where `predicted_metrics` scores a row, in a few words (a CSV column)."""
+    mode = row.get("threshold_mode")
+    if mode == "per_class":
+        return "per-class thresholds, held out"
+    if mode == "single":
+        return f"{row['single_threshold']:g}, held out"
+    if mode == "fixed":
+        return f"{row['single_threshold']:g}, chosen on other splits"
+    return "0.5"
+
+
 def as_predicted(row: dict[str, Any]) -> tuple[float, str]:
     """A row's samples F1 as its model predicts (`predicted_metrics`), and how it was scored."""
     mode = row.get("threshold_mode")
@@ -55,18 +67,21 @@ def fmt(value: Optional[float], digits: int = 4) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, class_names: list[str]) -> None:
+    """One line per row. samples_f1 is at 0.5, samples_f1_tuned and samples_f1_single with thresholds tuned held out;
+    samples_f1_as_predicted, micro_f1, macro_f1 and the f1_<class> columns are as the model predicts, at the
+    threshold(s) named in predicted_at (`predicted_metrics`), as in the Markdown table."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "label", "samples_f1", "samples_f1_tuned", "samples_f1_single", "micro_f1", "macro_f1",
-                    "map", "params", "size_mb", "train_seconds", "wall_seconds", "from_nothing",
-                    *[f"f1_{n}" for n in class_names], "machine", "command"])
+        w.writerow(["row", "label", "samples_f1", "samples_f1_tuned", "samples_f1_single", "samples_f1_as_predicted",
+                    "predicted_at", "micro_f1", "macro_f1", "map", "params", "size_mb", "train_seconds",
+                    "wall_seconds", "from_nothing", *[f"f1_{n}" for n in class_names], "machine", "command"])
         for r in rows:
-            m, t = r["metrics"], r.get("tuned") or {}
+            m, t, p = r["metrics"], r.get("tuned") or {}, predicted_metrics(r)
             w.writerow([r["row"], r["label"], fmt(m["samples_f1"]), fmt(t.get("samples_f1")),
-                        fmt((r.get("single") or {}).get("samples_f1")), fmt(m["micro_f1"]),
-                        fmt(m["macro_f1"]), fmt(m["map"]), r.get("params"), fmt(r.get("size_mb"), 1),
-                        fmt(r.get("train_seconds"), 0), fmt(r.get("wall_seconds"), 0), bool(r.get("from_nothing")),
-                        *[fmt(v, 3) for v in m["per_class_f1"]], r["machine"],
+                        fmt((r.get("single") or {}).get("samples_f1")), fmt(p["samples_f1"]), predicted_at(r),
+                        fmt(p["micro_f1"]), fmt(p["macro_f1"]), fmt(m["map"]), r.get("params"),
+                        fmt(r.get("size_mb"), 1), fmt(r.get("train_seconds"), 0), fmt(r.get("wall_seconds"), 0),
+                        bool(r.get("from_nothing")), *[fmt(v, 3) for v in p["per_class_f1"]], r["machine"],
                         r["command"]])
 
 
@@ -189,8 +204,9 @@ tuned on the whole split, which the model stores; recorded by rows run since the
 other splits, and which is scored at it: the mean of its models' probabilities, as `predict.py` predicts with both
 checkpoints (its wall time covers both trainings; its training time, parameters and size are the two models'
 sums). Micro and macro F1 and the per-class F1 are as each model predicts: at 0.5, or at the threshold(s) it stores,
-scored held out where they were tuned on this split (each half of it at the thresholds tuned on the other half). The
-floor, always answering "person", is about 0.63.
+scored held out where they were tuned on this split (each half of it at the thresholds tuned on the other half), in
+[`results.csv`](results.csv) too, whose `samples_f1_as_predicted` and `predicted_at` columns say at what. The floor,
+always answering "person", is about 0.63.
 """
 
 

@@ -114,6 +114,15 @@ def test_a_recipe_with_a_stored_threshold_is_reported_at_it(tmp_path: Path) -> N
     with open(tmp_path / "results.csv", newline="") as f:
         written = {r["row"]: r for r in csv.DictReader(f)}
     assert written["cpu_asl"]["samples_f1_single"] == "0.8822" and written["cpu_full_e4"]["samples_f1_single"] == ""
+    # The CSV's micro, macro and per-class F1 are the table's: as each model predicts, and it says where.
+    assert [written["cpu_asl"][k] for k in ("samples_f1", "samples_f1_as_predicted", "predicted_at", "micro_f1")] == [
+        "0.8386", "0.8822", "0.7, held out", "0.8500"]
+    tail2, full = written["cpu_tail2"], written["cpu_full_e4"]
+    assert [tail2[k] for k in ("samples_f1_as_predicted", "predicted_at", "micro_f1", "macro_f1")] == [
+        "0.8829", "per-class thresholds, held out", "0.8611", "0.7811"]
+    assert [v for k, v in tail2.items() if k.startswith("f1_")] == ["0.550", "0.650", "0.750"]
+    assert [full[k] for k in ("samples_f1", "samples_f1_as_predicted", "predicted_at", "micro_f1")] == [
+        "0.8816", "0.8816", "0.5", "0.8716"]
 
 
 def test_probe_runs_counts_errors_and_averages_runs(tmp_path: Path) -> None:
@@ -409,3 +418,7 @@ def test_an_ensemble_recipe_is_reported_at_its_stored_threshold_beside_its_membe
             "on other splits)) in 47.0 minutes of wall time from nothing") in text and "it meets the target" in text
     assert ("trained with seeds 0 and 100 on the same split, final outputs averaged, at 0.65): 0.8850 against 0.8835 "
             "and 0.8810 for its members alone at the same threshold (+0.0028 over their mean)") in text
+    with open(tmp_path / "results.csv", newline="") as f:
+        written = {r["row"]: r for r in csv.DictReader(f)}
+    assert [written["cpu_asl_dec_ens2"][k] for k in ("samples_f1", "samples_f1_as_predicted", "predicted_at")] == [
+        "0.8750", "0.8850", "0.65, chosen on other splits"]
