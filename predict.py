@@ -117,7 +117,8 @@ def main(args: argparse.Namespace) -> int:
     result = predict_to_csv(models, frame, image_dir, args.output, accelerator, thresholds=thresholds,
                             probabilities=args.probabilities, batch_size=args.batch_size, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, image_cache=caches,
-                            decode_on_device=args.decode_on_device, keep_probabilities=targets is not None)
+                            decode_on_device=args.decode_on_device, keep_probabilities=targets is not None,
+                            share=not args.compile)  # a shared stem would bypass the compiled encoders
     logger.info("wrote %d predictions to %s", result["rows"], args.output)
     if targets is not None:
         scores = score_predictions(result, targets, models[0].codec)

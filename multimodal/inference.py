@@ -57,36 +57,89 @@ def resolve_inputs(data_dir: Optional[str], csv_path: Optional[str],
     return folder_frame(images), images, None
 
 
-def iter_predictions(model: MultimodalClassifier, loader: DataLoader, accelerator: Any,
+def shared_stem_stages(encoders: Sequence[Any]) -> Optional[int]:
+    """How much of the image encoders an ensemble can run once for all its members: the fewest top stages ``k``
+    such that everything below them (the stem convolution, its norm, every stage but the last ``k``) holds the same
+    weights and buffers in every encoder, as in models fine-tuned from the same pretrained weights above a frozen
+    bottom (`train.py --train-tail-stages`, `--cache-features`). None when not even the stem is shared or an
+    encoder cannot be split (`model.ImageEncoder.forward_stem`)."""
+    try:
+        stages = [e._stages() for e in encoders]
+    except TypeError:
+        return None
+    if any(type(e.backbone) is not type(encoders[0].backbone) or len(st) != len(stages[0])
+           for e, st in zip(encoders, stages)):
+        return None
+
+    def same(modules: Sequence[torch.nn.Module]) -> bool:
+        states = [m.state_dict() for m in modules]
+        return all(a.keys() == states[0].keys() and all(torch.equal(a[k], states[0][k]) for k in a)
+                   for a in states[1:])
+
+    if not (same([e.backbone.conv_stem for e in encoders]) and same([e.backbone.bn1 for e in encoders])):
+        return None
+    for i in range(len(stages[0])):
+        if not same([st[i] for st in stages]):
+            return len(stages[0]) - i
+    return 0
+
+
+@contextlib.contextmanager
+def _tail_stages(model: MultimodalClassifier, k: int) -> Iterator[None]:
+    """``model`` takes feature maps below its last ``k`` stages as ``image_features`` for the duration."""
+    before = model.tail_stages
+    model.tail_stages = k
+    try:
+        yield
+    finally:
+        model.tail_stages = before
+
+
+def iter_predictions(model: MultimodalClassifier | Sequence[MultimodalClassifier], loader: DataLoader,
+                     accelerator: Any, stem_stages: Optional[int] = None,
                      ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
-    """(image ids, [B, C] probabilities, [B] usable, (ImageID, error) of unreadable images) per batch.
+    """(image ids, [M, B, C] probabilities, [M, B] usable, (ImageID, error) of unreadable images) per batch, for
+    the M models given (one model or a list; M = 1 for one), all on the same batches.
 
     A row whose image could not be read (``skip_bad_images``) is predicted from its caption alone when the model has
     a caption branch; otherwise it is marked unusable and gets no labels.
+
+    ``stem_stages`` = k (`shared_stem_stages` of the models' image encoders): the encoders' bottom, below their last
+    k stages, is run once per batch (by the first model) and each model runs only its own top on that feature map.
 
     On a GPU a batch's results are handed over only once the next batch's forward pass is queued, and they come back
     by an asynchronous copy: what the caller does with them (thresholds, the CSV) runs while the GPU computes, instead
     of the GPU waiting for it.
     """
-    model.eval()
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    for m in models:
+        m.eval()
     device = accelerator.device
     pending = None
     with torch.inference_mode():
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             inputs = model_inputs(batch)
+            all_ok = "image_ok" not in batch or all_images_ok(batch)
+            probs, usable = [], []
             with accelerator.autocast():
-                probs = model.predict_proba(**inputs).float()
-                usable = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
-                if "image_ok" in batch and model.image_encoder is not None and not all_images_ok(batch):
-                    bad = ~batch["image_ok"]
-                    if model.caption_encoder is not None:
-                        embedding = model.caption_encoder(batch["caption_ids"][bad], batch["caption_lengths"][bad])
-                        probs[bad] = torch.sigmoid(model.caption_head(embedding).float())
-                    else:
-                        usable &= ~bad
+                if stem_stages is not None and inputs.get("image") is not None:
+                    inputs["image_features"] = models[0].image_encoder.forward_stem(inputs.pop("image"), stem_stages)
+                for m in models:
+                    with _tail_stages(m, stem_stages or 0):
+                        p = m.predict_proba(**inputs).float()
+                    ok = torch.ones(len(p), dtype=torch.bool, device=p.device)
+                    if not all_ok and m.image_encoder is not None:
+                        bad = ~batch["image_ok"]
+                        if m.caption_encoder is not None:
+                            embedding = m.caption_encoder(batch["caption_ids"][bad], batch["caption_lengths"][bad])
+                            p[bad] = torch.sigmoid(m.caption_head(embedding).float())
+                        else:
+                            ok &= ~bad
+                    probs.append(p)
+                    usable.append(ok)
             errors = [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e is not None]
-            copied = _to_host(probs, usable)
+            copied = _to_host(torch.stack(probs), torch.stack(usable))
             if pending is not None:
                 yield _host_result(*pending)
             pending = (list(batch["image_id"]), copied, errors)
@@ -113,11 +166,22 @@ def _host_result(ids: list[str], copied: tuple[list[torch.Tensor], Optional[torc
     return ids, probs.numpy(), usable.numpy(), errors
 
 
-def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: Optional[Path], accelerator: Any, *,
-                   batch_size: int, workers: int, skip_bad_images: bool, draft_size: Optional[int] | str,
-                   image_cache: Any, channels_last: bool, decode_on_device: bool = False
+def _preprocessing_key(model: MultimodalClassifier, cache: Any) -> tuple[Any, ...]:
+    """Models with the same key read the same batches: image preprocessing, image cache and tokenizer alike."""
+    image = (model.config.image_encoder, model.config.image_size, model.config.image_crop,
+             None if cache is None else str(cache.path)) if model.image_encoder is not None else None
+    return image, model.tokenizer.to_str() if model.caption_encoder is not None else None
+
+
+def _group_batches(models: Sequence[MultimodalClassifier], frame: pd.DataFrame, image_dir: Optional[Path],
+                   accelerator: Any, *, batch_size: int, workers: int, skip_bad_images: bool,
+                   draft_size: Optional[int] | str, image_cache: Any, channels_last: bool,
+                   decode_on_device: bool = False, share_stem: bool = True
                    ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
-    """`iter_predictions` of one model over ``frame`` with that model's own preprocessing (see `predict_to_csv`)."""
+    """`iter_predictions` over ``frame`` of models that share one preprocessing (`_preprocessing_key`), read by one
+    loader with the first model's preprocessing (see `predict_to_csv`); with ``share_stem``, the image encoders'
+    common bottom (`shared_stem_stages`) runs once per batch."""
+    model = models[0]
     use_image = model.image_encoder is not None
     crop = model.config.image_crop
     transform = build_transform(model.config.image_encoder, model.config.image_size, False,
@@ -132,7 +196,8 @@ def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
     on_device = cache is not None and accelerator.device.type == "cuda" or encoded
     channels_last = channels_last and use_image
     if channels_last:
-        model.image_encoder.to(memory_format=torch.channels_last)
+        for m in models:
+            m.image_encoder.to(memory_format=torch.channels_last)
     # uint8 squares (from the cache, or decoded on the device): preprocessed on the device, or by the workers for a
     # cache on a CPU
     if cache is not None or encoded:
@@ -151,22 +216,28 @@ def _model_batches(model: MultimodalClassifier, frame: pd.DataFrame, image_dir: 
                                             device=accelerator.device) if encoded else None
     batches = _prepare_images(loader, accelerator.device, device_transform, channels_last, decoder,
                               skip_bad_images) if on_device or channels_last else loader
-    return iter_predictions(model, batches, accelerator)
+    stem = shared_stem_stages([m.image_encoder for m in models]) \
+        if share_stem and use_image and len(models) > 1 else None
+    return iter_predictions(models, batches, accelerator, stem_stages=stem)
 
 
 def _ensemble(streams: list[Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]]
               ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
-    """The models' batches in lockstep: per row, the mean of the probabilities of the models that could predict it;
-    a row is usable if any model could predict it; each unreadable image is reported once."""
+    """The streams' batches in lockstep (each holds [M, B, C] probabilities of its models): per row, the mean of the
+    probabilities of the models that could predict it; a row is usable if any model could predict it; each
+    unreadable image is reported once. One model's batches pass as they are."""
     for parts in zip(*streams, strict=True):
         ids = parts[0][0]
         if any(p[0] != ids for p in parts[1:]):
             raise RuntimeError("the models of an ensemble went out of step (different rows in one batch)")
-        probs = np.stack([p[1] for p in parts])  # [M, B, C]
-        usable = np.stack([p[2] for p in parts])  # [M, B]
+        probs = np.concatenate([p[1] for p in parts])  # [M, B, C]
+        usable = np.concatenate([p[2] for p in parts])  # [M, B]
+        errors = list(dict.fromkeys(e for p in parts for e in p[3]))
+        if len(probs) == 1:
+            yield ids, probs[0], usable[0], errors
+            continue
         weight = usable[:, :, None].astype(probs.dtype)
         mean = (probs * weight).sum(0) / np.maximum(weight.sum(0), 1.0)
-        errors = list(dict.fromkeys(e for p in parts for e in p[3]))
         yield ids, mean, usable.any(0), errors
 
 
@@ -181,12 +252,16 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
                    probabilities: Optional[str | Path] = None, batch_size: int = 64, workers: int = 2,
                    skip_bad_images: bool = False, draft_size: Optional[int] | str = "auto", image_cache: Any = None,
                    channels_last: bool = True, decode_on_device: bool = False,
-                   keep_probabilities: bool = False) -> dict[str, Any]:
+                   keep_probabilities: bool = False, share: bool = True) -> dict[str, Any]:
     """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
 
     ``model`` may be a list of models with the same labels: an ensemble. Each runs with its own preprocessing
     (resolution, crop, vocabulary), all in step batch by batch, and the mean of their probabilities is thresholded
-    at ``thresholds``, else at `ensemble_thresholds` (one model's: those it stores, else 0.5).
+    at ``thresholds``, else at `ensemble_thresholds` (one model's: those it stores, else 0.5). With ``share``,
+    models with the same preprocessing read one loader's batches (each image decoded once), and their image
+    encoders' identical bottom (`shared_stem_stages`: e.g. the frozen part of models fine-tuned from the same
+    pretrained weights) runs once per batch; the probabilities are those of the models run apart. Leave it off for
+    encoders compiled with `model.ImageEncoder.compile_forward`, whose compiled path the split does not take.
 
     Speed options: ``draft_size`` (``"auto"``: `images.draft_size_for` the model's evaluation transform, so JPEGs at
     least twice the needed size are decoded at 1/2..1/8 scale; ``None``: full-size decoding) and ``image_cache``
@@ -214,10 +289,14 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     if thresholds is None:
         thresholds = ensemble_thresholds(models)
     thresholds = 0.5 if thresholds is None else thresholds
-    streams = [_model_batches(m, frame, image_dir, accelerator, batch_size=batch_size, workers=workers,
-                              skip_bad_images=skip_bad_images, draft_size=draft_size, image_cache=c,
-                              channels_last=channels_last, decode_on_device=decode_on_device)
-               for m, c in zip(models, caches)]
+    groups: dict[Any, list[int]] = {}  # preprocessing -> the models (indices) that read the same batches
+    for i, (m, c) in enumerate(zip(models, caches)):
+        groups.setdefault(_preprocessing_key(m, c) if share else i, []).append(i)
+    streams = [_group_batches([models[i] for i in members], frame, image_dir, accelerator, batch_size=batch_size,
+                              workers=workers, skip_bad_images=skip_bad_images, draft_size=draft_size,
+                              image_cache=caches[members[0]], channels_last=channels_last,
+                              decode_on_device=decode_on_device, share_stem=share)
+               for members in groups.values()]
     bad: list[tuple[str, str]] = []
     rows = 0
     kept: list[tuple[np.ndarray, np.ndarray]] = []
@@ -233,7 +312,7 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
             prob_writer = csv.writer(f_p) if tmp_prob else None
             if prob_writer:
                 prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
-            for ids, probs, usable, errors in (streams[0] if len(streams) == 1 else _ensemble(streams)):
+            for ids, probs, usable, errors in _ensemble(streams):
                 bad.extend(errors)
                 pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
                 for image_id, row in zip(ids, pred):

@@ -209,6 +209,89 @@ def test_predict_from_cache_matches_jpegs(jpegs, tmp_path, crop):
     assert difference.max() > 0.05
 
 
+def test_an_ensemble_over_one_frozen_bottom_decodes_and_runs_it_once(jpegs, tmp_path, monkeypatch):
+    """Members fine-tuned above the same frozen bottom of one pretrained encoder (the CPU recipe's two seeds):
+    `predict_to_csv` reads each image once for both and runs the bottom once per batch, each member only its top,
+    and the probabilities are the mean of the members' own."""
+    from accelerate import Accelerator
+
+    from multimodal.config import ModelConfig
+    from multimodal.data import ImageCaptionDataset
+    from multimodal.inference import predict_to_csv, shared_stem_stages
+    from multimodal.labels import LabelCodec
+    from multimodal.model import ImageEncoder, MultimodalClassifier
+    from multimodal.text import train_caption_tokenizer
+
+    image_dir, names = jpegs
+    frame = pd.DataFrame({"ImageID": names, "Caption": ["a dog", "two cats", "", "a car", "dog and car", "x"]})
+    codec = LabelCodec.from_labels([(1,), (2,), (3,)])
+    tokenizer = train_caption_tokenizer(frame["Caption"])
+    torch.manual_seed(0)
+    config = ModelConfig(num_labels=3, image_encoder="tf_efficientnet_lite0", image_size=32,
+                         vocab_size=tokenizer.get_vocab_size())
+    first = MultimodalClassifier(config, pretrained=True)
+    members = [first]
+    for _ in range(2):
+        other = MultimodalClassifier(config)
+        other.load_state_dict(first.state_dict())
+        members.append(other)
+    for seed, model in enumerate(members):  # the heads, and the last stage and head convolution of the encoder
+        g = torch.Generator().manual_seed(seed)
+        backbone = model.image_encoder.backbone
+        with torch.no_grad():
+            model.fused_head.weight.normal_(0.0, 0.2, generator=g)
+            for param in (*backbone.blocks[-1].parameters(), backbone.conv_head.weight):
+                param.mul_(1 + 0.5 * torch.randn(param.shape, generator=g))
+        model.codec, model.tokenizer = codec, tokenizer
+    a, b, c = members
+    assert shared_stem_stages([a.image_encoder, b.image_encoder, c.image_encoder]) == 1
+    assert shared_stem_stages([a.image_encoder, a.image_encoder]) == 0
+    with torch.no_grad():
+        c.image_encoder.backbone.blocks[2][0].conv_pw.weight.mul_(1.01)
+    assert shared_stem_stages([a.image_encoder, c.image_encoder]) == 5  # blocks[2:] of 7 differ
+    with torch.no_grad():
+        c.image_encoder.backbone.conv_stem.weight.mul_(1.01)
+    assert shared_stem_stages([a.image_encoder, c.image_encoder]) is None
+
+    calls = {"forward": 0, "forward_stem": 0, "item": 0}
+
+    def counted(cls, name):
+        original = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            calls[{"__getitem__": "item"}.get(name, name)] += 1
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, wrapper)
+
+    counted(ImageEncoder, "forward")
+    counted(ImageEncoder, "forward_stem")
+    counted(ImageCaptionDataset, "__getitem__")
+
+    def probabilities(models, name, **kwargs):
+        for key in calls:
+            calls[key] = 0
+        predict_to_csv(models, frame, image_dir, tmp_path / f"{name}.csv", Accelerator(cpu=True), batch_size=4,
+                       workers=0, probabilities=tmp_path / f"{name}.prob.csv", **kwargs)
+        return pd.read_csv(tmp_path / f"{name}.prob.csv").iloc[:, 1:].to_numpy(), dict(calls)
+
+    alone = [probabilities(m, f"alone{i}")[0] for i, m in enumerate((a, b))]
+    assert np.abs(alone[0] - alone[1]).max() > 0.01  # the members differ
+    shared, shared_calls = probabilities([a, b], "shared")
+    apart, apart_calls = probabilities([a, b], "apart", share=False)
+    np.testing.assert_allclose(shared, (alone[0] + alone[1]) / 2, atol=2e-6)
+    np.testing.assert_allclose(apart, shared, atol=2e-6)
+    assert shared_calls == {"forward": 0, "forward_stem": 2, "item": len(names)}  # 2 batches, each image once
+    assert apart_calls == {"forward": 4, "forward_stem": 0, "item": 2 * len(names)}
+    # An ensemble member with another preprocessing reads its own batches beside the shared ones.
+    import dataclasses
+    larger = MultimodalClassifier(dataclasses.replace(config, image_size=40))
+    larger.load_state_dict(b.state_dict())
+    larger.codec, larger.tokenizer = codec, tokenizer
+    three, three_calls = probabilities([a, larger, b], "three")
+    np.testing.assert_allclose(three, (alone[0] + alone[1] + probabilities(larger, "larger")[0]) / 3, atol=2e-6)
+    assert three_calls == {"forward": 2, "forward_stem": 2, "item": 2 * len(names)}
+
+
 def test_median_paired_ratio_resists_one_slowed_step():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from throughput import median_paired_ratio, ratio
@@ -231,6 +314,20 @@ def test_recipe_step_smoke(tmp_path):
     assert len(results["map_shape"]) == 3  # the cached map below the trained tail: [C, h, w]
     for variant in ("padded+loop", "packed+fused", "padded+fused"):
         assert results["ratios"][f"{variant}/packed+loop"] > 0
+
+
+def test_ensemble_predict_smoke(tmp_path):
+    output = tmp_path / "ensemble.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ensemble_predict.py"), "--smoke", "--output",
+                           str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["shared_stem_stages"] == 1  # the smoke members differ in their last stage only
+    assert results["agreement"] == {"max_abs_probability_difference": pytest.approx(0.0, abs=2e-6),
+                                    "same_labels": True}
+    for name in ("one_model", "ensemble_shared", "ensemble_apart"):
+        assert results["end_to_end"][name]["images"] == results["rows"] == 24
+    assert all(v > 0 for v in results["ratios"].values())
 
 
 def test_device_waits_counts_synchronizing_calls_by_line_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
