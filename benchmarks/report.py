@@ -317,8 +317,9 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
                    f"averaged, at {r['single_threshold']:g}): {r['per_output']['ensemble']:.4f} against "
                    + " and ".join(f"{v:.4f}" for v in members.values()) + " for its members alone at the same threshold "
                    f"({r['per_output']['ensemble'] - np.mean(list(members.values())):+.4f} over their mean), for twice "
-                   "the training and prediction time. `EXPLORATION.md` (twelfth and thirteenth sessions) has the same "
-                   "on three more splits.")
+                   "the training time; predicting with both costs little more than with one, as they share the "
+                   "frozen bottom of their encoder (`SPEED.md`, section 1). `EXPLORATION.md` (twelfth and thirteenth "
+                   "sessions) has the same on three more splits.")
     tuned = [(r["row"], r["metrics"]["samples_f1"], r["tuned"]["samples_f1"]) for r in rows if r.get("tuned")]
     if tuned:
         out.append("- **Per-class thresholds** (held-out tuning) vs 0.5: " + ", ".join(
