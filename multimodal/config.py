@@ -61,6 +61,7 @@ class ModelConfig:
     # Training only: each word of a caption becomes <unk> with this probability, so that the <unk> embedding, which
     # words unseen in training map to, is learned (with no rare words folded into <unk>, it never is otherwise).
     caption_word_dropout: float = 0.0
+    max_caption_length: int = 64  # caption tokens kept, in training and in prediction alike
     # Label decoder (CNN-RNN).
     use_decoder: bool = True
     label_embed_dim: int = 128
@@ -87,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"caption_pool must be one of {CAPTION_POOLS}, got {self.caption_pool!r}")
         if self.combine == "fused_decoder" and not self.use_decoder:
             raise ValueError("combine='fused_decoder' needs use_decoder=True")
+        if self.max_caption_length < 1:
+            raise ValueError(f"max_caption_length must be >= 1, got {self.max_caption_length}")
         if not 0.0 <= self.caption_word_dropout < 1.0:
             raise ValueError(f"caption_word_dropout must be in [0, 1), got {self.caption_word_dropout}")
         if not 0.0 <= self.modality_dropout <= 0.5:

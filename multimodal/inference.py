@@ -170,7 +170,8 @@ def _preprocessing_key(model: MultimodalClassifier, cache: Any) -> tuple[Any, ..
     """Models with the same key read the same batches: image preprocessing, image cache and tokenizer alike."""
     image = (model.config.image_encoder, model.config.image_size, model.config.image_crop,
              None if cache is None else str(cache.path)) if model.image_encoder is not None else None
-    return image, model.tokenizer.to_str() if model.caption_encoder is not None else None
+    caption = (model.tokenizer.to_str(), model.config.max_caption_length) if model.caption_encoder is not None else None
+    return image, caption
 
 
 def _group_batches(models: Sequence[MultimodalClassifier], frame: pd.DataFrame, image_dir: Optional[Path],
@@ -204,6 +205,7 @@ def _group_batches(models: Sequence[MultimodalClassifier], frame: pd.DataFrame, 
         transform = BatchImageTransform(model.image_encoder, model.config.image_size, training=False,
                                         channels_last=on_device)
     dataset = ImageCaptionDataset(frame, image_dir if use_image else None, codec=None, tokenizer=model.tokenizer,
+                                  max_caption_length=model.config.max_caption_length,
                                   transform=None if on_device else transform, skip_bad_images=skip_bad_images,
                                   draft_size=draft_size, image_cache=cache, encoded_images=encoded)
     if use_image and not skip_bad_images:

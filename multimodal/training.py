@@ -198,6 +198,7 @@ def build_model_config(args: argparse.Namespace, codec: LabelCodec, tokenizer: A
         caption_layers=args.caption_layers,
         caption_embed_dropout=getattr(args, "caption_embed_dropout", 0.0),
         caption_word_skip=getattr(args, "caption_word_skip", False),
+        max_caption_length=args.max_caption_length,
         caption_bigram_buckets=getattr(args, "caption_bigram_buckets", 0),
         caption_word_dropout=getattr(args, "caption_word_dropout", 0.0),
         use_decoder=not args.no_decoder,
@@ -247,7 +248,7 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
             transform = None
         dataset = ImageCaptionDataset(frame, image_dir if with_images else None, codec, tokenizer, transform,
                                       skip_bad_images=args.skip_bad_images,
-                                      max_caption_length=args.max_caption_length, image_cache=cache,
+                                      max_caption_length=config.max_caption_length, image_cache=cache,
                                       encoded_images=encoded)
         if with_images and not args.skip_bad_images:
             dataset.check_images()  # fail fast, naming the file and row, before any training

@@ -636,6 +636,24 @@ def test_predict_writes_one_row_per_input_in_order_by_the_stored_thresholds(run_
     assert ((p >= 0) & (p <= 1)).all() and len({tuple(row) for row in p}) == NUM_TEST  # a prediction per row
 
 
+def test_predict_cuts_captions_where_training_did(data_dir: Path, tmp_path: Path) -> None:
+    """``--max-caption-length`` is part of the model: `predict.py` reproduces the run's validation probabilities."""
+    out = tmp_path / "run"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
+        "--max-caption-length", 3, "--output-dir", out)
+    assert json.loads((out / "model" / "config.json").read_text())["model"]["max_caption_length"] == 3
+    held_out = json.loads((out / "metrics.json").read_text())["val_source_rows"]
+    val = pd.read_csv(data_dir / "train.csv", dtype=str, keep_default_na=False).iloc[held_out]
+    assert sum(len(c.split()) > 3 for c in val["Caption"]) >= 3  # captions that the model reads cut
+    val_csv = tmp_path / "val.csv"
+    val.to_csv(val_csv, index=False)
+    probs = tmp_path / "probs.csv"
+    run(PREDICT, "--checkpoint", out / "model", "--csv", val_csv, "--image-dir", data_dir / "data",
+        "--output", tmp_path / "labels.csv", "--probabilities", probs, "--workers", 0)
+    np.testing.assert_allclose(pd.read_csv(probs).iloc[:, 1:].to_numpy(),
+                               np.load(out / "val_predictions.npz")["final"], atol=1e-5)
+
+
 def test_predict_scores_a_labelled_csv_as_the_label_sets_it_wrote(caption_only: Path, data_dir: Path,
                                                                    tmp_path: Path) -> None:
     """A CSV with a Labels column is scored too; the scores are those of the written label sets (recomputed here
