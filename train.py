@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from multimodal.cli import HelpFormatter  # these two: standard library only, --help needs no torch
-from multimodal.config import COMBINE_RULES, IMAGE_CROPS, ModelConfig
+from multimodal.config import COMBINE_RULES, IMAGE_CROPS, RESUME_OVERRIDES, ModelConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -145,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>, runs/latest -> it)")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0: every one)")
     g.add_argument("--resume", default=None,
                    help="checkpoint folder, run folder or 'latest': continue that run with its saved arguments")
     g.add_argument("--tune-thresholds", action="store_true",
@@ -161,6 +161,40 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Combinations that cannot work, refused before anything is loaded."""
+    if args.resume:  # the run's saved arguments apply (`training.restore_args`), checked when it started
+        defaults = parser.parse_args(["--resume", args.resume])
+        given = [action.option_strings[0] for action in parser._actions if action.option_strings
+                 and action.dest not in RESUME_OVERRIDES and action.dest != "help"
+                 and getattr(args, action.dest) != getattr(defaults, action.dest)]
+        if given:
+            parser.error(f"--resume continues a run with the arguments it was started with; only "
+                         f"{', '.join('--' + d for d in RESUME_OVERRIDES if d != 'resume')} may be given with it, "
+                         f"not {', '.join(given)} (start a new run to change them)")
+        return
+    if args.no_image and args.no_caption:
+        parser.error("--no-image and --no-caption leave no branch to train: keep at least one")
+    if not 0.0 <= args.val_fraction < 1.0:
+        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-caption-length", args.max_caption_length),
+                        ("--grad-accum", args.grad_accum), ("--epochs", args.epochs), ("--max-steps", args.max_steps),
+                        ("--limit", args.limit)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if not 0.0 <= args.caption_word_dropout < 1.0:
+        parser.error(f"--caption-word-dropout must be in [0, 1), got {args.caption_word_dropout}")
+    if not 0.0 <= args.modality_dropout <= 0.5:
+        parser.error(f"--modality-dropout must be in [0, 0.5] (each branch is dropped with it), got "
+                     f"{args.modality_dropout}")
+    if args.combine == "fused_decoder" and args.no_decoder:
+        parser.error("--combine fused_decoder mixes in the label decoder's scores: not with --no-decoder")
+    if not args.no_image:
+        import timm
+        if not timm.is_model(args.encoder):
+            parser.error(f"--encoder {args.encoder!r} is not a timm model name (e.g. tf_efficientnet_lite0, "
+                         "efficientnet_b0)")
+    if args.train_tail_stages and not args.cache_features:
+        parser.error("--train-tail-stages fine-tunes the top stages on feature maps cached below them: give "
+                     "--cache-features DIR (without it the whole encoder is fine-tuned)")
     if not 0.0 < args.train_fraction <= 1.0:
         parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.tune_thresholds and args.val_fraction == 0:

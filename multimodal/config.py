@@ -17,6 +17,12 @@ CAPTION_POOLS = ("max", "mean", "last")
 # size / crop_pct, then the centre square cut out: a 4:3 photo loses a third of its width); "full" resizes the whole
 # image to size x size (timm's crop_mode="squash" with crop_pct=1), so objects near the borders are kept.
 IMAGE_CROPS = ("center", "full")
+# Arguments a resumed run (`train.py --resume`) takes from its command line instead of the saved run configuration.
+RESUME_OVERRIDES = ("resume", "workers")
+
+
+class UsageError(ValueError):
+    """Settings or inputs that cannot work together (the scripts print the message as one ``error:`` line)."""
 
 
 @dataclass(frozen=True)

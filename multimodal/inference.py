@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
+from .config import UsageError
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
@@ -53,7 +54,7 @@ def resolve_inputs(data_dir: Optional[str], csv_path: Optional[str],
     if csv_file is not None:
         return read_annotations(csv_file), images, csv_file
     if images is None:
-        raise ValueError("nothing to predict: give --data-dir, --csv or --image-dir")
+        raise UsageError("nothing to predict: give --data-dir, --csv or --image-dir")
     return folder_frame(images), images, None
 
 
@@ -286,7 +287,7 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     codec = models[0].codec
     for other in models[1:]:
         if tuple(other.codec.label_ids) != tuple(codec.label_ids):
-            raise ValueError(f"the models of an ensemble must predict the same labels: {list(codec.label_ids)} vs "
+            raise UsageError(f"the models of an ensemble must predict the same labels: {list(codec.label_ids)} vs "
                              f"{list(other.codec.label_ids)}")
     if thresholds is None:
         thresholds = ensemble_thresholds(models)

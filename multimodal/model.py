@@ -43,6 +43,10 @@ def float32_lstm_on_cpu(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, 
         yield tensors
 
 
+class ModelFolderError(ValueError):
+    """An exported model folder that cannot be loaded: the message names the file and what is wrong with it."""
+
+
 class ImageEncoder(nn.Module):
     """A timm EfficientNet without classifier: image -> pooled features [B, num_features].
 
@@ -713,30 +717,45 @@ class MultimodalClassifier(nn.Module):
             if version != FORMAT_VERSION:
                 raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
             config = ModelConfig.from_dict(data["model"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{config_path}: not a valid model config: {err}") from err
+            codec = None
+            if data.get("codec") is not None:
+                from .labels import LabelCodec
+                codec = LabelCodec.from_dict(data["codec"])
+            thresholds = data.get("thresholds")
+            if thresholds is not None and (not isinstance(thresholds, list) or len(thresholds) != config.num_labels
+                                           or not all(isinstance(t, (int, float)) for t in thresholds)):
+                raise ValueError(f"thresholds must be a list of {config.num_labels} numbers, one per class")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelFolderError(f"{config_path}: not a valid model config: {err}") from err
 
         model = cls(config, pretrained=False)
-        state = load_file(str(weights_path), device="cpu")
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except Exception as err:  # safetensors' own error type: a truncated or foreign file
+            raise ModelFolderError(f"{weights_path}: not a readable safetensors file: {err}") from err
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{weights_path} does not match the model in {config_path}: "
-                             f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            raise ModelFolderError(f"{weights_path} does not match the model in {config_path}: "
+                                   f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                   f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
-                raise ValueError(f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)} but the model "
-                                 f"in {config_path} expects {tuple(expected[name].shape)}")
+                raise ModelFolderError(f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)} but the "
+                                       f"model in {config_path} expects {tuple(expected[name].shape)}")
         model.load_state_dict(state)
 
-        if data.get("codec") is not None:
-            from .labels import LabelCodec
-            model.codec = LabelCodec.from_dict(data["codec"])
+        model.codec = codec
         tokenizer_path = directory / TOKENIZER_NAME
         if tokenizer_path.is_file():
             from tokenizers import Tokenizer
-            model.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        model.thresholds = data.get("thresholds")
+            try:
+                model.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+            except Exception as err:  # the tokenizers library raises a bare Exception
+                raise ModelFolderError(f"{tokenizer_path}: not a readable tokenizer: {err}") from err
+        elif config.use_caption:
+            raise ModelFolderError(f"model folder {directory} has no {TOKENIZER_NAME}, which its caption branch "
+                                   f"needs (expected {tokenizer_path})")
+        model.thresholds = thresholds
         return model.to(device).eval()

@@ -26,7 +26,7 @@ from accelerate.utils import (broadcast_object_list, gather_object, is_tensorboa
 from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
-from .config import LossConfig, ModelConfig, save_json
+from .config import RESUME_OVERRIDES, LossConfig, ModelConfig, UsageError, save_json
 from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, decode_images,
                    subsample_rows, train_val_split)
 from .features import FeatureDataset, cached_features
@@ -36,7 +36,8 @@ from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, bu
 from .labels import LabelCodec
 from .losses import JointLoss
 from .metrics import binarize, compute_metrics, samples_f1, select_thresholds
-from .model import MultimodalClassifier
+from .model import ModelFolderError, MultimodalClassifier
+from .pretrained import PretrainedWeightsError
 from .text import PAD_ID, train_caption_tokenizer
 from .word_vectors import word_vector_dim
 
@@ -44,10 +45,9 @@ logger = logging.getLogger("multimodal")
 
 # Test seam: SIGKILL this process right after the checkpoint of this step is complete (resume tests).
 KILL_AFTER_CHECKPOINT_ENV = "MULTIMODAL_KILL_AFTER_CHECKPOINT"
-# Arguments a resumed run takes from its command line instead of the saved run configuration.
-RESUME_OVERRIDES = ("resume", "workers")
 # Errors in the user's input or settings, which the scripts report in one line instead of a traceback.
-USER_ERRORS = (AnnotationError, ImageLoadError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (AnnotationError, ImageLoadError, FileNotFoundError, FloatingPointError, UsageError, ModelFolderError,
+               PretrainedWeightsError)
 _WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
 
 
@@ -133,7 +133,7 @@ def new_run_name(root: Path) -> str:
 
 
 def make_run_dir(args: argparse.Namespace, state: PartialState) -> Path:
-    """The run folder, agreed by every process; a default one is linked from ``runs/latest``."""
+    """The run folder, agreed by every process (`link_latest` links a default one from ``runs/latest``)."""
     if args.output_dir is not None:
         run_dir = Path(args.output_dir)
     else:
@@ -142,15 +142,21 @@ def make_run_dir(args: argparse.Namespace, state: PartialState) -> Path:
         run_dir = Path("runs") / name[0]
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if args.output_dir is None:
-            link = run_dir.parent / "latest"
-            tmp = run_dir.parent / ".latest.tmp"
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
-            tmp.symlink_to(run_dir.name)
-            os.replace(tmp, link)
     state.wait_for_everyone()
     return run_dir
+
+
+def link_latest(args: argparse.Namespace, run_dir: Path, state: PartialState) -> None:
+    """Point ``runs/latest`` at a default run folder (atomically), once the run is set up and about to train: a run
+    that stops on its settings, weights or images leaves the link on the last run that trained, which the default
+    `predict.py` and ``--resume latest`` use."""
+    if args.output_dir is None and state.is_main_process:
+        link = run_dir.parent / "latest"
+        tmp = run_dir.parent / ".latest.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
 
 
 def restore_args(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path]:
@@ -176,7 +182,7 @@ def load_frames(args: argparse.Namespace, state: PartialState) -> tuple[pd.DataF
     names = Path(args.label_names) if args.label_names else data_dir / "label_names.csv"
     frame = read_annotations(train_csv)
     if "Labels" not in frame:
-        raise ValueError(f"{train_csv}: a training file needs a Labels column")
+        raise AnnotationError(train_csv, None, "a training file needs a Labels column (ImageID,Labels,Caption)")
     if args.limit:
         frame = frame.iloc[: args.limit].reset_index(drop=True)
     return frame, image_dir, names if names.is_file() else None
@@ -305,6 +311,12 @@ def main(args: argparse.Namespace) -> int:
     # processes (gloo) would come up as N separate single-process runs.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_launch(state)
+    if checkpoint is not None:
+        saved = json.loads((checkpoint.parent.parent / "run_config.json").read_text()).get("num_processes")
+        if saved is not None and saved != state.num_processes:
+            raise UsageError(f"{checkpoint} was written by a run of {saved} process(es) and this one has "
+                             f"{state.num_processes}: each process's data shard and the schedule's length depend on "
+                             f"it, so resume it with {saved} process(es)")
     # The data first: a malformed CSV stops the run before it leaves an empty run folder behind.
     frame, image_dir, names_csv = load_frames(args, state)
     run_dir = make_run_dir(args, state)
@@ -350,7 +362,8 @@ def main(args: argparse.Namespace) -> int:
     pretrained = args.pretrained_file or args.pretrained if checkpoint is None or args.cache_features else False
     model = MultimodalClassifier(config, pretrained=pretrained)
     if model.image_encoder is not None:
-        log(f"image encoder {config.image_encoder}: weights from {model.image_encoder.pretrained_source}")
+        source = model.image_encoder.pretrained_source if checkpoint is None else f"the checkpoint {checkpoint}"
+        log(f"image encoder {config.image_encoder}: weights from {source}")
     if args.glove and config.use_caption and checkpoint is None:
         hits = model.caption_encoder.load_word_vectors(args.glove, tokenizer.get_vocab())
         log(f"word vectors: {hits} of {tokenizer.get_vocab_size()} words initialised from {args.glove}")
@@ -429,6 +442,7 @@ def main(args: argparse.Namespace) -> int:
         optimizer, lr_lambda(total_steps * accelerator.num_processes, warmup * accelerator.num_processes))
     scheduler = accelerator.prepare(scheduler)
 
+    link_latest(args, run_dir, accelerator.state)
     checkpoints = CheckpointManager(accelerator, run_dir, keep=args.keep_checkpoints, ema=ema)
     progress = Progress()
     if checkpoint is not None:

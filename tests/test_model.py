@@ -490,6 +490,50 @@ def test_load_errors_name_the_file_and_tensor(tmp_path) -> None:
         MultimodalClassifier.from_pretrained(tmp_path / "nowhere")
 
 
+def test_a_broken_model_folder_is_refused_naming_the_file(tmp_path) -> None:
+    """Every file of an export that cannot be read gives a `ModelFolderError` (which the scripts print as one line)
+    naming it, before any prediction: nothing surfaces later from deep inside the model."""
+    import shutil
+
+    from multimodal.labels import LabelCodec
+    from multimodal.model import ModelFolderError
+    from multimodal.text import train_caption_tokenizer
+
+    model = MultimodalClassifier(make_config(image=False))
+    codec = LabelCodec.from_labels([(k,) for k in range(C)])
+    tokenizer = train_caption_tokenizer(["a dog", "two cats"])
+    good = model.save_pretrained(tmp_path / "good", codec, tokenizer)
+    MultimodalClassifier.from_pretrained(good)
+
+    def broken(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    def edit_config(**fields):
+        def change(folder: Path) -> None:
+            data = json.loads((folder / "config.json").read_text())
+            data.update(fields)
+            (folder / "config.json").write_text(json.dumps(data))
+        return change
+
+    cases = {
+        "truncated config": (lambda f: (f / "config.json").write_text('{"model": {'), r"config\.json: not a valid"),
+        "thresholds": (edit_config(thresholds=[0.5, 0.5]), rf"config\.json: .*thresholds must be a list of {C}"),
+        "format": (edit_config(format_version=99), r"config\.json: .*format_version 99"),
+        "weights": (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64),
+                    r"model\.safetensors: not a readable safetensors file"),
+        "tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"version": '), r"tokenizer\.json: not a readable"),
+        "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"has no tokenizer\.json, which its caption"),
+    }
+    for name, (change, message) in cases.items():
+        folder = broken(name.replace(" ", "_"), change)
+        with pytest.raises(ModelFolderError, match=message) as info:
+            MultimodalClassifier.from_pretrained(folder)
+        assert str(folder) in str(info.value), name
+
+
 def test_channels_last_forward_and_export(tmp_path) -> None:
     torch.manual_seed(0)
     model = MultimodalClassifier(make_config(caption=False, decoder=False)).eval()

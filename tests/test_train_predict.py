@@ -361,6 +361,7 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
     resumed = run(TRAIN, "--resume", "latest", "--workers", 0, cwd=tmp_path)
     assert "resumed from" in resumed.stderr and "epoch 1, batch 1, step 6" in resumed.stderr
     assert "dropped 2 line(s) logged after step 6" in resumed.stderr
+    assert re.search(r"image encoder \S+: weights from the checkpoint \S+step_00000006", resumed.stderr)
     log = read_log(run_dir)  # every line parses, the stale ones are gone, each epoch's validation logged once
     assert not any(line.get("train/loss") == 123.0 for line in log)
     assert [line["epoch"] for line in log if "epoch" in line] == [0, 1]
@@ -572,11 +573,27 @@ def test_train_stops_on_a_missing_image_naming_it(data_dir: Path, tmp_path: Path
     # (A corrupt image stops a run from inside the data loader: see the predict test, which also uses workers.)
     images = copy_images(data_dir, tmp_path / "images")
     break_image(images, "3.jpg", "missing")
+    (tmp_path / "runs" / "good").mkdir(parents=True)  # the last run that trained, which runs/latest names
+    (tmp_path / "runs" / "latest").symlink_to("good")
     proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, *TINY, "--epochs", 1, "--no-plots",
-               "--output-dir", tmp_path / "run", check=False)
+               cwd=tmp_path, check=False)  # into a default run folder
     line = error_line(proc)
     assert str(images / "3.jpg") in line and "missing" in line
-    assert not (tmp_path / "run" / "model").exists()
+    # runs/latest still names the last run that trained, for predict.py's default and --resume latest.
+    assert os.readlink(tmp_path / "runs" / "latest") == "good"
+    assert not list((tmp_path / "runs").glob("*/model"))
+
+
+def test_resume_refuses_another_number_of_processes(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 1, "--no-plots", *TINY,
+        "--output-dir", out)
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["num_processes"] == 1
+    config["num_processes"] = 2  # as written by `accelerate launch --num_processes 2`
+    (out / "run_config.json").write_text(json.dumps(config))
+    proc = run(TRAIN, "--resume", out, "--workers", 0, check=False)
+    assert "was written by a run of 2 process(es) and this one has 1" in error_line(proc)
 
 
 def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_path: Path) -> None:
@@ -751,9 +768,17 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
                       (("--train-fraction", 0), "--train-fraction must be in (0, 1]"),
                       (("--image-attention-temperature", 0), "--image-attention-temperature must be above 0"),
                       (("--threshold", 1.5), "--threshold must be in (0, 1)"),
-                      (("--threshold", 0.6, "--tune-thresholds"), "--threshold and --tune-thresholds")):
+                      (("--threshold", 0.6, "--tune-thresholds"), "--threshold and --tune-thresholds"),
+                      (("--val-fraction", 1.0), "--val-fraction must be in [0, 1), got 1.0"),
+                      (("--no-image", "--no-caption"), "leave no branch to train"),
+                      (("--combine", "fused_decoder", "--no-decoder"), "not with --no-decoder"),
+                      (("--modality-dropout", 0.7), "--modality-dropout must be in [0, 0.5]"),
+                      (("--batch-size", 0), "--batch-size must be at least 1, got 0"),
+                      (("--encoder", "no_such_net"), "--encoder 'no_such_net' is not a timm model name"),
+                      (("--train-tail-stages", 1), "give --cache-features DIR"),
+                      (("--resume", tmp_path / "any", "--lr", 0.1), "only --workers may be given with it, not")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
-        assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists()
+        assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
 
 
 def test_a_given_threshold_is_stored_and_scored(data_dir: Path, tmp_path: Path) -> None:
@@ -861,6 +886,18 @@ def test_predict_stops_on_a_corrupt_image_naming_it(run_dir: Path, data_dir: Pat
     line = error_line(proc)  # raised in a DataLoader worker, still reported as one line
     assert str(images / f"{NUM_TRAIN + 5}.jpg") in line and "cannot decode" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no partial output
+
+
+def test_predict_reports_a_broken_model_folder_and_a_missing_input_in_one_line(caption_only: Path, data_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(caption_only, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 64)  # a truncated download, say
+    proc = run(PREDICT, "--checkpoint", model_dir, "--data-dir", data_dir, "--output", tmp_path / "p.csv", check=False)
+    assert f"{model_dir / 'model.safetensors'}: not a readable safetensors file" in error_line(proc)
+    proc = run(PREDICT, "--checkpoint", caption_only, "--output", tmp_path / "p.csv", check=False)
+    assert "nothing to predict: give --data-dir, --csv or --image-dir" in error_line(proc)
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_predict_skip_bad_images_falls_back_on_the_caption(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
