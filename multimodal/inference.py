@@ -117,8 +117,11 @@ def iter_predictions(model: MultimodalClassifier | Sequence[MultimodalClassifier
         m.eval()
     device = accelerator.device
     pending = None
-    with torch.inference_mode():
-        for batch in loader:
+    for batch in loader:
+        # Inference mode for this batch's work only, never across a yield: it is a thread-wide switch, and the
+        # generators of an ensemble's streams run interleaved, so a mode held over yields would be restored out of
+        # order and could leave gradients off for the caller.
+        with torch.inference_mode():
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             inputs = model_inputs(batch)
             all_ok = "image_ok" not in batch or all_images_ok(batch)
@@ -141,11 +144,11 @@ def iter_predictions(model: MultimodalClassifier | Sequence[MultimodalClassifier
                     usable.append(ok)
             errors = [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e is not None]
             copied = _to_host(torch.stack(probs), torch.stack(usable))
-            if pending is not None:
-                yield _host_result(*pending)
-            pending = (list(batch["image_id"]), copied, errors)
         if pending is not None:
             yield _host_result(*pending)
+        pending = (list(batch["image_id"]), copied, errors)
+    if pending is not None:
+        yield _host_result(*pending)
 
 
 def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Optional[torch.cuda.Event]]:
@@ -353,7 +356,7 @@ def label_targets(frame: pd.DataFrame, codec: Any, source: str | Path) -> np.nda
         try:
             targets[i] = codec.encode(labels)
         except ValueError as err:
-            raise AnnotationError(source, None, f"row {i + 1} (ImageID {image_id!r}): {err} (the model's labels)"
+            raise AnnotationError(source, None, f"data row {i + 1} (ImageID {image_id!r}): {err} (the model's labels)"
                                   ) from None
     return targets
 

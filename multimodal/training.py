@@ -51,11 +51,16 @@ USER_ERRORS = (AnnotationError, ImageLoadError, FileNotFoundError, FloatingPoint
 _WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
 
 
-def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+            interrupted: Optional[str] = None) -> int:
     """Run a script's ``main``: an input error (malformed CSV, missing or corrupt image, missing file, non-finite
-    loss) ends it with one ``error: ...`` line on stderr and exit status 1 instead of a traceback."""
+    loss, settings that cannot work) ends it with one ``error: ...`` line on stderr and exit status 1 instead of a
+    traceback; Ctrl-C with one ``interrupted`` line (``interrupted``: what the user should know) and status 130."""
     try:
         return main(args)
+    except KeyboardInterrupt:
+        print("interrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr, flush=True)
+        return 130
     except USER_ERRORS as err:
         message = str(err)
     except RuntimeError as err:  # re-raised from a DataLoader worker: the original error is the text's last line

@@ -74,7 +74,7 @@ def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
 def test_cache_bad_images(jpegs, tmp_path):
     image_dir, names = jpegs
     (image_dir / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ImageLoadError, match=rf"bad.jpg: data row {len(names)} \(ImageID 'bad.jpg'\): cannot decode"):
+    with pytest.raises(ImageLoadError, match=rf"bad.jpg: data row {len(names) + 1} \(ImageID 'bad.jpg'\): cannot decode"):
         build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36)
     cache = build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36, skip_bad_images=True)
     assert list(cache.ok) == [True] * len(names) + [False]
@@ -290,6 +290,8 @@ def test_an_ensemble_over_one_frozen_bottom_decodes_and_runs_it_once(jpegs, tmp_
     three, three_calls = probabilities([a, larger, b], "three")
     np.testing.assert_allclose(three, (alone[0] + alone[1] + probabilities(larger, "larger")[0]) / 3, atol=2e-6)
     assert three_calls == {"forward": 2, "forward_stem": 2, "item": 2 * len(names)}
+    # Two streams ran interleaved: the caller gets its gradient mode back as it was.
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 def test_median_paired_ratio_resists_one_slowed_step():

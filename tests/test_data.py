@@ -102,11 +102,11 @@ def test_bad_image_raises_naming_file_and_row(folder, parts, content):
     dataset = ImageCaptionDataset(frame, folder, codec, tokenizer, transform)
     with pytest.raises(ImageLoadError) as info:
         dataset[2]
-    assert str(info.value).startswith(f"{path}: row 2 (ImageID '2.jpg'): ")
+    assert str(info.value).startswith(f"{path}: data row 3 (ImageID '2.jpg'): ")
 
     skipping = ImageCaptionDataset(frame, folder, codec, tokenizer, transform, skip_bad_images=True)
     sample = skipping[2]
-    assert not sample["image_ok"] and str(path) in sample["error"] and "row 2" in sample["error"]
+    assert not sample["image_ok"] and str(path) in sample["error"] and "data row 3" in sample["error"]
     assert sample["image"].shape == (3, SIZE, SIZE) and sample["image"].eq(0).all()
     assert sample["targets"].sum() == 1  # the rest of the sample is intact
     batch = Collator()([skipping[i] for i in range(4)])
@@ -120,7 +120,7 @@ def test_check_images_lists_missing_files_with_rows(folder, parts):
     (folder / "1.jpg").unlink()
     (folder / "3.jpg").unlink()
     assert dataset.check_images(strict=False) == [(1, "1.jpg", folder / "1.jpg"), (3, "3.jpg", folder / "3.jpg")]
-    with pytest.raises(ImageLoadError, match=r"2 image file\(s\) missing: row 1 \(ImageID '1.jpg'\): .*1.jpg; row 3"):
+    with pytest.raises(ImageLoadError, match=r"2 image file\(s\) missing: data row 2 \(ImageID '1.jpg'\): .*1.jpg; data row 4"):
         dataset.check_images()
     assert ImageCaptionDataset(frame).check_images() == []
 
@@ -168,8 +168,8 @@ def test_errors_name_the_row_of_the_annotation_file_after_a_split(folder, parts)
     dataset = ImageCaptionDataset(val, folder, codec, tokenizer, transform)
     with pytest.raises(ImageLoadError) as info:
         dataset[int(position[0])]
-    assert "row 2 (ImageID '2.jpg')" in str(info.value)
-    with pytest.raises(ImageLoadError, match=r"row 2 \(ImageID '2.jpg'\)"):
+    assert "data row 3 (ImageID '2.jpg')" in str(info.value)  # its row of the whole file, counted from 1
+    with pytest.raises(ImageLoadError, match=r"data row 3 \(ImageID '2.jpg'\)"):
         dataset.check_images()
 
 
@@ -296,14 +296,14 @@ def test_device_decoding_in_batches_names_bad_files_with_their_rows(folder, part
     batch = Collator()([dataset[i] for i in range(4)])
     with pytest.raises(ImageLoadError) as info:
         decode_images(batch, decoder)
-    assert str(info.value).startswith(f"{folder / '2.jpg'}: row 2 (ImageID '2.jpg'): cannot decode image")
+    assert str(info.value).startswith(f"{folder / '2.jpg'}: data row 3 (ImageID '2.jpg'): cannot decode image")
     lenient = decode_images(batch, decoder, skip_bad_images=True)
     assert lenient["image_ok"].tolist() == [True, True, False, True] and not lenient["all_images_ok"]
-    assert "row 2" in lenient["error"][2] and lenient["image"][2].eq(0).all()
+    assert "data row 3" in lenient["error"][2] and lenient["image"][2].eq(0).all()
     assert torch.equal(lenient["image"][[0, 1, 3]], good["image"][[0, 1, 3]])
 
     (folder / "0.jpg").unlink()
-    with pytest.raises(ImageLoadError, match=r"0\.jpg: row 0 \(ImageID '0.jpg'\): file not found"):
+    with pytest.raises(ImageLoadError, match=r"0\.jpg: data row 1 \(ImageID '0.jpg'\): file not found"):
         dataset[0]
     skipping = ImageCaptionDataset(frame, folder, codec, tokenizer, skip_bad_images=True, encoded_images=True)
     batch = decode_images(Collator()([skipping[i] for i in range(4)]), decoder, skip_bad_images=True)

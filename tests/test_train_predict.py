@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -584,6 +585,24 @@ def test_train_stops_on_a_missing_image_naming_it(data_dir: Path, tmp_path: Path
     assert not list((tmp_path / "runs").glob("*/model"))
 
 
+def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "--data-dir", str(data_dir), "--no-image", "--epochs", "30",
+                             "--checkpoint-every", "2", "--no-plots", *map(str, TINY), "--output-dir", str(out)],
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("checkpoints/step_*/progress.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C does
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert (f"interrupted: the run's complete checkpoints are kept; `python train.py --resume {out}` continues "
+            "from the last one") in stderr
+    assert not (out / "model").exists()
+    resumed = run(TRAIN, "--resume", out, "--workers", 0)
+    assert "resumed from" in resumed.stderr and (out / "model" / "model.safetensors").is_file()
+
+
 def test_resume_refuses_another_number_of_processes(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 1, "--no-plots", *TINY,
@@ -702,7 +721,7 @@ def test_predict_scores_a_labelled_csv_as_the_label_sets_it_wrote(caption_only: 
     refused = run(PREDICT, "--checkpoint", caption_only, "--csv", bad_csv, "--output", tmp_path / "bad.csv",
                   "--workers", 0, check=False)
     message = error_line(refused)
-    assert str(bad_csv) in message and f"row 3 (ImageID {image_id!r})" in message and "5" in message
+    assert str(bad_csv) in message and f"data row 3 (ImageID {image_id!r})" in message and "5" in message
     assert not (tmp_path / "bad.csv").exists()
     unlabelled = run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "test.csv", "--output",
                      tmp_path / "t.csv", "--metrics", tmp_path / "t.json", "--workers", 0, check=False)
@@ -776,6 +795,8 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
                       (("--batch-size", 0), "--batch-size must be at least 1, got 0"),
                       (("--encoder", "no_such_net"), "--encoder 'no_such_net' is not a timm model name"),
                       (("--train-tail-stages", 1), "give --cache-features DIR"),
+                      (("--asl-clip", 0.1), "it needs --asl-gamma-neg"),
+                      (("--image-cache", tmp_path / "c", "--cache-features", tmp_path / "f"), "give one of them"),
                       (("--resume", tmp_path / "any", "--lr", 0.1), "only --workers may be given with it, not")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
@@ -897,6 +918,9 @@ def test_predict_reports_a_broken_model_folder_and_a_missing_input_in_one_line(c
     assert f"{model_dir / 'model.safetensors'}: not a readable safetensors file" in error_line(proc)
     proc = run(PREDICT, "--checkpoint", caption_only, "--output", tmp_path / "p.csv", check=False)
     assert "nothing to predict: give --data-dir, --csv or --image-dir" in error_line(proc)
+    proc = run(PREDICT, "--checkpoint", caption_only, "--data-dir", data_dir, "--output", tmp_path / "p.csv",
+               "--threshold", 1.5, check=False)
+    assert proc.returncode == 2 and "--threshold must be in (0, 1), got 1.5" in proc.stderr
     assert not (tmp_path / "p.csv").exists()
 
 
