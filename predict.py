@@ -147,10 +147,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    args = parser.parse_args()
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    args = get_args_parser().parse_args()
     args.checkpoint = args.checkpoint or [DEFAULT_MODEL]
     from multimodal.training import run_cli
 

@@ -187,8 +187,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not 0.0 <= args.modality_dropout <= 0.5:
         parser.error(f"--modality-dropout must be in [0, 0.5] (each branch is dropped with it), got "
                      f"{args.modality_dropout}")
-    if args.combine == "fused_decoder" and args.no_decoder:
-        parser.error("--combine fused_decoder mixes in the label decoder's scores: not with --no-decoder")
     if not args.no_image:
         import timm
         if not timm.is_model(args.encoder):
@@ -232,6 +230,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.combine == "fused" or args.no_decoder:
             parser.error("--decoder-weight weighs the label decoder's scores in the final probabilities: it needs "
                          "--combine fused_decoder (or mean) and the decoder on")
+    if args.combine == "fused_decoder" and args.no_decoder:
+        parser.error("--combine fused_decoder mixes in the label decoder's scores: not with --no-decoder")
     if args.asl_gamma_neg and args.focal_gamma:
         parser.error("--asl-gamma-neg replaces the (focal) BCE: leave --focal-gamma at 0")
     if not 0.0 <= args.ema_decay < 1.0:

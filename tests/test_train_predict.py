@@ -589,7 +589,10 @@ def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path:
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(TRAIN), "--data-dir", str(data_dir), "--no-image", "--epochs", "30",
                              "--checkpoint-every", "2", "--no-plots", *map(str, TINY), "--output-dir", str(out)],
-                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Python turns SIGINT into KeyboardInterrupt only where it is not ignored, and a job
+                            # started in the background of a shell (as CI may run pytest) inherits it ignored.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list(out.glob("checkpoints/step_*/progress.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -918,9 +921,6 @@ def test_predict_reports_a_broken_model_folder_and_a_missing_input_in_one_line(c
     assert f"{model_dir / 'model.safetensors'}: not a readable safetensors file" in error_line(proc)
     proc = run(PREDICT, "--checkpoint", caption_only, "--output", tmp_path / "p.csv", check=False)
     assert "nothing to predict: give --data-dir, --csv or --image-dir" in error_line(proc)
-    proc = run(PREDICT, "--checkpoint", caption_only, "--data-dir", data_dir, "--output", tmp_path / "p.csv",
-               "--threshold", 1.5, check=False)
-    assert proc.returncode == 2 and "--threshold must be in (0, 1), got 1.5" in proc.stderr
     assert not (tmp_path / "p.csv").exists()
 
 
