@@ -74,7 +74,8 @@ def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
 def test_cache_bad_images(jpegs, tmp_path):
     image_dir, names = jpegs
     (image_dir / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ImageLoadError, match=rf"bad.jpg: data row {len(names) + 1} \(ImageID 'bad.jpg'\): cannot decode"):
+    last = len(names) + 1  # the data row of bad.jpg, counted from 1
+    with pytest.raises(ImageLoadError, match=rf"bad.jpg: data row {last} \(ImageID 'bad.jpg'\): cannot decode"):
         build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36)
     cache = build_image_cache(names + ["bad.jpg"], image_dir, tmp_path / "cache", 36, skip_bad_images=True)
     assert list(cache.ok) == [True] * len(names) + [False]

@@ -120,7 +120,8 @@ def test_check_images_lists_missing_files_with_rows(folder, parts):
     (folder / "1.jpg").unlink()
     (folder / "3.jpg").unlink()
     assert dataset.check_images(strict=False) == [(1, "1.jpg", folder / "1.jpg"), (3, "3.jpg", folder / "3.jpg")]
-    with pytest.raises(ImageLoadError, match=r"2 image file\(s\) missing: data row 2 \(ImageID '1.jpg'\): .*1.jpg; data row 4"):
+    with pytest.raises(ImageLoadError,
+                       match=r"2 image file\(s\) missing: data row 2 \(ImageID '1.jpg'\): .*1.jpg; data row 4"):
         dataset.check_images()
     assert ImageCaptionDataset(frame).check_images() == []
 

@@ -587,8 +587,9 @@ def test_train_stops_on_a_missing_image_naming_it(data_dir: Path, tmp_path: Path
 
 def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(TRAIN), "--data-dir", str(data_dir), "--no-image", "--epochs", "30",
-                             "--checkpoint-every", "2", "--no-plots", *map(str, TINY), "--output-dir", str(out)],
+    args = ("--data-dir", data_dir, "--no-image", "--epochs", 30, "--max-steps", 60, "--checkpoint-every", 2,
+            "--no-plots", *TINY, "--output-dir", out)
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *map(str, args)],
                             env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # Python turns SIGINT into KeyboardInterrupt only where it is not ignored, and a job
                             # started in the background of a shell (as CI may run pytest) inherits it ignored.
