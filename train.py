@@ -187,11 +187,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not 0.0 <= args.modality_dropout <= 0.5:
         parser.error(f"--modality-dropout must be in [0, 0.5] (each branch is dropped with it), got "
                      f"{args.modality_dropout}")
-    if not args.no_image:
-        import timm
-        if not timm.is_model(args.encoder):
-            parser.error(f"--encoder {args.encoder!r} is not a timm model name (e.g. tf_efficientnet_lite0, "
-                         "efficientnet_b0)")
     if args.asl_clip != parser.get_default("asl_clip") and not args.asl_gamma_neg:
         parser.error("--asl-clip is the margin of the asymmetric loss: it needs --asl-gamma-neg")
     if args.glove and args.no_caption:
@@ -248,6 +243,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--glove {args.glove} holds {dim}-dimensional vectors but --word-dim is {args.word_dim}: "
                          f"leave --word-dim out or make it {dim}")
 
+    if not args.no_image:  # last: it imports timm (and torch), which the refusals above need not wait for
+        import timm
+        if not timm.is_model(args.encoder):
+            parser.error(f"--encoder {args.encoder!r} is not a timm model name (e.g. tf_efficientnet_lite0, "
+                         "efficientnet_b0)")
 
 if __name__ == "__main__":
     parser = get_args_parser()
