@@ -242,12 +242,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.word_dim not in (None, dim):
             parser.error(f"--glove {args.glove} holds {dim}-dimensional vectors but --word-dim is {args.word_dim}: "
                          f"leave --word-dim out or make it {dim}")
-
     if not args.no_image:  # last: it imports timm (and torch), which the refusals above need not wait for
         import timm
         if not timm.is_model(args.encoder):
             parser.error(f"--encoder {args.encoder!r} is not a timm model name (e.g. tf_efficientnet_lite0, "
                          "efficientnet_b0)")
+
 
 if __name__ == "__main__":
     parser = get_args_parser()
