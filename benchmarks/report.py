@@ -30,30 +30,28 @@ def predicted_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return row["tuned"] if mode == "per_class" else row["single"] if mode in ("single", "fixed") else row["metrics"]
 
 
-def predicted_at(row: dict[str, Any]) -> str:
-    """Where `predicted_metrics` scores a row, in a few words (a CSV column)."""
+def _scored_at(row: dict[str, Any]) -> tuple[str, str]:
+    """Where `predicted_metrics` scores a row: in a few words (the CSV's cell) and as a phrase (the text's)."""
     mode = row.get("threshold_mode")
     if mode == "per_class":
-        return "per-class thresholds, held out"
+        return "per-class thresholds, held out", "at the per-class thresholds it stores, held out"
     if mode == "single":
-        return f"{row['single_threshold']:g}, held out"
-    if mode == "fixed":
-        return f"{row['single_threshold']:g}, chosen on other splits"
-    return "0.5"
+        t = f"{row['single_threshold']:g}"
+        return f"{t}, held out", f"at the one threshold it stores ({t}), held out"
+    if mode == "fixed":  # given before the row ran (`--threshold`), chosen on runs of the recipe on other splits
+        t = f"{row['single_threshold']:g}"
+        return f"{t}, chosen on other splits", f"at the one threshold it stores ({t}, chosen on other splits)"
+    return "0.5", "at 0.5"
+
+
+def predicted_at(row: dict[str, Any]) -> str:
+    """Where `predicted_metrics` scores a row, in a few words (a CSV column)."""
+    return _scored_at(row)[0]
 
 
 def as_predicted(row: dict[str, Any]) -> tuple[float, str]:
     """A row's samples F1 as its model predicts (`predicted_metrics`), and how it was scored."""
-    mode = row.get("threshold_mode")
-    if mode == "per_class":
-        how = "at the per-class thresholds it stores, held out"
-    elif mode == "single":
-        how = f"at the one threshold it stores ({row['single_threshold']:g}), held out"
-    elif mode == "fixed":  # given before the row ran (`--threshold`), chosen on runs of the recipe on other splits
-        how = f"at the one threshold it stores ({row['single_threshold']:g}, chosen on other splits)"
-    else:
-        how = "at 0.5"
-    return predicted_metrics(row)["samples_f1"], how
+    return predicted_metrics(row)["samples_f1"], _scored_at(row)[1]
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:

@@ -55,10 +55,15 @@ def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype)
 
 
+def row_name(row: int, image_id: str) -> str:
+    """How errors name a row of an annotation file: ``row`` 0-based, named 1-based as "data row N" (the first row
+    after the header is 1), with its ImageID."""
+    return f"data row {row + 1} (ImageID {image_id!r})"
+
+
 def row_error(path: str | Path, row: int, image_id: str, reason: str) -> ImageLoadError:
-    """The error of an unreadable image, naming its file, its row of the annotation file (``row``: 0-based, named
-    1-based as "data row N", the first row after the header being 1) and its ImageID."""
-    return ImageLoadError(path, f"data row {row + 1} (ImageID {image_id!r}): {reason}")
+    """The error of an unreadable image, naming its file, its row of the annotation file and its ImageID."""
+    return ImageLoadError(path, f"{row_name(row, image_id)}: {reason}")
 
 
 class SampleBatch(list):
@@ -252,8 +257,7 @@ class ImageCaptionDataset(Dataset):
             if not (self.image_dir / image_id).is_file()
         ]
         if missing and strict:
-            listed = "; ".join(f"data row {row + 1} (ImageID {image_id!r}): {path}"
-                               for row, image_id, path in missing[:10])
+            listed = "; ".join(f"{row_name(row, image_id)}: {path}" for row, image_id, path in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise ImageLoadError(self.image_dir, f"{len(missing)} image file(s) missing: {listed}{more}")
         return missing
@@ -498,8 +502,7 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
                 if not skip_bad_images:
                     tmp.unlink(missing_ok=True)
                     image_id = image_ids[index]
-                    raise ImageLoadError(image_dir / image_id,
-                                         f"data row {first_row[image_id] + 1} (ImageID {image_id!r}): {error}")
+                    raise row_error(image_dir / image_id, first_row[image_id], image_id, error)
                 errors[image_ids[index]] = error
     build_seconds = time.perf_counter() - start
     meta = {"size": size, "interpolation": interpolation, "crop": crop, "squash": squash, "fingerprint": fingerprint,

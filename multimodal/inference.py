@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
 from .config import UsageError
-from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images
+from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images, row_name
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
 from .metrics import binarize, compute_metrics, mean_thresholds
@@ -356,7 +356,7 @@ def label_targets(frame: pd.DataFrame, codec: Any, source: str | Path) -> np.nda
         try:
             targets[i] = codec.encode(labels)
         except ValueError as err:
-            raise AnnotationError(source, None, f"data row {i + 1} (ImageID {image_id!r}): {err} (the model's labels)"
+            raise AnnotationError(source, None, f"{row_name(i, image_id)}: {err} (the model's labels)"
                                   ) from None
     return targets
 

@@ -164,14 +164,21 @@ def link_latest(args: argparse.Namespace, run_dir: Path, state: PartialState) ->
         os.replace(tmp, link)
 
 
-def restore_args(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path]:
-    """For ``--resume``: the checkpoint, its run folder, and the run's saved arguments."""
+def restore_args(args: argparse.Namespace, state: PartialState) -> tuple[argparse.Namespace, Path]:
+    """For ``--resume``: the run's saved arguments and the checkpoint to resume, once this launch is known to have
+    the run's number of processes (each process's data shard and the schedule's length depend on it)."""
     checkpoint = resolve_checkpoint(args.resume)
     run_dir = checkpoint.parent.parent
-    saved = json.loads((run_dir / "run_config.json").read_text())["args"]
+    config = json.loads((run_dir / "run_config.json").read_text())
+    processes = config.get("num_processes")
+    if processes is not None and processes != state.num_processes:
+        raise UsageError(f"{checkpoint} was written by a run of {processes} process(es) and this one has "
+                         f"{state.num_processes}: each process's data shard and the schedule's length depend on "
+                         f"it, so resume it with {processes} process(es)")
+    saved = config["args"]
     saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES})
     saved["output_dir"] = str(run_dir)
-    return argparse.Namespace(**saved), checkpoint, run_dir
+    return argparse.Namespace(**saved), checkpoint
 
 
 def load_frames(args: argparse.Namespace, state: PartialState) -> tuple[pd.DataFrame, Path, Optional[Path]]:
@@ -308,20 +315,13 @@ def param_checksum(model: torch.nn.Module) -> float:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
-    checkpoint: Optional[Path] = None
-    if args.resume:
-        args, checkpoint, _ = restore_args(args)
-
     # Accelerator() reads ACCELERATE_USE_CPU but a bare PartialState() does not: without it a CPU launch of N
     # processes (gloo) would come up as N separate single-process runs.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_launch(state)
-    if checkpoint is not None:
-        saved = json.loads((checkpoint.parent.parent / "run_config.json").read_text()).get("num_processes")
-        if saved is not None and saved != state.num_processes:
-            raise UsageError(f"{checkpoint} was written by a run of {saved} process(es) and this one has "
-                             f"{state.num_processes}: each process's data shard and the schedule's length depend on "
-                             f"it, so resume it with {saved} process(es)")
+    checkpoint: Optional[Path] = None
+    if args.resume:
+        args, checkpoint = restore_args(args, state)
     # The data first: a malformed CSV stops the run before it leaves an empty run folder behind.
     frame, image_dir, names_csv = load_frames(args, state)
     run_dir = make_run_dir(args, state)
