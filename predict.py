@@ -22,6 +22,7 @@ import argparse
 import csv
 import logging
 import sys
+import time
 from pathlib import Path
 
 from multimodal.cli import HelpFormatter  # standard library only: --help needs no torch
@@ -67,6 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "thousands of images")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="predict unreadable images from their caption (or no labels) and report them")
+    p.add_argument("--verify-images", action="store_true",
+                   help="decode every image once, at 1/8 scale, before predicting, so that a corrupt file stops the "
+                        "run at once with every bad row listed, not partway through (off by default: prediction "
+                        "reads each image only once anyway; missing files are always found first)")
     return p
 
 
@@ -109,6 +114,11 @@ def main(args: argparse.Namespace) -> int:
         caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,
                                           workers=args.workers, skip_bad_images=args.skip_bad_images)
                   if m.image_encoder is not None else None for m in models]
+    if args.verify_images and image_dir is not None and not args.skip_bad_images and not args.image_cache:
+        from multimodal.data import ImageCaptionDataset
+        start = time.perf_counter()
+        ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, args.workers), progress=True)
+        logger.info("images: all %d decode (%.1f s to check)", len(frame), time.perf_counter() - start)
     thresholds = args.threshold if args.threshold is not None else ensemble_thresholds(models)
     logger.info("%s, threshold %s%s", "one model" if len(models) == 1 else
                 f"ensemble of {len(models)} models: mean probabilities", describe_thresholds(thresholds),

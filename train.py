@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the joint image + caption + label-decoder model, plainly or under ``accelerate launch``.
 
-    python train.py                                   # the built-in demo data, about 3 minutes on 2 CPU cores
+    python train.py                                   # the built-in demo data, a few minutes on 2 CPU cores
     python train.py --data-dir ../shared/comp5329 --encoder tf_efficientnet_lite0
     accelerate launch --multi_gpu --num_processes 4 train.py --data-dir DATA ...
 """
@@ -37,6 +37,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train on a random share of the training part (learning curves); validation is unchanged")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (reported by id) instead of stopping with an error")
+    g.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode every image once, at 1/8 scale, before training, so that a corrupt file stops the "
+                        "run at once with every bad row listed, not when the loader reaches it (not needed with "
+                        "--image-cache or --cache-features, which decode every image first; off: only check that "
+                        "the files exist)")
     g.add_argument("--max-caption-length", type=int, default=64, help="caption tokens kept")
     g.add_argument("--min-word-freq", type=int, default=1, help="minimum count of a word in the vocabulary")
     g.add_argument("--image-cache", default=None, metavar="DIR",
@@ -169,9 +174,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                  and action.dest not in RESUME_OVERRIDES and action.dest != "help"
                  and getattr(args, action.dest) != getattr(defaults, action.dest)]
         if given:
-            parser.error(f"--resume continues a run with the arguments it was started with; only "
-                         f"{', '.join('--' + d for d in RESUME_OVERRIDES if d != 'resume')} may be given with it, "
-                         f"not {', '.join(given)} (start a new run to change them)")
+            allowed = ", ".join("--" + d.replace("_", "-") for d in RESUME_OVERRIDES if d != "resume")
+            parser.error(f"--resume continues a run with the arguments it was started with; only {allowed} may be "
+                         f"given with it, not {', '.join(given)} (start a new run to change them)")
         return
     if args.no_image and args.no_caption:
         parser.error("--no-image and --no-caption leave no branch to train: keep at least one")

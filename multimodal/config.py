@@ -17,8 +17,10 @@ CAPTION_POOLS = ("max", "mean", "last")
 # size / crop_pct, then the centre square cut out: a 4:3 photo loses a third of its width); "full" resizes the whole
 # image to size x size (timm's crop_mode="squash" with crop_pct=1), so objects near the borders are kept.
 IMAGE_CROPS = ("center", "full")
-# Arguments a resumed run (`train.py --resume`) takes from its command line instead of the saved run configuration.
-RESUME_OVERRIDES = ("resume", "workers")
+# Arguments a resumed run (`train.py --resume`) takes from its command line instead of the saved run configuration:
+# how it reads its data, not what it trains. `--skip-bad-images` given on resuming turns skipping on (a run stopped by
+# an unreadable image continues without it); a run that skipped keeps skipping.
+RESUME_OVERRIDES = ("resume", "workers", "skip_bad_images", "verify_images")
 
 
 class UsageError(ValueError):

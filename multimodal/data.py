@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, default_collate, get_worker_info
+from tqdm.auto import tqdm
 
 from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
                                resize_for_cache, update_files_digest)
@@ -237,30 +239,66 @@ class ImageCaptionDataset(Dataset):
             self._blank = torch.zeros_like(self.transform(Image.new("RGB", (256, 256), (128, 128, 128))))
         return self._blank.clone()
 
-    def check_images(self, strict: bool = True) -> list[tuple[int, str, Path]]:
-        """Find missing image files up front (an existence check, no decoding), so a run fails fast.
+    def check_images(self, strict: bool = True, decode: bool = False, workers: int = 0,
+                     progress: bool = False) -> list[tuple[int, str, Path, str]]:
+        """Find the images a run would stop on, up front, so it fails at once and names all of them, not after hours
+        at the first one the loader reaches.
 
         Args:
-            strict: raise if any file is missing.
+            strict: raise if any image is bad.
+            decode: also decode every image, at the JPEG decoder's smallest scale (1/8: a truncated or corrupt file
+                fails as it does at full size, for a fraction of the cost), instead of only checking that each file
+                exists.
+            workers: threads that decode (Pillow releases the GIL while it decodes); 0 or 1: one.
+            progress: show a progress bar while decoding.
 
         Returns:
-            ``(row, ImageID, path)`` of every missing file (empty for a dataset without images).
+            ``(row, ImageID, path, reason)`` of every bad image (empty for a dataset without images); ``row`` is the
+            0-based data row of the annotation file, as `source_row` gives it.
 
         Raises:
-            ImageLoadError: listing the first missing files with their rows, when ``strict``.
+            ImageLoadError: listing the first bad images with their rows, when ``strict``.
         """
         if self.image_dir is None:
             return []
-        missing = [
-            (self.source_row(row), image_id, self.image_dir / image_id)
-            for row, image_id in enumerate(self.frame["ImageID"])
-            if not (self.image_dir / image_id).is_file()
-        ]
-        if missing and strict:
-            listed = "; ".join(f"{row_name(row, image_id)}: {path}" for row, image_id, path in missing[:10])
-            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise ImageLoadError(self.image_dir, f"{len(missing)} image file(s) missing: {listed}{more}")
-        return missing
+        rows = [(self.source_row(row), image_id, self.image_dir / image_id)
+                for row, image_id in enumerate(self.frame["ImageID"])]
+        if decode:
+            paths = [path for _, _, path in rows]
+            chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]  # a task each: few futures at a time
+            reasons = []
+            with ThreadPoolExecutor(max(1, workers)) as pool, \
+                    tqdm(total=len(paths), desc="checking images", disable=not progress, leave=False,
+                         dynamic_ncols=True) as bar:
+                for done in pool.map(_unreadable_reasons, chunks):
+                    reasons.extend(done)
+                    bar.update(len(done))
+        else:
+            reasons = [None if path.is_file() else "file not found" for _, _, path in rows]
+        bad = [(row, image_id, path, reason) for (row, image_id, path), reason in zip(rows, reasons) if reason]
+        if bad and strict:
+            listed = "; ".join(f"{row_name(row, image_id)}: {path}: {reason}"
+                               for row, image_id, path, reason in bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            missing = sum(reason == "file not found" for *_, reason in bad)
+            what = (f"{len(bad)} image file(s) missing" if missing == len(bad) else
+                    f"{len(bad)} image(s) cannot be decoded" if not missing else
+                    f"{len(bad)} image(s) unreadable ({missing} missing, {len(bad) - missing} cannot be decoded)")
+            raise ImageLoadError(self.image_dir, f"{what}: {listed}{more} (fix or remove those rows, or pass "
+                                                 "--skip-bad-images to skip them)")
+        return bad
+
+
+def _unreadable_reasons(paths: Sequence[Path]) -> list[Optional[str]]:
+    """Why each image file cannot be used (as `load_image` says it), or None: decoded at the smallest scale."""
+    reasons: list[Optional[str]] = []
+    for path in paths:
+        try:
+            load_image(path, draft_size=1)
+            reasons.append(None)
+        except ImageLoadError as err:
+            reasons.append(err.reason)
+    return reasons
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -6,6 +6,7 @@ reusable (loops, checkpoints, metrics) lives in `engine.py` and `metrics.py`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -15,7 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -176,7 +177,8 @@ def restore_args(args: argparse.Namespace, state: PartialState) -> tuple[argpars
                          f"{state.num_processes}: each process's data shard and the schedule's length depend on "
                          f"it, so resume it with {processes} process(es)")
     saved = config["args"]
-    saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES})
+    sticky = {"skip_bad_images": saved.get("skip_bad_images", False) or args.skip_bad_images}
+    saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES} | sticky)
     saved["output_dir"] = str(run_dir)
     return argparse.Namespace(**saved), checkpoint
 
@@ -290,6 +292,32 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
     return loaders[0], loaders[1]
 
 
+@contextlib.contextmanager
+def resume_hint_on_image_error(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """An unreadable image that stops training (read in this process or in a loader worker) is followed by the
+    command that continues the run without it, when the run has a checkpoint to continue from."""
+    try:
+        yield
+    except (ImageLoadError, RuntimeError) as err:
+        match = _WORKER_ERROR.match(str(err)) if isinstance(err, RuntimeError) else None
+        image_error = isinstance(err, ImageLoadError) or (match is not None and match[1] == ImageLoadError.__name__)
+        if image_error and CheckpointManager.latest(run_dir) is not None:
+            log(f"stopped by an unreadable image; the run's complete checkpoints are kept: `python train.py --resume "
+                f"{run_dir} --skip-bad-images` continues from the last one without it (or fix the file and resume "
+                "without the flag)")
+        raise
+
+
+def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, progress: bool,
+                  log: Callable[[str], None]) -> None:
+    """Decode every image a run will read, once, before it trains (`ImageCaptionDataset.check_images`): a corrupt
+    file stops the run now, with every bad row listed, instead of when the loader reaches the first one."""
+    start = time.perf_counter()
+    ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, workers), progress=progress)
+    log(f"images: all {len(frame)} decode ({time.perf_counter() - start:.1f} s to check; --no-verify-images skips "
+        "this)")
+
+
 def trivial_baseline(train_frame: pd.DataFrame, val_targets: np.ndarray, codec: LabelCodec) -> float:
     """Samples-F1 of always answering the labels that are on at least half the training images (at least one)."""
     freq = np.stack([codec.encode(labels) for labels in train_frame["Labels"]]).mean(axis=0)
@@ -361,6 +389,10 @@ def main(args: argparse.Namespace) -> int:
                    "train_rows": len(train_frame), "val_rows": len(val_frame)}, run_dir / "run_config.json")
     log(f"run folder {run_dir}: {len(train_frame)} training and {len(val_frame)} validation rows, "
         f"{codec.num_labels} classes, vocabulary {tokenizer.get_vocab_size()}, {accelerator.num_processes} process(es)")
+    if config.use_image and not args.skip_bad_images and getattr(args, "verify_images", True) \
+            and not args.cache_features and not getattr(args, "image_cache", None):  # those caches decode each first
+        verify_images(pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir, args.workers,
+                      accelerator.is_local_main_process, log)
 
     # Model, loss, optimisation.
     # A resumed run gets its weights from the checkpoint, except that cached features are keyed by the pretrained ones.
@@ -471,40 +503,42 @@ def main(args: argparse.Namespace) -> int:
     evaluated = model if ema is None else ema.module  # what is validated and exported
     val_bad = bad_images if config.use_image else None
     t_start = time.perf_counter()
-    while progress.epoch < args.epochs and not (args.max_steps and progress.step >= args.max_steps):
-        train_loader.set_epoch(progress.epoch)
-        if isinstance(train_loader.dataset, SeededAugmentation):
-            train_loader.dataset.set_epoch(progress.epoch)
-        loader = train_loader
-        if progress.batches_done:
-            loader = accelerator.skip_first_batches(train_loader, progress.batches_done)
-            loader.set_epoch(progress.epoch)
-        seen_ids.append([])
-        terms = train_one_epoch(
-            model, loader, criterion, optimizer, scheduler, accelerator, progress,
-            total_batches=len(train_loader), max_steps=args.max_steps, log_every=args.log_every,
-            checkpoint_every=args.checkpoint_every, checkpoints=checkpoints, on_checkpoint=on_checkpoint,
-            bad_images=bad_images, use_image=config.use_image, frozen=frozen, seen_ids=seen_ids[-1],
-            batch_transform=batch_transform, augment_seed=args.seed, prepare=prepare_train, ema=ema)
-        epoch_done = progress.batches_done >= len(train_loader)
-        if len(val_frame):
-            predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
-                                              prepare=prepare_val)
-            val_metrics = evaluate(predictions)
-            if ema is not None:
-                raw_metrics = evaluate(collect_predictions(model, val_loader, accelerator, prepare=prepare_val))
-        # Logged with or without a validation split (--val-fraction 0 still gets its per-epoch losses).
-        values = epoch_log_values(val_metrics, terms, codec)
-        values |= {f"val_without_ema/{out}/{k}": v for out, m in raw_metrics.items() for k, v in m.items()
-                   if not k.startswith("per_class")}
-        accelerator.log(values | {"epoch": progress.epoch}, step=progress.step)
-        log(f"epoch {progress.epoch}: loss {terms.get('loss', float('nan')):.4f}" + ("  val samples-F1 " + "  ".join(
-            f"{out} {m['samples_f1']:.4f}" for out, m in val_metrics.items()) if val_metrics else "")
-            + (f"  (without the average: final {raw_metrics['final']['samples_f1']:.4f})" if raw_metrics else ""))
-        if epoch_done:
-            progress.epoch += 1
-            progress.batches_done = 0
-            checkpoints.save(progress)
+    with resume_hint_on_image_error(run_dir, log):
+        while progress.epoch < args.epochs and not (args.max_steps and progress.step >= args.max_steps):
+            train_loader.set_epoch(progress.epoch)
+            if isinstance(train_loader.dataset, SeededAugmentation):
+                train_loader.dataset.set_epoch(progress.epoch)
+            loader = train_loader
+            if progress.batches_done:
+                loader = accelerator.skip_first_batches(train_loader, progress.batches_done)
+                loader.set_epoch(progress.epoch)
+            seen_ids.append([])
+            terms = train_one_epoch(
+                model, loader, criterion, optimizer, scheduler, accelerator, progress,
+                total_batches=len(train_loader), max_steps=args.max_steps, log_every=args.log_every,
+                checkpoint_every=args.checkpoint_every, checkpoints=checkpoints, on_checkpoint=on_checkpoint,
+                bad_images=bad_images, use_image=config.use_image, frozen=frozen, seen_ids=seen_ids[-1],
+                batch_transform=batch_transform, augment_seed=args.seed, prepare=prepare_train, ema=ema)
+            epoch_done = progress.batches_done >= len(train_loader)
+            if len(val_frame):
+                predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
+                                                  prepare=prepare_val)
+                val_metrics = evaluate(predictions)
+                if ema is not None:
+                    raw_metrics = evaluate(collect_predictions(model, val_loader, accelerator, prepare=prepare_val))
+            # Logged with or without a validation split (--val-fraction 0 still gets its per-epoch losses).
+            values = epoch_log_values(val_metrics, terms, codec)
+            values |= {f"val_without_ema/{out}/{k}": v for out, m in raw_metrics.items() for k, v in m.items()
+                       if not k.startswith("per_class")}
+            accelerator.log(values | {"epoch": progress.epoch}, step=progress.step)
+            log(f"epoch {progress.epoch}: loss {terms.get('loss', float('nan')):.4f}"
+                + ("  val samples-F1 " + "  ".join(f"{out} {m['samples_f1']:.4f}" for out, m in val_metrics.items())
+                   if val_metrics else "")
+                + (f"  (without the average: final {raw_metrics['final']['samples_f1']:.4f})" if raw_metrics else ""))
+            if epoch_done:
+                progress.epoch += 1
+                progress.batches_done = 0
+                checkpoints.save(progress)
     train_seconds = time.perf_counter() - t_start
 
     # Export: thresholds, the model, metrics and charts; only the main process writes.

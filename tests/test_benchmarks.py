@@ -333,6 +333,17 @@ def test_ensemble_predict_smoke(tmp_path):
     assert all(v > 0 for v in results["ratios"].values())
 
 
+def test_verify_images_smoke(tmp_path):
+    output = tmp_path / "verify.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "verify_images.py"), "--smoke", "--output",
+                           str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    for name in ("verify_1_thread", "verify_2_threads", "exists_only", "loader_epoch"):
+        assert results["measured"][name]["images"] == results["rows"] == 40
+    assert all(v > 0 for v in results["ratios"].values())
+
+
 def test_device_waits_counts_synchronizing_calls_by_line_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """throughput.py's report of where a step makes the host wait for the GPU (CUDA's sync debug mode warnings),
     with CUDA's calls stubbed here; it runs after the timed measurements, so a failure is recorded, not raised."""

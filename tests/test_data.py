@@ -119,11 +119,31 @@ def test_check_images_lists_missing_files_with_rows(folder, parts):
     assert dataset.check_images() == []
     (folder / "1.jpg").unlink()
     (folder / "3.jpg").unlink()
-    assert dataset.check_images(strict=False) == [(1, "1.jpg", folder / "1.jpg"), (3, "3.jpg", folder / "3.jpg")]
-    with pytest.raises(ImageLoadError,
-                       match=r"2 image file\(s\) missing: data row 2 \(ImageID '1.jpg'\): .*1.jpg; data row 4"):
+    assert dataset.check_images(strict=False) == [(1, "1.jpg", folder / "1.jpg", "file not found"),
+                                                  (3, "3.jpg", folder / "3.jpg", "file not found")]
+    with pytest.raises(ImageLoadError, match=r"2 image file\(s\) missing: data row 2 \(ImageID '1.jpg'\): "
+                                             r".*1.jpg: file not found; data row 4"):
         dataset.check_images()
     assert ImageCaptionDataset(frame).check_images() == []
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_check_images_decoding_finds_every_corrupt_and_truncated_file(folder, parts, workers):
+    frame, *_ = parts
+    dataset = ImageCaptionDataset(frame, folder)
+    assert dataset.check_images(decode=True, workers=workers) == []
+    (folder / "0.jpg").write_bytes((folder / "0.jpg").read_bytes()[:300])  # truncated
+    (folder / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    assert dataset.check_images() == []  # the files exist: only decoding finds them
+    bad = dataset.check_images(strict=False, decode=True, workers=workers)
+    assert [(row, image_id) for row, image_id, _, _ in bad] == [(0, "0.jpg"), (2, "2.jpg")]
+    assert "truncated" in bad[0][3].lower() and bad[1][3].startswith("cannot decode image")
+    with pytest.raises(ImageLoadError, match=r"2 image\(s\) cannot be decoded: data row 1 \(ImageID '0.jpg'\): .*"
+                                             r"cannot decode image.*; data row 3 \(ImageID '2.jpg'\)"):
+        dataset.check_images(decode=True, workers=workers)
+    (folder / "3.jpg").unlink()
+    with pytest.raises(ImageLoadError, match=r"3 image\(s\) unreadable \(1 missing, 2 cannot be decoded\)"):
+        dataset.check_images(decode=True, workers=workers)
 
 
 def test_train_val_split():

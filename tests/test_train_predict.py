@@ -585,6 +585,43 @@ def test_train_stops_on_a_missing_image_naming_it(data_dir: Path, tmp_path: Path
     assert not list((tmp_path / "runs").glob("*/model"))
 
 
+def test_train_decodes_every_image_first_and_lists_the_corrupt_ones(data_dir: Path, tmp_path: Path) -> None:
+    images = copy_images(data_dir, tmp_path / "images")
+    break_image(images, "3.jpg", "corrupt")
+    (images / "40.jpg").write_bytes((images / "40.jpg").read_bytes()[:200])  # truncated
+    out = tmp_path / "run"
+    proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, *TINY, "--epochs", 1, "--no-plots",
+               "--output-dir", out, check=False)
+    line = error_line(proc)  # both, in the annotation file's order, whichever split they are in
+    assert re.search(r"2 image\(s\) cannot be decoded: data row 4 \(ImageID '3.jpg'\): .*; data row 41 "
+                     r"\(ImageID '40.jpg'\): ", line) and "--skip-bad-images" in line, line
+    assert "training" not in proc.stderr.split("error: ")[0].split("checking images")[-1]  # before any training
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_run_stopped_by_a_corrupt_image_says_how_to_resume_without_it(data_dir: Path, tmp_path: Path) -> None:
+    # Without the check up front, a validation image found corrupt after the first epoch's steps stops the run.
+    _, val = train_val_split(read_annotations(data_dir / "train.csv"), 0.2, seed=0)
+    image_id = val["ImageID"].iloc[3]
+    images = copy_images(data_dir, tmp_path / "images")
+    break_image(images, image_id, "corrupt")
+    out = tmp_path / "run"
+    proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, *TINY, "--workers", 1, "--epochs", 1,
+               "--checkpoint-every", 2, "--no-verify-images", "--no-plots", "--output-dir", out, check=False)
+    line = error_line(proc)  # read in a loader worker, reported as one line
+    assert str(images / image_id) in line and "cannot decode" in line
+    assert (f"`python train.py --resume {out} --skip-bad-images` continues from the last one without it"
+            in proc.stderr)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert not (out / "model").exists()
+    resumed = run(TRAIN, "--resume", out, "--skip-bad-images", "--workers", 0)
+    assert "resumed from" in resumed.stderr and (out / "model" / "model.safetensors").is_file()
+    assert json.loads((out / "metrics.json").read_text())["bad_images"] == [image_id]
+    assert json.loads((out / "run_config.json").read_text())["args"]["skip_bad_images"] is True
+    again = run(TRAIN, "--resume", out, "--workers", 0)  # a run that skipped keeps skipping
+    assert json.loads((out / "metrics.json").read_text())["bad_images"] == [image_id], again.stderr[-2000:]
+
+
 def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ("--data-dir", data_dir, "--no-image", "--epochs", 30, "--max-steps", 60, "--checkpoint-every", 2,
@@ -801,7 +838,8 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
                       (("--train-tail-stages", 1), "give --cache-features DIR"),
                       (("--asl-clip", 0.1), "it needs --asl-gamma-neg"),
                       (("--image-cache", tmp_path / "c", "--cache-features", tmp_path / "f"), "give one of them"),
-                      (("--resume", tmp_path / "any", "--lr", 0.1), "only --workers may be given with it, not")):
+                      (("--resume", tmp_path / "any", "--lr", 0.1),
+                       "only --workers, --skip-bad-images, --verify-images may be given with it, not --lr")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
 
@@ -911,6 +949,12 @@ def test_predict_stops_on_a_corrupt_image_naming_it(run_dir: Path, data_dir: Pat
     line = error_line(proc)  # raised in a DataLoader worker, still reported as one line
     assert str(images / f"{NUM_TRAIN + 5}.jpg") in line and "cannot decode" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no partial output
+    break_image(images, f"{NUM_TRAIN + 9}.jpg", "corrupt")
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", data_dir / "test.csv", "--image-dir", images,
+               "--output", tmp_path / "predictions.csv", "--workers", 0, "--verify-images", check=False)
+    assert re.search(r"2 image\(s\) cannot be decoded: data row 6 \(ImageID '53.jpg'\): .*; data row 10 "
+                     r"\(ImageID '57.jpg'\)", error_line(proc))  # both, before any prediction
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_predict_reports_a_broken_model_folder_and_a_missing_input_in_one_line(caption_only: Path, data_dir: Path,
