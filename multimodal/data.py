@@ -277,16 +277,20 @@ class ImageCaptionDataset(Dataset):
             reasons = [None if path.is_file() else "file not found" for _, _, path in rows]
         bad = [(row, image_id, path, reason) for (row, image_id, path), reason in zip(rows, reasons) if reason]
         if bad and strict:
-            listed = "; ".join(f"{row_name(row, image_id)}: {path}: {reason}"
-                               for row, image_id, path, reason in bad[:10])
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            missing = sum(reason == "file not found" for *_, reason in bad)
-            what = (f"{len(bad)} image file(s) missing" if missing == len(bad) else
-                    f"{len(bad)} image(s) cannot be decoded" if not missing else
-                    f"{len(bad)} image(s) unreadable ({missing} missing, {len(bad) - missing} cannot be decoded)")
-            raise ImageLoadError(self.image_dir, f"{what}: {listed}{more} (fix or remove those rows, or pass "
-                                                 "--skip-bad-images to skip them)")
+            raise unreadable_images_error(self.image_dir, bad)
         return bad
+
+
+def unreadable_images_error(image_dir: Path, bad: Sequence[tuple[int, str, Path, str]]) -> ImageLoadError:
+    """The error for the bad images `ImageCaptionDataset.check_images` found: how many, and the first ten by row."""
+    listed = "; ".join(f"{row_name(row, image_id)}: {path}: {reason}" for row, image_id, path, reason in bad[:10])
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    missing = sum(reason == "file not found" for *_, reason in bad)
+    what = (f"{len(bad)} image file(s) missing" if missing == len(bad) else
+            f"{len(bad)} image(s) cannot be decoded" if not missing else
+            f"{len(bad)} image(s) unreadable ({missing} missing, {len(bad) - missing} cannot be decoded)")
+    return ImageLoadError(image_dir, f"{what}: {listed}{more} (fix or remove those rows, or pass --skip-bad-images "
+                                     "to skip them)")
 
 
 def _unreadable_reasons(paths: Sequence[Path]) -> list[Optional[str]]:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .annotations import AnnotationError, read_annotations
 from .config import RESUME_OVERRIDES, LossConfig, ModelConfig, UsageError, save_json
 from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, decode_images,
-                   subsample_rows, train_val_split)
+                   subsample_rows, train_val_split, unreadable_images_error)
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema, build_optimizer,
                      collect_predictions, evaluate, lr_lambda, resolve_checkpoint, train_one_epoch)
@@ -308,14 +308,22 @@ def resume_hint_on_image_error(run_dir: Path, log: Callable[[str], None]) -> Ite
         raise
 
 
-def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, progress: bool,
+def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, accelerator: Accelerator,
                   log: Callable[[str], None]) -> None:
     """Decode every image a run will read, once, before it trains (`ImageCaptionDataset.check_images`): a corrupt
-    file stops the run now, with every bad row listed, instead of when the loader reaches the first one."""
+    file stops the run now, with every bad row listed, instead of when the loader reaches the first one. With several
+    processes each decodes its share of the rows, and every process stops with the same list."""
     start = time.perf_counter()
-    ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, workers), progress=progress)
-    log(f"images: all {len(frame)} decode ({time.perf_counter() - start:.1f} s to check; --no-verify-images skips "
-        "this)")
+    share = frame.iloc[accelerator.process_index::accelerator.num_processes]
+    bad = ImageCaptionDataset(share, image_dir).check_images(strict=False, decode=True, workers=max(1, workers),
+                                                             progress=accelerator.is_local_main_process)
+    if accelerator.num_processes > 1:
+        bad = sorted(gather_object(bad))
+    if bad:
+        raise unreadable_images_error(image_dir, bad)
+    log(f"images: all {len(frame)} decode ({time.perf_counter() - start:.1f} s to check"
+        + (f", a share on each of {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+        + "; --no-verify-images skips this)")
 
 
 def trivial_baseline(train_frame: pd.DataFrame, val_targets: np.ndarray, codec: LabelCodec) -> float:
@@ -391,8 +399,8 @@ def main(args: argparse.Namespace) -> int:
         f"{codec.num_labels} classes, vocabulary {tokenizer.get_vocab_size()}, {accelerator.num_processes} process(es)")
     if config.use_image and not args.skip_bad_images and getattr(args, "verify_images", True) \
             and not args.cache_features and not getattr(args, "image_cache", None):  # those caches decode each first
-        verify_images(pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir, args.workers,
-                      accelerator.is_local_main_process, log)
+        verify_images(pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir, args.workers, accelerator,
+                      log)
 
     # Model, loss, optimisation.
     # A resumed run gets its weights from the checkpoint, except that cached features are keyed by the pretrained ones.

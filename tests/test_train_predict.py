@@ -523,6 +523,25 @@ def test_cpu_data_parallel_two_processes(data_dir: Path, reference_run: Path, tm
     records = read_log(out)
     assert sum("config" in r for r in records) == 1 and [r["epoch"] for r in records if "epoch" in r] == [0, 1]
     assert proc.stderr.count("validation samples-F1") == 1 and proc.stderr.count("exported") == 1
+    assert proc.stderr.count(f"images: all {NUM_TRAIN} decode") == 1 and "a share on each of 2 processes" in proc.stderr
+
+
+def test_cpu_data_parallel_processes_check_a_share_of_the_images_each_and_stop_together(data_dir: Path,
+                                                                                        tmp_path: Path) -> None:
+    images = copy_images(data_dir, tmp_path / "images")
+    break_image(images, "3.jpg", "corrupt")  # the rows are dealt out in turn: data rows 4 and 41 go to different
+    break_image(images, "40.jpg", "corrupt")  # processes, and each process names both
+    proc = launch("--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", free_port(),
+                  TRAIN, "--data-dir", data_dir, "--image-dir", images, *TINY, "--epochs", 1, "--no-plots",
+                  "--output-dir", tmp_path / "ddp", cwd=tmp_path,
+                  env=script_env(ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf")), timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert re.search(r"2 image\(s\) cannot be decoded: data row 4 \(ImageID '3.jpg'\): .*; data row 41 "
+                     r"\(ImageID '40.jpg'\)", lines[0])
+    assert not (tmp_path / "ddp" / "checkpoints").exists()
 
 
 @pytest.mark.slow
