@@ -38,10 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (reported by id) instead of stopping with an error")
     g.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode every image once, at 1/8 scale, before training, so that a corrupt file stops the "
-                        "run at once with every bad row listed, not when the loader reaches it (not needed with "
-                        "--image-cache or --cache-features, which decode every image first; off: only check that "
-                        "the files exist)")
+                   help="decode every image once, at 1/8 scale, before training (and before building a feature or "
+                        "image cache), so that a corrupt file stops the run at once with every bad row listed, not "
+                        "when the loader or the cache build reaches it (off: only check that the files exist)")
     g.add_argument("--max-caption-length", type=int, default=64, help="caption tokens kept")
     g.add_argument("--min-word-freq", type=int, default=1, help="minimum count of a word in the vocabulary")
     g.add_argument("--image-cache", default=None, metavar="DIR",

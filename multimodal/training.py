@@ -397,10 +397,10 @@ def main(args: argparse.Namespace) -> int:
                    "train_rows": len(train_frame), "val_rows": len(val_frame)}, run_dir / "run_config.json")
     log(f"run folder {run_dir}: {len(train_frame)} training and {len(val_frame)} validation rows, "
         f"{codec.num_labels} classes, vocabulary {tokenizer.get_vocab_size()}, {accelerator.num_processes} process(es)")
-    if config.use_image and not args.skip_bad_images and getattr(args, "verify_images", True) \
-            and not args.cache_features and not getattr(args, "image_cache", None):  # those caches decode each first
-        verify_images(pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir, args.workers, accelerator,
-                      log)
+    if config.use_image and not args.skip_bad_images and getattr(args, "verify_images", True):
+        # every row of the file: the feature and image caches hold them all; also before a cache build, which would
+        # otherwise stop at the first bad image, possibly after many minutes
+        verify_images(frame, image_dir, args.workers, accelerator, log)
 
     # Model, loss, optimisation.
     # A resumed run gets its weights from the checkpoint, except that cached features are keyed by the pretrained ones.
