@@ -106,6 +106,11 @@ def main(args: argparse.Namespace) -> int:
         logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
     if all(m.image_encoder is None for m in models):
         image_dir = None
+    if args.verify_images and image_dir is not None and not args.skip_bad_images:  # before a cache build too
+        from multimodal.data import ImageCaptionDataset
+        start = time.perf_counter()
+        ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, args.workers), progress=True)
+        logger.info("images: all %d decode (%.1f s to check)", len(frame), time.perf_counter() - start)
     caches = [None] * len(models)
     if args.image_cache and args.decode_on_device:
         raise SystemExit("--decode-on-device decodes the image files: it cannot be combined with --image-cache")
@@ -114,11 +119,6 @@ def main(args: argparse.Namespace) -> int:
         caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,
                                           workers=args.workers, skip_bad_images=args.skip_bad_images)
                   if m.image_encoder is not None else None for m in models]
-    if args.verify_images and image_dir is not None and not args.skip_bad_images and not args.image_cache:
-        from multimodal.data import ImageCaptionDataset
-        start = time.perf_counter()
-        ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, args.workers), progress=True)
-        logger.info("images: all %d decode (%.1f s to check)", len(frame), time.perf_counter() - start)
     thresholds = args.threshold if args.threshold is not None else ensemble_thresholds(models)
     logger.info("%s, threshold %s%s", "one model" if len(models) == 1 else
                 f"ensemble of {len(models)} models: mean probabilities", describe_thresholds(thresholds),
