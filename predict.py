@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-images", action="store_true",
                    help="decode every image once, at 1/8 scale, before predicting, so that a corrupt file stops the "
                         "run at once with every bad row listed, not partway through (off by default: prediction "
-                        "reads each image only once anyway; missing files are always found first)")
+                        "reads each image only once anyway)")
     return p
 
 
@@ -106,14 +106,14 @@ def main(args: argparse.Namespace) -> int:
         logger.warning("no captions given: the caption branch sees empty captions for all %d images", len(frame))
     if all(m.image_encoder is None for m in models):
         image_dir = None
+    caches = [None] * len(models)
+    if args.image_cache and args.decode_on_device:
+        raise SystemExit("--decode-on-device decodes the image files: it cannot be combined with --image-cache")
     if args.verify_images and image_dir is not None and not args.skip_bad_images:  # before a cache build too
         from multimodal.data import ImageCaptionDataset
         start = time.perf_counter()
         ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, args.workers), progress=True)
         logger.info("images: all %d decode (%.1f s to check)", len(frame), time.perf_counter() - start)
-    caches = [None] * len(models)
-    if args.image_cache and args.decode_on_device:
-        raise SystemExit("--decode-on-device decodes the image files: it cannot be combined with --image-cache")
     if args.image_cache and image_dir is not None:
         from multimodal.data import build_model_image_cache
         caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,

@@ -37,10 +37,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train on a random share of the training part (learning curves); validation is unchanged")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (reported by id) instead of stopping with an error")
-    g.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode every image once, at 1/8 scale, before training (and before building a feature or "
                         "image cache), so that a corrupt file stops the run at once with every bad row listed, not "
-                        "when the loader or the cache build reaches it (off: only check that the files exist)")
+                        "when the loader or the cache build reaches it (default: on; off: only check that the "
+                        "files exist)")
     g.add_argument("--max-caption-length", type=int, default=64, help="caption tokens kept")
     g.add_argument("--min-word-freq", type=int, default=1, help="minimum count of a word in the vocabulary")
     g.add_argument("--image-cache", default=None, metavar="DIR",
@@ -173,7 +174,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                  and action.dest not in RESUME_OVERRIDES and action.dest != "help"
                  and getattr(args, action.dest) != getattr(defaults, action.dest)]
         if given:
-            allowed = ", ".join("--" + d.replace("_", "-") for d in RESUME_OVERRIDES if d != "resume")
+            allowed = ", ".join("--[no-]verify-images" if d == "verify_images" else "--" + d.replace("_", "-")
+                                for d in RESUME_OVERRIDES if d != "resume")
             parser.error(f"--resume continues a run with the arguments it was started with; only {allowed} may be "
                          f"given with it, not {', '.join(given)} (start a new run to change them)")
         return

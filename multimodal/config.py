@@ -19,7 +19,8 @@ CAPTION_POOLS = ("max", "mean", "last")
 IMAGE_CROPS = ("center", "full")
 # Arguments a resumed run (`train.py --resume`) takes from its command line instead of the saved run configuration:
 # how it reads its data, not what it trains. `--skip-bad-images` given on resuming turns skipping on (a run stopped by
-# an unreadable image continues without it); a run that skipped keeps skipping.
+# an unreadable image continues without it); a run that skipped keeps skipping; `--[no-]verify-images` applies when
+# given, else the run's own setting.
 RESUME_OVERRIDES = ("resume", "workers", "skip_bad_images", "verify_images")
 
 

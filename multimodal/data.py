@@ -35,6 +35,7 @@ __all__ = ["ImageCaptionDataset", "Collator", "train_val_split", "LABEL_PAD", "I
            "build_model_image_cache", "bounded_heap_worker_init", "decode_images"]
 
 LABEL_PAD = -100  # the default ignore_index of torch's cross-entropy
+CHECK_CHUNK = 256  # images per task of `ImageCaptionDataset.check_images`'s decoding threads
 logger = logging.getLogger(__name__)
 
 
@@ -265,7 +266,7 @@ class ImageCaptionDataset(Dataset):
                 for row, image_id in enumerate(self.frame["ImageID"])]
         if decode:
             paths = [path for _, _, path in rows]
-            chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]  # a task each: few futures at a time
+            chunks = [paths[i:i + CHECK_CHUNK] for i in range(0, len(paths), CHECK_CHUNK)]  # few futures at a time
             reasons = []
             with ThreadPoolExecutor(max(1, workers)) as pool, \
                     tqdm(total=len(paths), desc="checking images", disable=not progress, leave=False,
@@ -281,16 +282,18 @@ class ImageCaptionDataset(Dataset):
         return bad
 
 
-def unreadable_images_error(image_dir: Path, bad: Sequence[tuple[int, str, Path, str]]) -> ImageLoadError:
-    """The error for the bad images `ImageCaptionDataset.check_images` found: how many, and the first ten by row."""
+def unreadable_images_error(image_dir: Path, bad: Sequence[tuple[int, str, Path, str]],
+                            advice: Optional[str] = None) -> ImageLoadError:
+    """The error for the bad images `ImageCaptionDataset.check_images` found: how many, the first ten by row, and
+    ``advice`` (by default: fix or remove the rows, or pass --skip-bad-images)."""
     listed = "; ".join(f"{row_name(row, image_id)}: {path}: {reason}" for row, image_id, path, reason in bad[:10])
     more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
     missing = sum(reason == "file not found" for *_, reason in bad)
     what = (f"{len(bad)} image file(s) missing" if missing == len(bad) else
             f"{len(bad)} image(s) cannot be decoded" if not missing else
             f"{len(bad)} image(s) unreadable ({missing} missing, {len(bad) - missing} cannot be decoded)")
-    return ImageLoadError(image_dir, f"{what}: {listed}{more} (fix or remove those rows, or pass --skip-bad-images "
-                                     "to skip them)")
+    advice = advice or "fix or remove those rows, or pass --skip-bad-images to skip them"
+    return ImageLoadError(image_dir, f"{what}: {listed}{more} ({advice})")
 
 
 def _unreadable_reasons(paths: Sequence[Path]) -> list[Optional[str]]:

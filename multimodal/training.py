@@ -177,7 +177,8 @@ def restore_args(args: argparse.Namespace, state: PartialState) -> tuple[argpars
                          f"{state.num_processes}: each process's data shard and the schedule's length depend on "
                          f"it, so resume it with {processes} process(es)")
     saved = config["args"]
-    sticky = {"skip_bad_images": saved.get("skip_bad_images", False) or args.skip_bad_images}
+    sticky = {"skip_bad_images": saved.get("skip_bad_images", False) or args.skip_bad_images,
+              "verify_images": saved.get("verify_images") if args.verify_images is None else args.verify_images}
     saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES} | sticky)
     saved["output_dir"] = str(run_dir)
     return argparse.Namespace(**saved), checkpoint
@@ -293,7 +294,7 @@ def make_loaders(args: argparse.Namespace, config: ModelConfig, frames: tuple[pd
 
 
 @contextlib.contextmanager
-def resume_hint_on_image_error(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+def resume_hint_on_image_error(run_dir: Path, processes: int) -> Iterator[None]:
     """An unreadable image that stops training (read in this process or in a loader worker) is followed by the
     command that continues the run without it, when the run has a checkpoint to continue from."""
     try:
@@ -302,28 +303,37 @@ def resume_hint_on_image_error(run_dir: Path, log: Callable[[str], None]) -> Ite
         match = _WORKER_ERROR.match(str(err)) if isinstance(err, RuntimeError) else None
         image_error = isinstance(err, ImageLoadError) or (match is not None and match[1] == ImageLoadError.__name__)
         if image_error and CheckpointManager.latest(run_dir) is not None:
-            log(f"stopped by an unreadable image; the run's complete checkpoints are kept: `python train.py --resume "
-                f"{run_dir} --skip-bad-images` continues from the last one without it (or fix the file and resume "
-                "without the flag)")
+            if run_dir.is_symlink():  # resumed through runs/latest, which the next run will move
+                run_dir = run_dir.parent / os.readlink(run_dir)
+            command = f"python train.py --resume {run_dir} --skip-bad-images"
+            if processes > 1:
+                command = f"accelerate launch --num_processes {processes} ... train.py --resume {run_dir} " \
+                          "--skip-bad-images"
+            # logged by the process that read the image, which need not be the main one
+            logger.warning(f"stopped by an unreadable image; the run's complete checkpoints are kept: `{command}` "
+                           "continues from the last one without it (or fix the file and resume without the flag)")
         raise
 
 
-def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, accelerator: Accelerator,
-                  log: Callable[[str], None]) -> None:
-    """Decode every image a run will read, once, before it trains (`ImageCaptionDataset.check_images`): a corrupt
-    file stops the run now, with every bad row listed, instead of when the loader reaches the first one. With several
-    processes each decodes its share of the rows, and every process stops with the same list."""
+def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, state: PartialState,
+                  resuming: bool = False) -> None:
+    """Decode every image a run will read (``frame``: its rows, or every row where a cache holds them all), once,
+    before it sets up and trains (`ImageCaptionDataset.check_images`): a corrupt file stops the run now, with every
+    bad row listed, instead of when the loader or a cache build reaches the first one. With several processes each
+    decodes its share of the rows, and every process stops with the same list."""
     start = time.perf_counter()
-    share = frame.iloc[accelerator.process_index::accelerator.num_processes]
+    share = frame.iloc[state.process_index::state.num_processes]
     bad = ImageCaptionDataset(share, image_dir).check_images(strict=False, decode=True, workers=max(1, workers),
-                                                             progress=accelerator.is_local_main_process)
-    if accelerator.num_processes > 1:
+                                                             progress=state.is_local_main_process)
+    if state.num_processes > 1:
         bad = sorted(gather_object(bad))
-    if bad:
-        raise unreadable_images_error(image_dir, bad)
-    log(f"images: all {len(frame)} decode ({time.perf_counter() - start:.1f} s to check"
-        + (f", a share on each of {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
-        + "; --no-verify-images skips this)")
+    if bad:  # removing rows from a started run would change its split under it
+        raise unreadable_images_error(image_dir, bad, advice="fix those files, or resume with --skip-bad-images to "
+                                      "skip them" if resuming else None)
+    if state.is_main_process:
+        logger.info(f"images: all {len(frame)} decode ({time.perf_counter() - start:.1f} s to check"
+                    + (f", a share on each of {state.num_processes} processes" if state.num_processes > 1 else "")
+                    + "; --no-verify-images skips this)")
 
 
 def trivial_baseline(train_frame: pd.DataFrame, val_targets: np.ndarray, codec: LabelCodec) -> float:
@@ -358,8 +368,17 @@ def main(args: argparse.Namespace) -> int:
     checkpoint: Optional[Path] = None
     if args.resume:
         args, checkpoint = restore_args(args, state)
-    # The data first: a malformed CSV stops the run before it leaves an empty run folder behind.
+    # The data first: a malformed CSV or a bad image stops the run before it leaves an empty run folder behind.
     frame, image_dir, names_csv = load_frames(args, state)
+    frame["_row"] = np.arange(len(frame))  # position in the full frame, for cached features
+    if getattr(args, "split_seed", None) is None:  # resolved here, so that the run's saved arguments name it
+        args.split_seed = args.seed
+    train_frame, val_frame = train_val_split(frame, args.val_fraction, args.split_seed)
+    train_frame = subsample_rows(train_frame, getattr(args, "train_fraction", 1.0), args.split_seed)
+    if not args.no_image and not args.skip_bad_images and getattr(args, "verify_images", None) is not False:
+        caching = args.cache_features or getattr(args, "image_cache", None)  # caches hold every row of the file
+        verify_images(frame if caching else pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir,
+                      args.workers, state, resuming=checkpoint is not None)
     run_dir = make_run_dir(args, state)
     jsonl = JSONLinesTracker(run_dir / "log.jsonl")
     trackers: list[Any] = [jsonl]
@@ -376,11 +395,6 @@ def main(args: argparse.Namespace) -> int:
     log = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
 
     # Label codec and caption vocabulary (saved with the run and reused on resume).
-    frame["_row"] = np.arange(len(frame))  # position in the full frame, for cached features
-    if getattr(args, "split_seed", None) is None:  # resolved here, so that the run's saved arguments name it
-        args.split_seed = args.seed
-    train_frame, val_frame = train_val_split(frame, args.val_fraction, args.split_seed)
-    train_frame = subsample_rows(train_frame, getattr(args, "train_fraction", 1.0), args.split_seed)
     if checkpoint is not None:
         codec = LabelCodec.load(run_dir / "labels.json")
         from tokenizers import Tokenizer
@@ -397,10 +411,6 @@ def main(args: argparse.Namespace) -> int:
                    "train_rows": len(train_frame), "val_rows": len(val_frame)}, run_dir / "run_config.json")
     log(f"run folder {run_dir}: {len(train_frame)} training and {len(val_frame)} validation rows, "
         f"{codec.num_labels} classes, vocabulary {tokenizer.get_vocab_size()}, {accelerator.num_processes} process(es)")
-    if config.use_image and not args.skip_bad_images and getattr(args, "verify_images", True):
-        # every row of the file: the feature and image caches hold them all; also before a cache build, which would
-        # otherwise stop at the first bad image, possibly after many minutes
-        verify_images(frame, image_dir, args.workers, accelerator, log)
 
     # Model, loss, optimisation.
     # A resumed run gets its weights from the checkpoint, except that cached features are keyed by the pretrained ones.
@@ -511,7 +521,7 @@ def main(args: argparse.Namespace) -> int:
     evaluated = model if ema is None else ema.module  # what is validated and exported
     val_bad = bad_images if config.use_image else None
     t_start = time.perf_counter()
-    with resume_hint_on_image_error(run_dir, log):
+    with resume_hint_on_image_error(run_dir, accelerator.num_processes):
         while progress.epoch < args.epochs and not (args.max_steps and progress.step >= args.max_steps):
             train_loader.set_epoch(progress.epoch)
             if isinstance(train_loader.dataset, SeededAugmentation):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
@@ -89,3 +90,30 @@ def test_checkpoint_of_flattened_lstm_weights_keeps_and_restores_every_weight(tm
         train_step(m, opt, a)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_image_error_in_training_names_the_command_that_continues_the_real_run(tmp_path: Path, caplog,
+                                                                                 processes: int) -> None:
+    from multimodal.images import ImageLoadError
+    from multimodal.training import resume_hint_on_image_error
+
+    run_dir = tmp_path / "runs" / "20261128-000000"
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002" / "progress.json").write_text("{}")
+    (tmp_path / "runs" / "latest").symlink_to(run_dir.name)
+    for error in (ImageLoadError("x.jpg", "cannot decode image"),  # read in this process, or in a loader worker:
+                  RuntimeError("Caught ImageLoadError in DataLoader worker process 0.\nOriginal Traceback ...")):
+        caplog.clear()
+        with pytest.raises(type(error)), caplog.at_level("WARNING"):
+            with resume_hint_on_image_error(tmp_path / "runs" / "latest", processes):  # resumed via runs/latest
+                raise error
+        command = f"python train.py --resume {run_dir} --skip-bad-images"  # the run, not the link the next run moves
+        if processes > 1:
+            command = f"accelerate launch --num_processes 2 ... train.py --resume {run_dir} --skip-bad-images"
+        assert f"`{command}` continues from the last one without it" in caplog.text
+    caplog.clear()
+    with pytest.raises(RuntimeError), caplog.at_level("WARNING"):  # any other error: no hint
+        with resume_hint_on_image_error(run_dir, processes):
+            raise RuntimeError("CUDA out of memory")
+    assert "resume" not in caplog.text

@@ -11,6 +11,7 @@ from accelerate.utils import send_to_device
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import multimodal.data as data_module
 from multimodal.annotations import read_annotations
 from multimodal.data import Collator, ImageCaptionDataset, subsample_rows, train_val_split
 from multimodal.engine import all_images_ok, model_inputs
@@ -128,12 +129,18 @@ def test_check_images_lists_missing_files_with_rows(folder, parts):
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_check_images_decoding_finds_every_corrupt_and_truncated_file(folder, parts, workers):
+def test_check_images_decoding_finds_every_corrupt_and_truncated_file(folder, parts, workers, monkeypatch):
     frame, *_ = parts
+    monkeypatch.setattr(data_module, "CHECK_CHUNK", 1)  # a task per image: the threads' results are put back in order
     dataset = ImageCaptionDataset(frame, folder)
+    drafts = []
+    load = data_module.load_image
+    monkeypatch.setattr(data_module, "load_image", lambda path, draft_size=None: drafts.append(draft_size) or
+                        load(path, draft_size))
     assert dataset.check_images(decode=True, workers=workers) == []
     (folder / "0.jpg").write_bytes((folder / "0.jpg").read_bytes()[:300])  # truncated
     (folder / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    assert drafts == [1] * 4  # decoded at the smallest scale the decoder offers
     assert dataset.check_images() == []  # the files exist: only decoding finds them
     bad = dataset.check_images(strict=False, decode=True, workers=workers)
     assert [(row, image_id) for row, image_id, _, _ in bad] == [(0, "0.jpg"), (2, "2.jpg")]

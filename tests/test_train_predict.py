@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from multimodal.annotations import read_annotations
-from multimodal.data import Collator, ImageCaptionDataset, train_val_split
+from multimodal.data import Collator, ImageCaptionDataset, subsample_rows, train_val_split
 from multimodal.demo import LABELS, make_demo_dataset
 from multimodal.engine import CheckpointManager
 from multimodal.labels import LabelCodec
@@ -538,10 +538,11 @@ def test_cpu_data_parallel_processes_check_a_share_of_the_images_each_and_stop_t
                   env=script_env(ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf")), timeout=300)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    # (the launcher may stop the other process before it prints: whichever speaks names both images)
+    assert lines and len(set(lines)) == 1, proc.stderr[-3000:]
     assert re.search(r"2 image\(s\) cannot be decoded: data row 4 \(ImageID '3.jpg'\): .*; data row 41 "
                      r"\(ImageID '40.jpg'\)", lines[0])
-    assert not (tmp_path / "ddp" / "checkpoints").exists()
+    assert not (tmp_path / "ddp").exists()  # stopped before the run folder was made
 
 
 @pytest.mark.slow
@@ -614,8 +615,17 @@ def test_train_decodes_every_image_first_and_lists_the_corrupt_ones(data_dir: Pa
     line = error_line(proc)  # both, in the annotation file's order, whichever split they are in
     assert re.search(r"2 image\(s\) cannot be decoded: data row 4 \(ImageID '3.jpg'\): .*; data row 41 "
                      r"\(ImageID '40.jpg'\): ", line) and "--skip-bad-images" in line, line
-    assert "training" not in proc.stderr.split("error: ")[0].split("checking images")[-1]  # before any training
-    assert not (out / "checkpoints").exists()
+    assert not out.exists()  # stopped before the run folder was made
+
+    # Only the rows a run reads are checked: here an image outside the quarter of the training rows it trains on.
+    frame = read_annotations(data_dir / "train.csv").assign(_row=lambda f: range(len(f)))
+    train, val = train_val_split(frame, 0.2, seed=0)
+    used = set(subsample_rows(train, 0.25, seed=0)["ImageID"]) | set(val["ImageID"])
+    images = copy_images(data_dir, tmp_path / "images2")
+    break_image(images, next(i for i in frame["ImageID"] if i not in used), "corrupt")
+    proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, *TINY, "--epochs", 1, "--no-plots",
+               "--train-fraction", 0.25, "--output-dir", out)
+    assert f"images: all {len(used)} decode" in proc.stderr
 
 
 def test_a_run_stopped_by_a_corrupt_image_says_how_to_resume_without_it(data_dir: Path, tmp_path: Path) -> None:
@@ -636,7 +646,8 @@ def test_a_run_stopped_by_a_corrupt_image_says_how_to_resume_without_it(data_dir
     resumed = run(TRAIN, "--resume", out, "--skip-bad-images", "--workers", 0)
     assert "resumed from" in resumed.stderr and (out / "model" / "model.safetensors").is_file()
     assert json.loads((out / "metrics.json").read_text())["bad_images"] == [image_id]
-    assert json.loads((out / "run_config.json").read_text())["args"]["skip_bad_images"] is True
+    saved = json.loads((out / "run_config.json").read_text())["args"]
+    assert saved["skip_bad_images"] is True and saved["verify_images"] is False  # the run's own, kept
     again = run(TRAIN, "--resume", out, "--workers", 0)  # a run that skipped keeps skipping
     assert json.loads((out / "metrics.json").read_text())["bad_images"] == [image_id], again.stderr[-2000:]
 
@@ -858,7 +869,7 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
                       (("--asl-clip", 0.1), "it needs --asl-gamma-neg"),
                       (("--image-cache", tmp_path / "c", "--cache-features", tmp_path / "f"), "give one of them"),
                       (("--resume", tmp_path / "any", "--lr", 0.1),
-                       "only --workers, --skip-bad-images, --verify-images may be given with it, not --lr")):
+                       "only --workers, --skip-bad-images, --[no-]verify-images may be given with it, not --lr")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
 
