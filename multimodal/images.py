@@ -62,7 +62,7 @@ def load_image(path: str | Path, draft_size: Optional[int] = None) -> Image.Imag
             if draft_size is not None and min(img.size) >= 2 * draft_size:  # else no 1/2^k reduction is possible
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            return _to_rgb(img)
+            return to_rgb(img)
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
     except _DECODE_ERRORS as err:
@@ -78,12 +78,13 @@ def _pillow_rgb(data: bytes) -> tuple[Optional[np.ndarray], Optional[str]]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return np.array(_to_rgb(img)), None
+            return np.array(to_rgb(img)), None
     except _DECODE_ERRORS as err:
         return None, _decode_reason(err)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image in 8-bit RGB, converted as `load_image` converts files (transparency on white, 16-bit scaled)."""
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I"):  # 16/32-bit integer grey: Pillow's conversion would clip everything above 255

@@ -254,12 +254,16 @@ def ensemble_thresholds(models: Sequence[MultimodalClassifier]) -> Optional[list
 
 
 def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier], frame: pd.DataFrame,
-                   image_dir: Optional[Path], output: str | Path, accelerator: Any, *, thresholds: Any = None,
+                   image_dir: Optional[Path], output: str | Path, accelerator: Any = None, *, thresholds: Any = None,
                    probabilities: Optional[str | Path] = None, batch_size: int = 64, workers: int = 2,
                    skip_bad_images: bool = False, draft_size: Optional[int] | str = "auto", image_cache: Any = None,
                    channels_last: bool = True, decode_on_device: bool = False,
                    keep_probabilities: bool = False, share: bool = True) -> dict[str, Any]:
     """Predict every row of ``frame`` in order and write ``ImageID,Labels`` (original ids, space-separated).
+
+    ``frame`` has ``ImageID`` and, for a caption branch, ``Caption`` (missing captions: empty); ``image_dir`` holds the
+    images. ``accelerator`` (an Accelerate ``Accelerator``: device and mixed precision) defaults to a new one. The
+    models are run in evaluation mode, and each is left in the mode it had.
 
     ``model`` may be a list of models with the same labels: an ensemble. Each runs with its own preprocessing
     (resolution, crop, vocabulary), all in step batch by batch, and the mean of their probabilities is thresholded
@@ -287,6 +291,30 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
     caches = list(image_cache) if isinstance(image_cache, (list, tuple)) else [image_cache] * len(models)
     if not models or len(caches) != len(models):
         raise ValueError(f"{len(models)} model(s) and {len(caches)} image cache(s)")
+    if any(m.codec is None for m in models):
+        raise ValueError("a model without a label codec (exported without one) cannot name its labels")
+    if image_dir is None and any(m.image_encoder is not None for m in models):
+        raise ValueError("the model has an image branch: give image_dir, the folder of the frame's ImageIDs")
+    if accelerator is None:
+        from accelerate import Accelerator
+        accelerator = Accelerator()
+    modes = [m.training for m in models]  # iter_predictions switches them to evaluation; restored at the end
+    try:
+        return _predict_to_csv(models, caches, frame, image_dir, output, accelerator, thresholds=thresholds,
+                               probabilities=probabilities, batch_size=batch_size, workers=workers,
+                               skip_bad_images=skip_bad_images, draft_size=draft_size, channels_last=channels_last,
+                               decode_on_device=decode_on_device, keep_probabilities=keep_probabilities,
+                               share=share)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _predict_to_csv(models: list[MultimodalClassifier], caches: list[Any], frame: pd.DataFrame,
+                    image_dir: Optional[Path], output: str | Path, accelerator: Any, *, thresholds: Any,
+                    probabilities: Optional[str | Path], batch_size: int, workers: int, skip_bad_images: bool,
+                    draft_size: Optional[int] | str, channels_last: bool, decode_on_device: bool,
+                    keep_probabilities: bool, share: bool) -> dict[str, Any]:
     codec = models[0].codec
     for other in models[1:]:
         if tuple(other.codec.label_ids) != tuple(codec.label_ids):

@@ -119,14 +119,16 @@ class LabelCodec:
         return target
 
     def decode(
-        self, probs: Sequence[float] | np.ndarray, thresholds: float | Sequence[float] | np.ndarray = 0.5
+        self, probs: Sequence[float] | np.ndarray, thresholds: Optional[float | Sequence[float] | np.ndarray] = 0.5
     ) -> tuple[int, ...]:
-        """Original label ids whose probability reaches its threshold.
+        """Original label ids whose probability reaches its threshold (possibly none: `MultimodalClassifier.predict`
+        and `predict.py` give the top label then).
 
         Args:
             probs: probabilities [C] of one sample (numpy array, list or CPU tensor).
-            thresholds: one threshold for all classes, or one per class [C].
+            thresholds: one threshold for all classes, or one per class [C]; ``None`` (a model that stores none): 0.5.
         """
+        thresholds = 0.5 if thresholds is None else thresholds
         probs = np.asarray(probs, dtype=np.float64)
         if probs.shape != (self.num_labels,):
             raise ValueError(f"expected probabilities of shape ({self.num_labels},), got {probs.shape}")

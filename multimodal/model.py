@@ -654,6 +654,93 @@ class MultimodalClassifier(nn.Module):
             probs = (1.0 - cfg.decoder_weight) * probs + cfg.decoder_weight * decoder_scores.float()
         return probs
 
+    def preprocess(self, images: Optional[Sequence[Any]] = None,
+                   captions: Optional[Sequence[Any]] = None) -> dict[str, torch.Tensor]:
+        """The model's inputs (for `predict_proba`, on the CPU) from raw images and captions, preprocessed as
+        `predict.py` does it: the evaluation transform of ``config`` (resolution, crop, normalisation; JPEG files
+        decoded at reduced size where they are at least twice as large, as `predict.py` does) and the stored
+        tokenizer, captions cut at ``config.max_caption_length``.
+
+        Args:
+            images: N PIL images (any mode: converted to RGB as image files are) or image file paths; needed when
+                the model has an image branch.
+            captions: N captions (``None`` or NaN: empty); without them a caption branch sees empty captions, as
+                `predict.py` gives it when there is no CSV.
+        """
+        from PIL import Image
+
+        from .images import build_transform, draft_size_for, load_image, to_rgb
+        from .text import encode_captions
+
+        count = len(images) if images is not None else len(captions) if captions is not None else 0
+        if images is None and captions is None:
+            raise ValueError("give images, captions or both")
+        if images is not None and captions is not None and len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        cfg = self.config
+        inputs: dict[str, torch.Tensor] = {}
+        if self.image_encoder is not None:
+            if images is None:
+                raise ValueError("the model has an image branch: give images (PIL images or file paths)")
+            transform = build_transform(cfg.image_encoder, cfg.image_size, False, crop=cfg.image_crop)
+            draft = draft_size_for(cfg.image_encoder, cfg.image_size, crop=cfg.image_crop)
+            inputs["image"] = torch.stack([
+                transform(to_rgb(image) if isinstance(image, Image.Image) else load_image(image, draft))
+                for image in images]) if count else torch.empty(0, 3, cfg.image_size, cfg.image_size)
+        if self.caption_encoder is not None:
+            if self.tokenizer is None:
+                raise ValueError("the model has a caption branch but no tokenizer: load it with from_pretrained, or "
+                                 "set model.tokenizer")
+            inputs["caption_ids"], inputs["caption_lengths"] = encode_captions(
+                self.tokenizer, [""] * count if captions is None else list(captions), cfg.max_caption_length)
+        return inputs
+
+    def predict_probabilities(self, images: Optional[Sequence[Any]] = None, captions: Optional[Sequence[Any]] = None,
+                              *, batch_size: int = 32) -> np.ndarray:
+        """Final probabilities [N, C] (float32, columns in ``codec.label_ids`` order) for raw images and captions
+        (see `preprocess`), in batches, in evaluation mode (the model's mode is restored after), on the model's
+        device and in its floating-point type. The same probabilities `predict.py` writes."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        count = len(images) if images is not None else len(captions) if captions is not None else 0
+        weight = next(p for p in self.parameters() if p.is_floating_point())
+        was_training = self.training
+        self.eval()
+        parts = []
+        try:
+            for start in range(0, max(count, 1), batch_size):
+                end = min(count, start + batch_size)
+                inputs = self.preprocess(None if images is None else images[start:end],
+                                         None if captions is None else captions[start:end])
+                inputs = {k: v.to(weight.device, dtype=weight.dtype if v.is_floating_point() else v.dtype)
+                          for k, v in inputs.items()}
+                with torch.inference_mode():
+                    parts.append(self.predict_proba(**inputs).float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(parts).numpy()
+
+    def predict(self, images: Optional[Sequence[Any]] = None, captions: Optional[Sequence[Any]] = None, *,
+                thresholds: Optional[float | Sequence[float]] = None, batch_size: int = 32) -> list[tuple[int, ...]]:
+        """The label set of each image and caption: original label ids, as `predict.py` writes them.
+
+        Labels whose probability (`predict_probabilities`) reaches ``thresholds`` (default: the ones the model
+        stores, else 0.5); an input where none does gets its most probable label.
+
+        Example::
+
+            model = MultimodalClassifier.from_pretrained("runs/latest/model")
+            model.predict(["photo.jpg"], ["A man riding a horse on a beach."])  # [(1, 19)]
+        """
+        if self.codec is None:
+            raise ValueError("the model has no label codec (exported without one): use predict_probabilities")
+        from .metrics import binarize
+
+        probs = self.predict_probabilities(images, captions, batch_size=batch_size)
+        thresholds = self.thresholds if thresholds is None else thresholds
+        chosen = binarize(probs, 0.5 if thresholds is None else thresholds, at_least_one=True)
+        return [tuple(self.codec.label_ids[i] for i in np.flatnonzero(row)) for row in chosen]
+
     def save_pretrained(self, directory: str | os.PathLike, codec: Any, tokenizer: Any = None,
                         thresholds: Any = None) -> Path:
         """Exports the model for prediction: ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
@@ -671,6 +758,9 @@ class MultimodalClassifier(nn.Module):
         C = self.config.num_labels
         if codec is not None and getattr(codec, "num_labels", C) != C:
             raise ValueError(f"the codec has {codec.num_labels} labels but the model {C}")
+        if tokenizer is None and self.caption_encoder is not None:
+            raise ValueError("the model has a caption branch: pass its tokenizer, without which the export cannot "
+                             "be loaded")
         if thresholds is not None:
             values = np.asarray(thresholds.detach().cpu() if torch.is_tensor(thresholds) else thresholds,
                                 dtype=np.float64).reshape(-1)

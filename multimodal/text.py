@@ -6,8 +6,9 @@ vocabulary the model was trained with.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -58,9 +59,16 @@ def _check_special_tokens(tokenizer: Tokenizer, where: str) -> None:
         raise ValueError(f"{where}: expected {PAD_TOKEN}={PAD_ID} and {UNK_TOKEN}={UNK_ID}, got ids {ids}")
 
 
+def caption_text(caption: Any) -> str:
+    """A caption as text: ``None`` and NaN (pandas' empty cell) are the empty caption, anything else ``str``."""
+    if caption is None or (isinstance(caption, float) and math.isnan(caption)):
+        return ""
+    return str(caption)
+
+
 def caption_token_ids(tokenizer: Tokenizer, caption: str, max_length: int = 64) -> list[int]:
-    """Token ids of one caption, truncated to ``max_length`` (empty list for an empty caption)."""
-    return tokenizer.encode(caption).ids[:max_length]
+    """Token ids of one caption, truncated to ``max_length`` (empty list for an empty caption, ``None`` or NaN)."""
+    return tokenizer.encode(caption_text(caption)).ids[:max_length]
 
 
 def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,12 +91,12 @@ def encode_captions(
 
     Args:
         tokenizer: a caption tokenizer (`train_caption_tokenizer` / `load_caption_tokenizer`).
-        captions: B captions; an empty caption gives length 0 and an all-pad row.
+        captions: B captions; an empty caption (or ``None``, or NaN) gives length 0 and an all-pad row.
         max_length: longer captions are truncated to their first ``max_length`` tokens.
 
     Returns:
         ``ids`` LongTensor [B, L] (L = longest caption in the batch, at most ``max_length``) and ``lengths``
         LongTensor [B].
     """
-    encodings = tokenizer.encode_batch([str(c) for c in captions]) if len(captions) else []
+    encodings = tokenizer.encode_batch([caption_text(c) for c in captions]) if len(captions) else []
     return pad_token_ids([e.ids[:max_length] for e in encodings])

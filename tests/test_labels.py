@@ -45,6 +45,7 @@ def test_decode_scalar_and_per_class_thresholds(codec):
     assert codec.decode(probs, 0.5) == (1, 3, 19)
     assert codec.decode(probs, [0.95, 0.6, 0.4, 0.1, 0.7]) == (8, 13, 19)
     assert codec.decode(np.zeros(5), 0.5) == ()
+    assert codec.decode(probs, None) == (1, 3, 19)  # a model that stores no thresholds predicts at 0.5
     with pytest.raises(ValueError, match="shape"):
         codec.decode(np.zeros(4), 0.5)
 

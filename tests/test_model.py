@@ -450,6 +450,8 @@ def test_save_and_load_give_identical_outputs(tmp_path) -> None:
     batch = make_batch()
     batch["caption_ids"] = batch["caption_ids"] % tokenizer.get_vocab_size()
     thresholds = [0.5, 0.4, 0.3, 0.6, 0.5]
+    with pytest.raises(ValueError, match="pass its tokenizer"):  # an export that could not be loaded
+        model.save_pretrained(tmp_path / "export", codec)
     model.save_pretrained(tmp_path / "export", codec, tokenizer, thresholds)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors",
                                                                       "tokenizer.json"]
@@ -471,10 +473,12 @@ def test_save_and_load_give_identical_outputs(tmp_path) -> None:
 def test_load_errors_name_the_file_and_tensor(tmp_path) -> None:
     from multimodal.labels import LabelCodec
 
+    from multimodal.text import train_caption_tokenizer
+
     model = MultimodalClassifier(make_config(image=False))
     codec = LabelCodec.from_labels([(k,) for k in range(C)])
     folder = tmp_path / "export"
-    model.save_pretrained(folder, codec, thresholds=0.5)
+    model.save_pretrained(folder, codec, train_caption_tokenizer(["a dog on a mat"]), thresholds=0.5)
     assert json.loads((folder / "config.json").read_text())["thresholds"] == [0.5] * C
 
     data = json.loads((folder / "config.json").read_text())

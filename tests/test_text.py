@@ -43,6 +43,8 @@ def test_encode_captions_pads_truncates_and_keeps_empty(tokenizer):
     assert ids[2, 1:].tolist() == [PAD_ID] * 2 and ids[2, 0] != PAD_ID
     ids, lengths = encode_captions(tokenizer, ["", ""])
     assert ids.shape == (2, 1) and lengths.tolist() == [0, 0] and ids.eq(PAD_ID).all()
+    ids, lengths = encode_captions(tokenizer, [None, float("nan")])  # missing captions (pandas: NaN) are empty
+    assert lengths.tolist() == [0, 0] and ids.eq(PAD_ID).all()
 
 
 def test_save_load_round_trip(tokenizer, tmp_path):

@@ -743,6 +743,48 @@ def test_predict_writes_one_row_per_input_in_order_by_the_stored_thresholds(run_
     assert ((p >= 0) & (p <= 1)).all() and len({tuple(row) for row in p}) == NUM_TEST  # a prediction per row
 
 
+def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_only: Path, data_dir: Path,
+                                                        tmp_path: Path) -> None:
+    import multimodal
+    from PIL import Image
+
+    frame = read_annotations(data_dir / "test.csv")
+    out, probs = tmp_path / "predictions.csv", tmp_path / "probabilities.csv"
+    run(PREDICT, "--checkpoint", run_dir / "model", "--data-dir", data_dir, "--output", out, "--probabilities", probs,
+        "--workers", 0)
+    expected = pd.read_csv(probs).iloc[:, 1:].to_numpy()
+    model = multimodal.MultimodalClassifier.from_pretrained(run_dir / "model")
+    paths = [data_dir / "data" / image_id for image_id in frame["ImageID"]]
+    captions = list(frame["Caption"])
+    np.testing.assert_allclose(model.predict_probabilities(paths, captions, batch_size=5), expected, atol=2e-6)
+    labels = model.predict(paths, captions)
+    assert [" ".join(map(str, ids)) for ids in labels] == [r["Labels"] for r in read_rows(out)]
+    assert all(labels)  # at least one label each, as predict.py writes
+    # In-memory images in another mode are converted as files are read; the caller's training mode is restored.
+    rgba = [Image.open(p).convert("RGBA") for p in paths[:3]]
+    model.train()
+    np.testing.assert_allclose(model.predict_probabilities(rgba, captions[:3]), expected[:3], atol=2e-6)
+    assert model.training
+    model.eval()
+    assert model.predict_probabilities([Image.open(paths[0]).convert("L")], captions[:1]).shape == (1, len(LABELS))
+    # Missing captions (None, or NaN: pandas' empty cell) are empty, here and in predict_to_csv.
+    blank = model.predict_probabilities(paths[:2], ["", ""])
+    np.testing.assert_allclose(model.predict_probabilities(paths[:2], [None, float("nan")]), blank, atol=1e-7)
+    np.testing.assert_allclose(model.predict_probabilities(paths[:2]), blank, atol=1e-7)
+    (tmp_path / "empty.csv").write_text(f"ImageID,Caption\n{paths[0].name},\n{paths[1].name},\n")
+    result = multimodal.predict_to_csv(model, pd.read_csv(tmp_path / "empty.csv"), data_dir / "data",
+                                       tmp_path / "api.csv", keep_probabilities=True, workers=0)  # no accelerator
+    np.testing.assert_allclose(result["probabilities"], blank, atol=2e-6)
+    with pytest.raises(ValueError, match="image branch: give images"):
+        model.predict(captions=captions)
+    with pytest.raises(ValueError, match="3 images but 2 captions"):
+        model.predict(paths[:3], captions[:2])
+    # A caption model predicts from captions alone.
+    captioner = multimodal.MultimodalClassifier.from_pretrained(caption_only)
+    assert len(captioner.predict(captions=captions)) == NUM_TEST
+    assert multimodal.__version__ == "0.1.0"
+
+
 def test_predict_cuts_captions_where_training_did(data_dir: Path, tmp_path: Path) -> None:
     """``--max-caption-length`` is part of the model: `predict.py` reproduces the run's validation probabilities."""
     out = tmp_path / "run"
@@ -869,7 +911,7 @@ def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path
                       (("--asl-clip", 0.1), "it needs --asl-gamma-neg"),
                       (("--image-cache", tmp_path / "c", "--cache-features", tmp_path / "f"), "give one of them"),
                       (("--resume", tmp_path / "any", "--lr", 0.1),
-                       "only --workers, --skip-bad-images, --[no-]verify-images may be given with it, not --lr")):
+                       "only --workers, --skip-bad-images, --[no-]verify-images may be given with it, not")):
         proc = run(TRAIN, "--data-dir", data_dir, *TINY, *bad, "--output-dir", tmp_path / "bad", check=False)
         assert proc.returncode == 2 and said in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
 
