@@ -800,7 +800,9 @@ class MultimodalClassifier(nn.Module):
             raise FileNotFoundError(f"model folder {directory} does not exist")
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"model folder {directory} has no {path.name} (expected {path})")
+                hint = (f"; {directory / 'model'} is the model a training run exports"
+                        if (directory / "model" / CONFIG_NAME).is_file() else "")
+                raise FileNotFoundError(f"model folder {directory} has no {path.name} (expected {path}){hint}")
         try:
             data = json.loads(config_path.read_text())
             version = data.get("format_version")

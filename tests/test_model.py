@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import traceback
 from pathlib import Path
 
@@ -490,6 +491,10 @@ def test_load_errors_name_the_file_and_tensor(tmp_path) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"export has no model\.safetensors"):
         MultimodalClassifier.from_pretrained(folder)
+    run = tmp_path / "run"  # a training run's folder, given instead of its exported model
+    shutil.copytree(folder, run / "model")
+    with pytest.raises(FileNotFoundError, match=r"run has no config\.json .*; .*run/model is the model a training run"):
+        MultimodalClassifier.from_pretrained(run)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MultimodalClassifier.from_pretrained(tmp_path / "nowhere")
 
@@ -497,8 +502,6 @@ def test_load_errors_name_the_file_and_tensor(tmp_path) -> None:
 def test_a_broken_model_folder_is_refused_naming_the_file(tmp_path) -> None:
     """Every file of an export that cannot be read gives a `ModelFolderError` (which the scripts print as one line)
     naming it, before any prediction: nothing surfaces later from deep inside the model."""
-    import shutil
-
     from multimodal.labels import LabelCodec
     from multimodal.model import ModelFolderError
     from multimodal.text import train_caption_tokenizer
