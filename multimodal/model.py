@@ -532,7 +532,12 @@ class MultimodalClassifier(nn.Module):
         ``image_features`` replaces ``image``: pooled encoder output [B, F] (cached once with the encoder frozen), or
         the feature map [B, C, h, w] below the last ``self.tail_stages`` stages, which are then run here.
         Inputs of a switched-off branch are ignored.
+
+        Raises:
+            ValueError: an input that is not a tensor of the expected kind, or batch sizes that differ (shapes only:
+                nothing is read back from the device).
         """
+        self._check_inputs(image, caption_ids, caption_lengths, image_features)
         features = {}
         attention = self.config.image_attention > 0
         if self.image_encoder is not None:
@@ -559,6 +564,31 @@ class MultimodalClassifier(nn.Module):
         return features
 
     encode = forward_features
+
+    def _check_inputs(self, image: Any, caption_ids: Any, caption_lengths: Any, image_features: Any) -> None:
+        def kind(x: Any) -> str:
+            return f"{x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+
+        sizes = {}
+        if self.image_encoder is not None and image_features is None and image is not None:
+            if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+                raise ValueError(f"`image` must be a float tensor [B, 3, H, W], got a {kind(image)} (`preprocess` "
+                                 "makes one from PIL images or image files)")
+            sizes["image"] = image.shape[0]
+        if self.image_encoder is not None and image_features is not None:
+            if not torch.is_tensor(image_features) or image_features.ndim not in (2, 4):
+                raise ValueError(f"`image_features` must be a tensor [B, F] or [B, C, h, w], got a "
+                                 f"{kind(image_features)}")
+            sizes["image_features"] = image_features.shape[0]
+        if self.caption_encoder is not None and caption_ids is not None:
+            if not torch.is_tensor(caption_ids) or caption_ids.ndim != 2 or caption_ids.is_floating_point():
+                raise ValueError(f"`caption_ids` must be an integer tensor [B, L] of token ids, got a "
+                                 f"{kind(caption_ids)} (`preprocess` makes them from caption strings)")
+            sizes["caption_ids"] = caption_ids.shape[0]
+            if caption_lengths is not None:
+                sizes["caption_lengths"] = len(caption_lengths)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the inputs' batch sizes differ: {sizes}")
 
     def forward_head(self, features: dict[str, torch.Tensor],
                      label_seq: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:

@@ -554,6 +554,25 @@ def test_channels_last_forward_and_export(tmp_path) -> None:
                                rtol=1e-4, atol=1e-5)
 
 
+def test_inputs_of_the_wrong_kind_are_refused_with_what_was_expected() -> None:
+    from PIL import Image
+
+    model = MultimodalClassifier(make_config()).eval()
+    batch = make_batch()
+    image, ids, lengths = batch["image"], batch["caption_ids"], batch["caption_lengths"]
+    for bad, match in (
+            (dict(image=Image.new("RGB", (32, 32))), r"`image` must be a float tensor \[B, 3, H, W\], got a Image"),
+            (dict(image=(image * 255).to(torch.uint8)), r"got a torch.uint8 tensor of shape \(3, 3, 32, 32\)"),
+            (dict(image=image[:, :1]), r"got a torch.float32 tensor of shape \(3, 1, 32, 32\)"),
+            (dict(caption_ids="a dog on a mat"), r"`caption_ids` must be an integer tensor \[B, L\].*got a str"),
+            (dict(caption_ids=ids[0]), r"got a torch.int64 tensor of shape \(6,\)"),
+            (dict(image=image[:2]), r"batch sizes differ: \{'image': 2, 'caption_ids': 3, 'caption_lengths': 3\}")):
+        inputs = {"image": image, "caption_ids": ids, "caption_lengths": lengths} | bad
+        with pytest.raises(ValueError, match=match):
+            model(**inputs)
+    assert model(image, ids, lengths)["fused_logits"].shape == (3, C)
+
+
 def test_bf16_autocast_forward_loss_and_decode_are_finite() -> None:
     torch.manual_seed(0)
     model = MultimodalClassifier(make_config())
