@@ -702,6 +702,9 @@ class MultimodalClassifier(nn.Module):
         from .images import build_transform, draft_size_for, load_image, to_rgb
         from .text import encode_captions
 
+        for name, value in (("images", images), ("captions", captions)):
+            if isinstance(value, (str, os.PathLike, Image.Image)):  # not a list of one: its characters or pixels
+                raise TypeError(f"`{name}` takes one item per input, in a list: for a single one, [{name[:-1]}]")
         count = len(images) if images is not None else len(captions) if captions is not None else 0
         if images is None and captions is None:
             raise ValueError("give images, captions or both")

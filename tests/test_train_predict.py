@@ -779,6 +779,9 @@ def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_o
         model.predict(captions=captions)
     with pytest.raises(ValueError, match="3 images but 2 captions"):
         model.predict(paths[:3], captions[:2])
+    with pytest.raises(TypeError, match=r"`images` takes one item per input, in a list: for a single one, \[image\]"):
+        model.predict(str(paths[0]), [captions[0]])
+    assert model.predict([paths[0]], [captions[0]]) == labels[:1] and model.predict([], []) == []
     # A caption model predicts from captions alone.
     captioner = multimodal.MultimodalClassifier.from_pretrained(caption_only)
     assert len(captioner.predict(captions=captions)) == NUM_TEST
