@@ -22,7 +22,6 @@ import argparse
 import csv
 import logging
 import sys
-import time
 from pathlib import Path
 
 from multimodal.cli import HelpFormatter  # standard library only: --help needs no torch
@@ -110,10 +109,8 @@ def main(args: argparse.Namespace) -> int:
     if args.image_cache and args.decode_on_device:
         raise SystemExit("--decode-on-device decodes the image files: it cannot be combined with --image-cache")
     if args.verify_images and image_dir is not None and not args.skip_bad_images:  # before a cache build too
-        from multimodal.data import ImageCaptionDataset
-        start = time.perf_counter()
-        ImageCaptionDataset(frame, image_dir).check_images(decode=True, workers=max(1, args.workers), progress=True)
-        logger.info("images: all %d decode (%.1f s to check)", len(frame), time.perf_counter() - start)
+        from multimodal.training import verify_images
+        verify_images(frame, image_dir, args.workers, accelerator)
     if args.image_cache and image_dir is not None:
         from multimodal.data import build_model_image_cache
         caches = [build_model_image_cache(m.config, frame["ImageID"], image_dir, args.image_cache,

@@ -477,6 +477,20 @@ def residual_attention(feature_map: torch.Tensor, weight: torch.Tensor, temperat
     return (torch.softmax(temperature * scores, dim=-1) * scores).sum(-1)
 
 
+def _count_inputs(images: Optional[Sequence[Any]], captions: Optional[Sequence[Any]]) -> int:
+    """How many inputs `MultimodalClassifier.preprocess` is given: lists of images and/or captions of one length."""
+    from PIL import Image
+
+    for name, value in (("images", images), ("captions", captions)):
+        if isinstance(value, (str, os.PathLike, Image.Image)):  # not a list of one: its characters or pixels
+            raise TypeError(f"`{name}` takes one item per input, in a list: for a single one, [{name[:-1]}]")
+    if images is None and captions is None:
+        raise ValueError("give images, captions or both")
+    if images is not None and captions is not None and len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    return len(images) if images is not None else len(captions)
+
+
 class MultimodalClassifier(nn.Module):
     """Image branch + caption branch + fused head + CNN-RNN label decoder; see `ModelConfig` for the switches.
 
@@ -702,14 +716,7 @@ class MultimodalClassifier(nn.Module):
         from .images import build_transform, draft_size_for, load_image, to_rgb
         from .text import encode_captions
 
-        for name, value in (("images", images), ("captions", captions)):
-            if isinstance(value, (str, os.PathLike, Image.Image)):  # not a list of one: its characters or pixels
-                raise TypeError(f"`{name}` takes one item per input, in a list: for a single one, [{name[:-1]}]")
-        count = len(images) if images is not None else len(captions) if captions is not None else 0
-        if images is None and captions is None:
-            raise ValueError("give images, captions or both")
-        if images is not None and captions is not None and len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        count = _count_inputs(images, captions)
         cfg = self.config
         inputs: dict[str, torch.Tensor] = {}
         if self.image_encoder is not None:
@@ -735,7 +742,7 @@ class MultimodalClassifier(nn.Module):
         device and in its floating-point type. The same probabilities `predict.py` writes."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        count = len(images) if images is not None else len(captions) if captions is not None else 0
+        count = _count_inputs(images, captions)  # checked whole, before the batches
         weight = next(p for p in self.parameters() if p.is_floating_point())
         was_training = self.training
         self.eval()

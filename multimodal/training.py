@@ -52,6 +52,13 @@ USER_ERRORS = (AnnotationError, ImageLoadError, FileNotFoundError, FloatingPoint
 _WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
 
 
+def worker_error_name(err: BaseException) -> Optional[str]:
+    """The type name of the error a DataLoader worker raised, when ``err`` is torch's re-raise of it in the main
+    process (a RuntimeError that names it), else None."""
+    match = _WORKER_ERROR.match(str(err)) if isinstance(err, RuntimeError) else None
+    return None if match is None else match[1]
+
+
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             interrupted: Optional[str] = None) -> int:
     """Run a script's ``main``: an input error (malformed CSV, missing or corrupt image, missing file, non-finite
@@ -65,11 +72,11 @@ def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     except USER_ERRORS as err:
         message = str(err)
     except RuntimeError as err:  # re-raised from a DataLoader worker: the original error is the text's last line
-        match = _WORKER_ERROR.match(str(err))
-        if match is None or match[1] not in {cls.__name__ for cls in USER_ERRORS}:
+        name = worker_error_name(err)
+        if name not in {cls.__name__ for cls in USER_ERRORS}:
             raise
         last = str(err).strip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(match[1]) else last
+        message = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(name) else last
     print(f"error: {message}", file=sys.stderr, flush=True)
     return 1
 
@@ -300,8 +307,7 @@ def resume_hint_on_image_error(run_dir: Path, processes: int) -> Iterator[None]:
     try:
         yield
     except (ImageLoadError, RuntimeError) as err:
-        match = _WORKER_ERROR.match(str(err)) if isinstance(err, RuntimeError) else None
-        image_error = isinstance(err, ImageLoadError) or (match is not None and match[1] == ImageLoadError.__name__)
+        image_error = isinstance(err, ImageLoadError) or worker_error_name(err) == ImageLoadError.__name__
         if image_error and CheckpointManager.latest(run_dir) is not None:
             if run_dir.is_symlink():  # resumed through runs/latest, which the next run will move
                 run_dir = run_dir.parent / os.readlink(run_dir)
@@ -316,11 +322,12 @@ def resume_hint_on_image_error(run_dir: Path, processes: int) -> Iterator[None]:
 
 
 def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, state: PartialState,
-                  resuming: bool = False) -> None:
+                  resuming: bool = False, off_switch: Optional[str] = None) -> None:
     """Decode every image a run will read (``frame``: its rows, or every row where a cache holds them all), once,
-    before it sets up and trains (`ImageCaptionDataset.check_images`): a corrupt file stops the run now, with every
-    bad row listed, instead of when the loader or a cache build reaches the first one. With several processes each
-    decodes its share of the rows, and every process stops with the same list."""
+    before it sets up and trains or predicts (`ImageCaptionDataset.check_images`): a corrupt file stops the run now,
+    with every bad row listed, instead of when the loader or a cache build reaches the first one. With several
+    processes (``state``: a `PartialState` or an `Accelerator`) each decodes its share of the rows, and every process
+    stops with the same list. ``off_switch``: the flag that skips the check, named in the log line."""
     start = time.perf_counter()
     share = frame.iloc[state.process_index::state.num_processes]
     bad = ImageCaptionDataset(share, image_dir).check_images(strict=False, decode=True, workers=max(1, workers),
@@ -333,7 +340,7 @@ def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, state: Par
     if state.is_main_process:
         logger.info(f"images: all {len(frame)} decode ({time.perf_counter() - start:.1f} s to check"
                     + (f", a share on each of {state.num_processes} processes" if state.num_processes > 1 else "")
-                    + "; --no-verify-images skips this)")
+                    + (f"; {off_switch} skips this" if off_switch else "") + ")")
 
 
 def trivial_baseline(train_frame: pd.DataFrame, val_targets: np.ndarray, codec: LabelCodec) -> float:
@@ -378,7 +385,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_image and not args.skip_bad_images and getattr(args, "verify_images", None) is not False:
         caching = args.cache_features or getattr(args, "image_cache", None)  # caches hold every row of the file
         verify_images(frame if caching else pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir,
-                      args.workers, state, resuming=checkpoint is not None)
+                      args.workers, state, resuming=checkpoint is not None, off_switch="--no-verify-images")
     run_dir = make_run_dir(args, state)
     jsonl = JSONLinesTracker(run_dir / "log.jsonl")
     trackers: list[Any] = [jsonl]

@@ -114,14 +114,18 @@ def test_draft_size_for():
     assert draft_size_for(ENCODER, 224, training=True) == 224
 
 
-def test_throughput_smoke(tmp_path):
-    output = tmp_path / "smoke.json"
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke",
-                           "--sections", "train,infer,loader,options,draft,memory", "--output", str(output)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_smoke(script: str, output: Path, *args: str, **env: str) -> dict:
+    """``benchmarks/SCRIPT --smoke ARGS --output OUTPUT`` in a subprocess, which must succeed: its JSON results."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args, "--output",
+                           str(output)], cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(output.read_text())
+    return json.loads(output.read_text())
+
+
+def test_throughput_smoke(tmp_path):
+    results = run_smoke("throughput.py", tmp_path / "smoke.json", "--sections",
+                        "train,infer,loader,options,draft,memory", OMP_WAIT_POLICY="PASSIVE", TQDM_DISABLE="1")
     machine = results["machine"]
     for key in ("cpu_model", "cpu_count", "torch", "loadavg_start", "device"):
         assert key in machine
@@ -306,12 +310,7 @@ def test_median_paired_ratio_resists_one_slowed_step():
 
 
 def test_recipe_step_smoke(tmp_path):
-    output = tmp_path / "recipe.json"
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_step.py"), "--smoke", "--output",
-                           str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(output.read_text())
+    results = run_smoke("recipe_step.py", tmp_path / "recipe.json", OMP_WAIT_POLICY="PASSIVE")
     for variant in ("packed+loop", "padded+loop", "packed+fused", "padded+fused"):
         assert results[variant]["images_per_s"] > 0 and len(results[variant]["step_seconds"]) == 2
     assert len(results["map_shape"]) == 3  # the cached map below the trained tail: [C, h, w]
@@ -320,11 +319,7 @@ def test_recipe_step_smoke(tmp_path):
 
 
 def test_ensemble_predict_smoke(tmp_path):
-    output = tmp_path / "ensemble.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ensemble_predict.py"), "--smoke", "--output",
-                           str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(output.read_text())
+    results = run_smoke("ensemble_predict.py", tmp_path / "ensemble.json")
     assert results["shared_stem_stages"] == 1  # the smoke members differ in their last stage only
     assert results["agreement"] == {"max_abs_probability_difference": pytest.approx(0.0, abs=2e-6),
                                     "same_labels": True}
@@ -334,11 +329,7 @@ def test_ensemble_predict_smoke(tmp_path):
 
 
 def test_verify_images_smoke(tmp_path):
-    output = tmp_path / "verify.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "verify_images.py"), "--smoke", "--output",
-                           str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(output.read_text())
+    results = run_smoke("verify_images.py", tmp_path / "verify.json")
     for name in ("verify_1_thread", "verify_2_threads", "exists_only", "loader_epoch"):
         assert results["measured"][name]["images"] == results["rows"] == 40
     assert all(v > 0 for v in results["ratios"].values())
