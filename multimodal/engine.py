@@ -447,8 +447,12 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
     for batch in loader:
         if prepare is not None:
             batch = prepare(batch)
-        if bad_images is not None and "image_ok" in batch and not all_images_ok(batch):
+        missing = "image_ok" in batch and not all_images_ok(batch)
+        if bad_images is not None and missing:
             bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
+        # The final output of an unreadable image is its caption's, as predict.py gives it.
+        image_ok = (batch["image_ok"] if missing and core.image_encoder is not None and core.caption_encoder is not None
+                    else None)
         inputs = model_inputs(batch)
         with accelerator.autocast():  # a model that was not prepared (a weight average) runs in the run's precision
             outputs = model(**inputs)
@@ -456,8 +460,8 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
                      for name in ("image", "caption", "fused") if f"{name}_logits" in outputs}
             if with_decoder and core.label_decoder is not None:
                 probs["decoder"] = core.decode(**inputs, outputs=outputs)[1].float()
-            probs["final"] = core.predict_proba(**inputs, outputs=outputs,
-                                                decoder_scores=probs.get("decoder")).float()
+            probs["final"] = core.predict_proba(**inputs, outputs=outputs, decoder_scores=probs.get("decoder"),
+                                                image_ok=image_ok).float()
         probs["targets"] = batch["targets"].float()
         probs["index"] = batch["index"]
         gathered = accelerator.gather_for_metrics(probs)

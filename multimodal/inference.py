@@ -130,16 +130,13 @@ def iter_predictions(model: MultimodalClassifier | Sequence[MultimodalClassifier
                 if stem_stages is not None and inputs.get("image") is not None:
                     inputs["image_features"] = models[0].image_encoder.forward_stem(inputs.pop("image"), stem_stages)
                 for m in models:
+                    # An unreadable image: predicted from the caption alone, or (no caption branch) unusable.
+                    from_caption = not all_ok and m.image_encoder is not None and m.caption_encoder is not None
                     with _tail_stages(m, stem_stages or 0):
-                        p = m.predict_proba(**inputs).float()
+                        p = m.predict_proba(**inputs, image_ok=batch["image_ok"] if from_caption else None).float()
                     ok = torch.ones(len(p), dtype=torch.bool, device=p.device)
-                    if not all_ok and m.image_encoder is not None:
-                        bad = ~batch["image_ok"]
-                        if m.caption_encoder is not None:
-                            embedding = m.caption_encoder(batch["caption_ids"][bad], batch["caption_lengths"][bad])
-                            p[bad] = torch.sigmoid(m.caption_head(embedding).float())
-                        else:
-                            ok &= ~bad
+                    if not all_ok and m.image_encoder is not None and m.caption_encoder is None:
+                        ok &= batch["image_ok"]
                     probs.append(p)
                     usable.append(ok)
             errors = [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e is not None]

@@ -209,7 +209,12 @@ class CaptionEncoder(nn.Module):
         if L == 0:  # every caption empty and nothing padded: one pad step keeps packing valid
             caption_ids = caption_ids.new_full((B, 1), self.pad_id)
             L = 1
-        x = self.embed_drop(self.embedding(caption_ids))  # [B, L, E]
+        try:
+            x = self.embed_drop(self.embedding(caption_ids))  # [B, L, E]
+        except IndexError as error:  # on the CPU (a GPU fails later, in a device-side assert); checking reads back
+            raise ValueError(f"`caption_ids` holds token ids outside the caption encoder's vocabulary (0.."
+                             f"{self.embedding.num_embeddings - 1}): encode captions with the model's own tokenizer "
+                             "(`MultimodalClassifier.preprocess`)") from error
         raw = to_device_async(caption_lengths, x.device)  # [B] where the model runs
         empty = raw <= 0  # [B]
         lengths = raw.clamp(1, L)  # [B]
@@ -674,12 +679,27 @@ class MultimodalClassifier(nn.Module):
                       caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
                       image_features: Optional[torch.Tensor] = None, beam_width: Optional[int] = None,
                       outputs: Optional[dict[str, torch.Tensor]] = None,
-                      decoder_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      decoder_scores: Optional[torch.Tensor] = None,
+                      image_ok: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final label probabilities [B, C] (float32) by ``config.combine``.
 
         ``outputs`` (a `forward` result) and ``decoder_scores`` (from `decode`) avoid recomputing what the caller
         already has.
+
+        ``image_ok`` [B] (bool): False for an input that has no usable image (its rows of ``image`` are ignored, any
+        values will do). Those inputs get the caption branch's own probabilities (its BCE head), as `predict.py
+        --skip-bad-images` predicts an unreadable image. Ignored by a model without an image branch; a model with an
+        image branch and no caption branch refuses it. Selected on the device: nothing is read back.
         """
+        if image_ok is not None and self.image_encoder is not None:
+            batch = next((len(x) for x in (image, image_features, caption_ids) if x is not None), None)
+            if not torch.is_tensor(image_ok) or image_ok.dtype != torch.bool or image_ok.ndim != 1 or (
+                    batch is not None and len(image_ok) != batch):
+                raise ValueError(f"`image_ok` must be a bool tensor [B] (B = {batch}), one flag per input")
+            if self.caption_encoder is None:
+                raise ValueError("this model has no caption branch to predict inputs without an image from")
+        else:
+            image_ok = None
         if outputs is None:
             outputs = self(image, caption_ids, caption_lengths, image_features=image_features)
         cfg = self.config
@@ -696,6 +716,9 @@ class MultimodalClassifier(nn.Module):
             if decoder_scores is None:
                 decoder_scores = self.decode(beam_width=beam_width, outputs=outputs)[1]
             probs = (1.0 - cfg.decoder_weight) * probs + cfg.decoder_weight * decoder_scores.float()
+        if image_ok is not None:
+            caption_probs = torch.sigmoid(outputs["caption_logits"].float())
+            probs = torch.where(image_ok.to(probs.device).unsqueeze(1), probs, caption_probs)
         return probs
 
     def preprocess(self, images: Optional[Sequence[Any]] = None,
@@ -707,7 +730,8 @@ class MultimodalClassifier(nn.Module):
 
         Args:
             images: N PIL images (any mode: converted to RGB as image files are) or image file paths; needed when
-                the model has an image branch.
+                the model has an image branch. ``None`` for an input without an image: a model with both branches
+                predicts it from its caption alone (``image_ok`` in the result marks it, for `predict_proba`).
             captions: N captions (``None`` or NaN: empty); without them a caption branch sees empty captions, as
                 `predict.py` gives it when there is no CSV.
         """
@@ -721,12 +745,19 @@ class MultimodalClassifier(nn.Module):
         inputs: dict[str, torch.Tensor] = {}
         if self.image_encoder is not None:
             if images is None:
-                raise ValueError("the model has an image branch: give images (PIL images or file paths)")
+                hint = (f"; to predict from the captions alone, pass None for each image: images=[None] * "
+                        f"{count}" if self.caption_encoder is not None else "")
+                raise ValueError(f"the model has an image branch: give images (PIL images or file paths){hint}")
+            missing = self._missing_images(images)
             transform = build_transform(cfg.image_encoder, cfg.image_size, False, crop=cfg.image_crop)
             draft = draft_size_for(cfg.image_encoder, cfg.image_size, crop=cfg.image_crop)
+            blank = torch.zeros(3, cfg.image_size, cfg.image_size)
             inputs["image"] = torch.stack([
+                blank if image is None else
                 transform(to_rgb(image) if isinstance(image, Image.Image) else load_image(image, draft))
                 for image in images]) if count else torch.empty(0, 3, cfg.image_size, cfg.image_size)
+            if missing:
+                inputs["image_ok"] = torch.tensor([image is not None for image in images])
         if self.caption_encoder is not None:
             if self.tokenizer is None:
                 raise ValueError("the model has a caption branch but no tokenizer: load it with from_pretrained, or "
@@ -734,6 +765,15 @@ class MultimodalClassifier(nn.Module):
             inputs["caption_ids"], inputs["caption_lengths"] = encode_captions(
                 self.tokenizer, [""] * count if captions is None else list(captions), cfg.max_caption_length)
         return inputs
+
+    def _missing_images(self, images: Sequence[Any]) -> list[int]:
+        """The positions of ``images`` given as ``None``; refused without a caption branch to predict them from."""
+        missing = [i for i, image in enumerate(images) if image is None]
+        if missing and self.image_encoder is not None and self.caption_encoder is None:
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise ValueError(f"images {missing[:10]}{more} are None, and this model has no caption branch to predict "
+                             "them from")
+        return missing
 
     def predict_probabilities(self, images: Optional[Sequence[Any]] = None, captions: Optional[Sequence[Any]] = None,
                               *, batch_size: int = 32) -> np.ndarray:
@@ -743,6 +783,8 @@ class MultimodalClassifier(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         count = _count_inputs(images, captions)  # checked whole, before the batches
+        if images is not None:
+            self._missing_images(images)
         weight = next(p for p in self.parameters() if p.is_floating_point())
         was_training = self.training
         self.eval()

@@ -566,11 +566,39 @@ def test_inputs_of_the_wrong_kind_are_refused_with_what_was_expected() -> None:
             (dict(image=image[:, :1]), r"got a torch.float32 tensor of shape \(3, 1, 32, 32\)"),
             (dict(caption_ids="a dog on a mat"), r"`caption_ids` must be an integer tensor \[B, L\].*got a str"),
             (dict(caption_ids=ids[0]), r"got a torch.int64 tensor of shape \(6,\)"),
-            (dict(image=image[:2]), r"batch sizes differ: \{'image': 2, 'caption_ids': 3, 'caption_lengths': 3\}")):
+            (dict(image=image[:2]), r"batch sizes differ: \{'image': 2, 'caption_ids': 3, 'caption_lengths': 3\}"),
+            (dict(caption_ids=ids + VOCAB), r"token ids outside the caption encoder's vocabulary \(0\.\.29\)"),
+            (dict(caption_ids=ids - 100), r"outside the caption encoder's vocabulary.*model's own tokenizer")):
         inputs = {"image": image, "caption_ids": ids, "caption_lengths": lengths} | bad
         with pytest.raises(ValueError, match=match):
             model(**inputs)
     assert model(image, ids, lengths)["fused_logits"].shape == (3, C)
+    for bad, match in ((torch.tensor([1, 0, 1]), "`image_ok` must be a bool tensor"),
+                       (torch.tensor([True, False]), r"`image_ok` must be a bool tensor \[B\] \(B = 3\)")):
+        with pytest.raises(ValueError, match=match):
+            model.predict_proba(image, ids, lengths, image_ok=bad)
+
+
+@pytest.mark.parametrize("combine", ["fused", "fused_decoder", "mean"])
+def test_inputs_without_an_image_get_the_caption_heads_probabilities(combine: str) -> None:
+    """``image_ok`` False: that row's probabilities are the caption head's, whatever its image tensor holds; the
+    other rows are unchanged. A model without a caption branch refuses it; one without an image branch ignores it."""
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(combine=combine)).eval()
+    inputs = inputs_of(make_batch())
+    full = model.predict_proba(**inputs)
+    caption = torch.sigmoid(model(**inputs)["caption_logits"])
+    ok = torch.tensor([True, False, True])
+    garbage = inputs | {"image": inputs["image"].clone().index_fill_(0, torch.tensor([1]), float("nan"))}
+    got = model.predict_proba(**garbage, image_ok=ok)
+    torch.testing.assert_close(got[ok], full[ok])
+    torch.testing.assert_close(got[1], caption[1])
+    assert not torch.allclose(full[1], caption[1])  # the fallback changed something
+    image_only = MultimodalClassifier(make_config(caption=False)).eval()
+    with pytest.raises(ValueError, match="no caption branch to predict inputs without an image"):
+        image_only.predict_proba(inputs["image"], image_ok=ok)
+    captioner = MultimodalClassifier(make_config(image=False)).eval()
+    torch.testing.assert_close(captioner.predict_proba(**inputs, image_ok=ok), captioner.predict_proba(**inputs))
 
 
 def test_bf16_autocast_forward_loss_and_decode_are_finite() -> None:

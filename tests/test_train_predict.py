@@ -33,6 +33,7 @@ from multimodal.engine import CheckpointManager
 from multimodal.labels import LabelCodec
 from multimodal.metrics import compute_metrics
 from multimodal.model import MultimodalClassifier
+from multimodal.text import encode_captions
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -687,15 +688,27 @@ def test_resume_refuses_another_number_of_processes(data_dir: Path, tmp_path: Pa
 
 
 def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_path: Path) -> None:
+    frame = read_annotations(data_dir / "train.csv")
+    _, val = train_val_split(frame, 0.2, seed=0)
+    in_val = val["ImageID"].iloc[2]
+    bad = sorted({"3.jpg", "4.jpg", in_val}, key=lambda i: frame.index[frame["ImageID"] == i][0])
     images = copy_images(data_dir, tmp_path / "images")
     break_image(images, "3.jpg", "missing")
     break_image(images, "4.jpg", "corrupt")
+    break_image(images, in_val, "corrupt")
     out = tmp_path / "run"
     proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, "--skip-bad-images", *TINY, "--epochs", 1,
                "--no-plots", "--output-dir", out)
-    assert json.loads((out / "metrics.json").read_text())["bad_images"] == ["3.jpg", "4.jpg"]
-    assert "skipped 2 unreadable image(s): 3.jpg, 4.jpg" in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["bad_images"]) == sorted(bad)
+    assert f"skipped {len(bad)} unreadable image(s): " in proc.stderr
     assert (out / "model" / "model.safetensors").is_file()
+    # The validation image that could not be read is scored as predict.py predicts it: from its caption alone.
+    predictions = np.load(out / "val_predictions.npz")
+    row = list(val["ImageID"]).index(in_val)
+    np.testing.assert_allclose(predictions["final"][row], predictions["caption"][row], atol=1e-6)
+    others = np.arange(len(val)) != row
+    assert not np.allclose(predictions["final"][others], predictions["caption"][others], atol=1e-3)
 
 
 def test_train_reports_a_bad_csv_with_file_and_line(data_dir: Path, tmp_path: Path) -> None:
@@ -743,8 +756,8 @@ def test_predict_writes_one_row_per_input_in_order_by_the_stored_thresholds(run_
     assert ((p >= 0) & (p <= 1)).all() and len({tuple(row) for row in p}) == NUM_TEST  # a prediction per row
 
 
-def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_only: Path, data_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_only: Path, image_only_bf16: Path,
+                                                        data_dir: Path, tmp_path: Path) -> None:
     import multimodal
     from PIL import Image
 
@@ -775,8 +788,21 @@ def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_o
     result = multimodal.predict_to_csv(model, pd.read_csv(tmp_path / "empty.csv"), data_dir / "data",
                                        tmp_path / "api.csv", keep_probabilities=True, workers=0)  # no accelerator
     np.testing.assert_allclose(result["probabilities"], blank, atol=2e-6)
-    with pytest.raises(ValueError, match="image branch: give images"):
+    with pytest.raises(ValueError, match=rf"image branch: give images.*captions alone.*images=\[None\] \* {NUM_TEST}"):
         model.predict(captions=captions)
+    # An input without an image (None) gets the caption head's probabilities, as predict.py --skip-bad-images gives
+    # an unreadable image; the others are unchanged.
+    mixed = model.predict_probabilities([paths[0], None, paths[2]], captions[:3], batch_size=2)
+    np.testing.assert_allclose(mixed[[0, 2]], expected[[0, 2]], atol=2e-6)
+    with torch.no_grad():
+        ids, lengths = encode_captions(model.tokenizer, [captions[1]], model.config.max_caption_length)
+        caption = torch.sigmoid(model.caption_head(model.caption_encoder(ids, lengths))).numpy()
+    np.testing.assert_allclose(mixed[1:2], caption, atol=2e-6)
+    assert not np.allclose(mixed[1], expected[1], atol=1e-3)
+    assert len(model.predict([None] * 3, captions[:3])) == 3
+    image_only = multimodal.MultimodalClassifier.from_pretrained(image_only_bf16 / "model")
+    with pytest.raises(ValueError, match=r"images \[1\] are None, and this model has no caption branch"):
+        image_only.predict([paths[0], None], batch_size=1)  # the position in the whole list, not in its batch
     with pytest.raises(ValueError, match="3 images but 2 captions"):
         model.predict(paths[:3], captions[:2])
     with pytest.raises(TypeError, match=r"`images` takes one item per input, in a list: for a single one, \[image\]"):
