@@ -23,6 +23,7 @@ import csv
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 from multimodal.cli import HelpFormatter  # standard library only: --help needs no torch
 
@@ -74,6 +75,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settings that cannot work, refused before anything is loaded."""
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must not be negative, got {args.workers}")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    outputs: dict[Path, str] = {}
+    for flag, value in (("--output", args.output), ("--probabilities", args.probabilities),
+                        ("--metrics", args.metrics)):
+        if value:
+            path = Path(value).resolve()
+            if path in outputs:
+                parser.error(f"{outputs[path]} and {flag} name the same file ({value}): give each its own")
+            outputs[path] = flag
+
+
+def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: Optional[Path],
+                 models: list) -> None:
+    """What the resolved inputs cannot give the models, and outputs that would overwrite the input."""
+    from multimodal.config import UsageError
+
+    if csv_file is not None:
+        for flag, value in (("--output", args.output), ("--probabilities", args.probabilities),
+                            ("--metrics", args.metrics)):
+            if value and Path(value).resolve() == csv_file.resolve():
+                raise UsageError(f"{flag} {value} is the input CSV: it would be overwritten; write elsewhere")
+    if image_dir is None and any(m.image_encoder is not None for m in models):
+        raise UsageError(f"the model{'s' if len(models) > 1 else ''} read{'' if len(models) > 1 else 's'} images: "
+                         f"give --image-dir (the folder of {csv_file}'s images) or --data-dir")
+    if csv_file is None and all(m.image_encoder is None for m in models):
+        raise UsageError("the model reads captions only (no image branch), and a folder of images has none: give "
+                         "--csv with a Caption column (or --data-dir with a test.csv)")
+
+
 def main(args: argparse.Namespace) -> int:
     # Imported here, after parsing, so that --help needs no torch.
     from accelerate import Accelerator
@@ -93,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
             if model.image_encoder is not None:
                 model.image_encoder.compile_forward()
     frame, image_dir, csv_file = resolve_inputs(args.data_dir, args.csv, args.image_dir)
+    check_inputs(args, csv_file, image_dir, models)
     source = csv_file or image_dir  # what the rows came from, for messages
     targets = None
     if "Labels" in frame:  # checked before predicting: a label the models do not know stops the run now
@@ -154,7 +192,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
     args.checkpoint = args.checkpoint or [DEFAULT_MODEL]
     from multimodal.training import run_cli
 

@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import sys
+from pathlib import Path
 
 from multimodal.cli import HelpFormatter  # these two: standard library only, --help needs no torch
 from multimodal.config import COMBINE_RULES, IMAGE_CROPS, RESUME_OVERRIDES, ModelConfig
@@ -150,7 +151,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "initialisation and data order, e.g. the members of an ensemble, share a split")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>, runs/latest -> it)")
+    g.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>, runs/latest -> it); "
+                   "one that holds an earlier run is refused (--resume continues it, --overwrite replaces it)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="with --output-dir: delete the earlier run in that folder (its checkpoints, model and logs) "
+                        "and start a new one")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0: every one)")
     g.add_argument("--resume", default=None,
@@ -185,9 +190,28 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     for flag, value in (("--batch-size", args.batch_size), ("--max-caption-length", args.max_caption_length),
                         ("--grad-accum", args.grad_accum), ("--epochs", args.epochs), ("--max-steps", args.max_steps),
-                        ("--limit", args.limit)):
+                        ("--limit", args.limit), ("--image-size", args.image_size), ("--word-dim", args.word_dim),
+                        ("--caption-hidden", args.caption_hidden), ("--caption-layers", args.caption_layers),
+                        ("--beam-width", args.beam_width), ("--log-every", args.log_every),
+                        ("--min-word-freq", args.min_word_freq)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--workers", args.workers), ("--warmup-steps", args.warmup_steps),
+                        ("--checkpoint-every", args.checkpoint_every), ("--keep-checkpoints", args.keep_checkpoints),
+                        ("--fusion-hidden", args.fusion_hidden), ("--train-tail-stages", args.train_tail_stages),
+                        ("--caption-bigram-buckets", args.caption_bigram_buckets), ("--lr", args.lr),
+                        ("--backbone-lr", args.backbone_lr), ("--weight-decay", args.weight_decay),
+                        ("--decoder-loss-weight", args.decoder_loss_weight), ("--focal-gamma", args.focal_gamma),
+                        ("--asl-gamma-neg", args.asl_gamma_neg), ("--image-attention", args.image_attention)):
+        if value is not None and value < 0:
+            parser.error(f"{flag} must not be negative, got {value}")
+    for flag, value in (("--dropout", args.dropout), ("--caption-embed-dropout", args.caption_embed_dropout)):
+        if not 0.0 <= value < 1.0:
+            parser.error(f"{flag} must be in [0, 1), got {value}")
+    for flag, value in (("--pretrained-file", args.pretrained_file), ("--label-names", args.label_names),
+                        ("--train-csv", args.train_csv)):
+        if value is not None and not Path(value).is_file():
+            parser.error(f"{flag}: {value} is not a file")
     if not 0.0 <= args.caption_word_dropout < 1.0:
         parser.error(f"--caption-word-dropout must be in [0, 1), got {args.caption_word_dropout}")
     if not 0.0 <= args.modality_dropout <= 0.5:

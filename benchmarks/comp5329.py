@@ -295,6 +295,7 @@ def run_neural(name: str, data_dir: Path, extra: list[str]) -> None:
     commands, member_metrics = [], []
     t0 = time.perf_counter()
     for run_dir, seeds in runs:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a row trains anew (train.py refuses a folder with a run in it)
         cmd = [sys.executable, "train.py", "--data-dir", str(data_dir), "--output-dir", str(run_dir), *seeds,
                *split, "--no-plots", *args, *extra]
         print("+", shlex.join(cmd), flush=True)

@@ -25,7 +25,8 @@ _REQUIRED = ("ImageID", "Caption")
 _RECORD_START = re.compile(
     r'^"?(?P<id>[^",\s]+\.(?:jpe?g|png|bmp|gif|webp|tiff?))"?(?:,|\s*$)', re.IGNORECASE
 )
-_LABELS_FIELD = re.compile(r'^"?(?P<labels>[^,"]*)"?,')
+# The labels field, bare or quoted; a quoted one may hold a comma ("1,3"), which `_parse_labels` then refuses.
+_LABELS_FIELD = re.compile(r'^(?:"(?P<quoted>[^"]*)"|(?P<labels>[^,"]*)),')
 _INTEGER = re.compile(r"^[0-9]+$")
 
 
@@ -60,7 +61,13 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
             quoted caption or a duplicate ``ImageID``.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8-sig").split("\n")  # universal newlines: "\r\n" is already "\n"
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # universal newlines: "\r\n" is already "\n"
+    except UnicodeDecodeError as error:
+        raw = path.read_bytes()
+        raise AnnotationError(path, raw[:error.start].count(b"\n") + 1,
+                              f"not UTF-8 text (byte {raw[error.start:error.start + 1]!r} at offset {error.start}): "
+                              "save the file as UTF-8") from None
     has_labels = _read_header(path, lines[0])
 
     # Group physical lines into records: (first line number, lines).
@@ -91,7 +98,8 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
             field = _LABELS_FIELD.match(rest)
             if field is None:
                 raise AnnotationError(path, number, f"malformed row {image_id!r}: expected ImageID,Labels,Caption")
-            columns["Labels"].append(_parse_labels(path, number, field["labels"]))
+            labels = field["quoted"] if field["quoted"] is not None else field["labels"]
+            columns["Labels"].append(_parse_labels(path, number, labels))
             rest = rest[field.end():]
         columns["ImageID"].append(image_id)
         columns["Caption"].append(_parse_caption(path, number, rest))
@@ -133,7 +141,8 @@ def _parse_labels(path: Path, line: int, text: str) -> tuple[int, ...]:
         raise AnnotationError(path, line, "empty label list")
     for token in tokens:
         if not _INTEGER.match(token):
-            raise AnnotationError(path, line, f"label {token!r} is not a non-negative integer")
+            hint = " (labels are separated by spaces: \"1 3\")" if re.search(r"[0-9][,;][0-9]", token) else ""
+            raise AnnotationError(path, line, f"label {token!r} is not a non-negative integer{hint}")
     return tuple(int(token) for token in tokens)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -153,12 +154,37 @@ class LossConfig:
 
 
 def save_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+    """Write JSON atomically (temporary file, flushed to disk, then renamed), so neither a crash nor a power loss
+    leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    fsync(tmp)
     tmp.replace(path)
+    fsync(path.parent)
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (a rename into it), to disk. Contents must reach the disk before the
+    rename that publishes them: otherwise a power loss can keep the rename and lose the contents. Folders cannot be
+    opened on some systems (Windows); there the rename is left to the file system."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """`fsync` every file under ``root`` and every folder, ``root`` included."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync(os.path.join(folder, name))
+        fsync(folder)
 
 
 def _json_default(obj: Any) -> Any:

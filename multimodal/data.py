@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
+from multimodal.config import UsageError
 from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
                                resize_for_cache, update_files_digest)
 from multimodal.labels import LabelCodec
@@ -589,7 +590,8 @@ def train_val_split(frame: pd.DataFrame, val_fraction: float, seed: int = 0) -> 
     n = len(frame)
     n_val = 0 if val_fraction == 0 else max(1, int(round(n * val_fraction)))
     if n_val >= n and n_val > 0:
-        raise ValueError(f"val_fraction={val_fraction} leaves no training rows out of {n}")
+        raise UsageError(f"a validation fraction of {val_fraction} leaves no training rows out of {n}: give more rows "
+                         "(--limit) or a smaller --val-fraction")
     permutation = np.random.default_rng(seed).permutation(n)
     val_rows, train_rows = np.sort(permutation[:n_val]), np.sort(permutation[n_val:])
     return frame.iloc[train_rows].reset_index(drop=True), frame.iloc[val_rows].reset_index(drop=True)

@@ -8,7 +8,9 @@ never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -27,8 +29,10 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .config import save_json
+from .config import fsync, fsync_tree, save_json
 from .metrics import compute_metrics
+
+logger = logging.getLogger("multimodal")
 
 MODEL_INPUTS = ("image", "caption_ids", "caption_lengths", "image_features")
 
@@ -202,9 +206,30 @@ def build_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3:
     return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or resumed from (a missing, empty or damaged file)."""
+
+
+MANIFEST = "manifest.json"
+
+
 class CheckpointManager:
-    """Numbered checkpoints under ``run_dir/checkpoints``: atomic, pruned to the last ``keep``. With ``ema`` its
-    averaged weights are saved and restored beside the model's (``ema.safetensors``)."""
+    """Numbered checkpoints under ``run_dir/checkpoints``, pruned to the last ``keep``, in safetensors + JSON: nothing
+    is unpickled to resume.
+
+    A checkpoint holds what ``accelerator.prepare`` registered, as ``accelerator.save_state`` would, without its
+    pickles: ``model.safetensors``; the optimizer (``optimizer.safetensors`` + ``optimizer.json``), the scheduler
+    (``scheduler.json``) and, under fp16, the gradient scaler (``scaler.json``), each a state dict split into its
+    tensors and the JSON of the rest; each process's random generators and Accelerate's step (``rng_<process>``);
+    with ``ema``, the weight average (``ema.safetensors``). ``manifest.json`` lists every file with its size and
+    SHA-256, so a damaged file is found before anything is loaded (`problem`).
+
+    It is written into ``.tmp-step_N``, flushed to disk, and renamed to ``step_N`` with ``progress.json`` inside, which
+    marks it complete. Saving a step that already has a checkpoint (an epoch's last batch, then the epoch's end) moves
+    the old one aside as ``.old-step_N`` first and deletes it only once the new one is in place; a run killed between
+    the two renames resumes from ``.old-step_N``. Checkpoints of Accelerate's own format (before the sixteenth
+    session) still load, through ``accelerator.load_state`` (its restricted unpickler).
+    """
 
     def __init__(self, accelerator: Accelerator, run_dir: str | Path, keep: int = 3,
                  ema: Optional[ModelEmaV3] = None):
@@ -212,37 +237,62 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.ema = ema
-        self._untied: list[torch.nn.Module] = []  # RNN modules given their own weight storage for a load
-        accelerator.register_save_state_pre_hook(self._save_views_whole)
+        self._untied: list[torch.nn.Module] = []  # RNN modules given their own weight storage for a legacy load
         accelerator.register_load_state_pre_hook(self._untie_views)
 
     def save(self, progress: Progress) -> Path:
-        """Write a checkpoint; every process must call this (each saves its own RNG state)."""
+        """Write a checkpoint; every process must call this (each saves its own random generators).
+
+        Raises:
+            CheckpointError: a file could not be written (e.g. the disk is full); the partial checkpoint is removed
+                and the earlier ones are intact.
+        """
         acc = self.accelerator
-        final = self.root / f"step_{progress.step:08d}"
-        tmp = self.root / f".tmp-step_{progress.step:08d}"
+        name = f"step_{progress.step:08d}"
+        final, tmp, old = self.root / name, self.root / f".tmp-{name}", self.root / f".old-{name}"
         if acc.is_main_process:
             for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        try:
+            save_training_state(acc, tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if self.ema is not None:  # the same on every process: the main one writes it. Copies: no shared storage
+                    save_file({k: v.detach().contiguous().cpu().clone()
+                               for k, v in self.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
+                fsync_tree(tmp)
+                save_json(manifest(tmp), tmp / MANIFEST)
+                save_json(asdict(progress), tmp / "progress.json")  # last: it marks the checkpoint complete
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            earlier = self.complete(self.root.parent)
+            raise CheckpointError(
+                f"could not write the checkpoint {final} ({type(error).__name__}: {error}); "
+                + (f"the earlier ones are intact: fix the cause (disk space?) and resume with --resume "
+                   f"{self.root.parent}" if earlier else "there is no earlier checkpoint")) from error
         if acc.is_main_process:
-            if self.ema is not None:  # the same on every process: the main one writes it. Copies: no shared storage
-                save_file({k: v.detach().contiguous().cpu().clone() for k, v in self.ema.module.state_dict().items()},
-                          str(tmp / EMA_FILE))
-            save_json(asdict(progress), tmp / "progress.json")
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():  # moved aside, not deleted, until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            fsync(self.root)
+            shutil.rmtree(old, ignore_errors=True)
             self._prune()
         acc.wait_for_everyone()
         return final
 
     @staticmethod
     def complete(run_dir: str | Path) -> list[Path]:
-        """The run's finished checkpoints (those with ``progress.json``), oldest first."""
-        return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "progress.json").is_file())
+        """The run's finished checkpoints (those with ``progress.json``), oldest first; a ``.old-step_N`` stands in
+        for a ``step_N`` that a kill mid-save left missing."""
+        root = Path(run_dir) / "checkpoints"
+        done = {p.name: p for p in root.glob("step_*") if (p / "progress.json").is_file()}
+        for p in root.glob(".old-step_*"):
+            if p.name[len(".old-"):] not in done and (p / "progress.json").is_file():
+                done[p.name[len(".old-"):]] = p
+        return [done[k] for k in sorted(done)]
 
     def _prune(self) -> None:
         done = self.complete(self.root.parent)
@@ -254,44 +304,52 @@ class CheckpointManager:
         done = CheckpointManager.complete(run_dir)
         return done[-1] if done else None
 
-    def load(self, checkpoint: str | Path) -> Progress:
+    @staticmethod
+    def problem(checkpoint: str | Path, processes: int = 1, ema: bool = False) -> Optional[str]:
+        """Why ``checkpoint`` cannot be resumed from, or None: a file missing, or differing in size or SHA-256 from
+        its manifest; ``progress.json`` unreadable. Checkpoints of Accelerate's format (no manifest): a file missing
+        or empty, a safetensors file shorter than its header says, a pickle archive failing its checksums. Reads
+        every file through; loads nothing."""
+        checkpoint = Path(checkpoint)
+        legacy = not (checkpoint / MANIFEST).is_file() and (checkpoint / "optimizer.bin").is_file()
+        required = ["progress.json", "model.safetensors",
+                    *(["optimizer.bin", "scheduler.bin", *(f"random_states_{i}.pkl" for i in range(processes))]
+                      if legacy else [MANIFEST, "optimizer.json", "optimizer.safetensors", "scheduler.json",
+                                      *(f"rng_{i}.json" for i in range(processes))]),
+                    *([EMA_FILE] if ema else [])]
+        for name in required:
+            path = checkpoint / name
+            if not path.is_file() or path.stat().st_size == 0:
+                return f"{name} is {'empty' if path.is_file() else 'missing'}"
         try:
-            self.accelerator.load_state(str(checkpoint))
-        finally:  # back to one flat weight buffer per RNN (cuDNN's fast path); a no-op on a CPU
-            for module in self._untied:
-                module.flatten_parameters()
-            self._untied = []
+            Progress(**json.loads((checkpoint / "progress.json").read_text()))
+        except (ValueError, TypeError) as error:
+            return f"progress.json is unreadable ({error})"
+        return _legacy_problem(checkpoint) if legacy else _manifest_problem(checkpoint)
+
+    def load(self, checkpoint: str | Path) -> Progress:
+        checkpoint = Path(checkpoint)
+        if (checkpoint / MANIFEST).is_file():
+            load_training_state(self.accelerator, checkpoint)
+        else:  # Accelerate's format, written before the sixteenth session
+            try:
+                self.accelerator.load_state(str(checkpoint))
+            finally:  # back to one flat weight buffer per RNN (cuDNN's fast path); a no-op on a CPU
+                for module in self._untied:
+                    module.flatten_parameters()
+                self._untied = []
         if self.ema is not None:
-            path = Path(checkpoint) / EMA_FILE
+            path = checkpoint / EMA_FILE
             if not path.is_file():
                 raise FileNotFoundError(f"{checkpoint}: no {EMA_FILE}, though the run averages its weights "
                                         "(--ema-decay)")
             self.ema.module.load_state_dict(load_file(str(path)))  # copied onto the average's device
-        return Progress(**json.loads((Path(checkpoint) / "progress.json").read_text()))
-
-    # On a GPU, cuDNN keeps each nn.LSTM's weights as views of one flat buffer (`flatten_parameters`). Accelerate
-    # writes a state dict to safetensors after dropping all but one name per shared storage, which would lose all but
-    # one weight of every LSTM; safetensors' `load_model` refuses a model whose tensors are partial views of a shared
-    # storage. So partial views are saved as copies, and RNN weights get their own storage while a checkpoint loads.
-
-    @staticmethod
-    def _save_views_whole(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
-        """Accelerate's save-state pre-hook: every tensor that is a partial view of a storage shared with another
-        entry is replaced by a copy in the state dicts about to be written (tensors tied whole stay tied)."""
-        for state in weights:
-            by_storage: dict[tuple[str, int], list[str]] = {}
-            for name, value in state.items():
-                if torch.is_tensor(value) and value.device.type != "meta":
-                    by_storage.setdefault((str(value.device), value.untyped_storage().data_ptr()), []).append(name)
-            for names in by_storage.values():
-                if len(names) > 1:
-                    for name in names:
-                        if not _covers_storage(state[name]):
-                            state[name] = state[name].detach().clone()
+        return Progress(**json.loads((checkpoint / "progress.json").read_text()))
 
     def _untie_views(self, models: list[torch.nn.Module], input_dir: str) -> None:
-        """Accelerate's load-state pre-hook: RNN weights that are views of a flat buffer get their own storage
-        (`load` flattens them again once the checkpoint is in)."""
+        """Accelerate's load-state pre-hook, for checkpoints of its format: on a GPU, cuDNN keeps each nn.LSTM's
+        weights as views of one flat buffer, which safetensors' `load_model` refuses; they get their own storage
+        while the checkpoint loads (`load` flattens them again once it is in)."""
         for model in models:
             for module in model.modules():
                 if isinstance(module, torch.nn.RNNBase):
@@ -307,8 +365,193 @@ def _covers_storage(tensor: torch.Tensor) -> bool:
     return tensor.storage_offset() == 0 and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
 
 
-def resolve_checkpoint(resume: str, runs_root: str | Path = "runs") -> Path:
-    """A checkpoint folder from ``--resume``: a checkpoint, a run folder (its newest checkpoint) or ``latest``."""
+# The training state as safetensors + JSON. A state dict (nested dicts, lists and tuples of tensors, numbers, strings,
+# booleans and None) becomes a JSON tree in which each tensor is replaced by {"tensor": key}, and a safetensors file of
+# those tensors under their keys; dicts are kept as [key, value] pairs, so integer keys (an optimizer's parameter
+# indices) stay integers, and tuples stay tuples.
+
+
+def _split_tensors(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    if torch.is_tensor(value):
+        tensors[key] = value.detach().cpu().clone().contiguous()  # its own storage: views of a flat buffer too
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {"dict": [[k, _split_tensors(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"tuple" if isinstance(value, tuple) else "list":
+                [_split_tensors(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{key}: a {type(value).__name__} cannot be checkpointed as safetensors + JSON")
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "tensor" in value:
+            return tensors[value["tensor"]]
+        if "dict" in value:
+            return {k: _join_tensors(v, tensors) for k, v in value["dict"]}
+        if "tuple" in value:
+            return tuple(_join_tensors(v, tensors) for v in value["tuple"])
+        return [_join_tensors(v, tensors) for v in value["list"]]
+    return value
+
+
+def save_state_dict(state: Any, folder: Path, name: str) -> None:
+    """``name.json`` (the tree) and, where it holds tensors, ``name.safetensors``."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split_tensors(state, tensors, name)
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    save_json({"tree": tree}, folder / f"{name}.json")
+
+
+def load_state_dict(folder: Path, name: str) -> Any:
+    tree = json.loads((folder / f"{name}.json").read_text())["tree"]
+    path = folder / f"{name}.safetensors"
+    return _join_tensors(tree, load_file(str(path)) if path.is_file() else {})
+
+
+def _numbered(name: str, index: int) -> str:
+    return name if index == 0 else f"{name}_{index}"
+
+
+def rng_state(step: int) -> dict[str, Any]:
+    """This process's random generators (Python, NumPy, torch, CUDA) and Accelerate's step counter."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"step": step, "python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> int:
+    """Restores `rng_state`; returns the step counter."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return int(state["step"])
+
+
+def save_training_state(acc: Accelerator, folder: Path) -> None:
+    """What ``accelerator.save_state`` saves, as safetensors + JSON (see `CheckpointManager`): every process its
+    random generators, the main process the prepared models, optimizers, schedulers and gradient scaler."""
+    weights = [acc.get_state_dict(model) for model in acc._models]  # on every process (a collective under FSDP)
+    if acc.is_main_process:
+        for i, state in enumerate(weights):
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
+                      str(folder / f"{_numbered('model', i)}.safetensors"), metadata={"format": "pt"})
+        for i, optimizer in enumerate(acc._optimizers):
+            save_state_dict(optimizer.state_dict(), folder, _numbered("optimizer", i))
+        for i, scheduler in enumerate(acc._schedulers):
+            save_state_dict(scheduler.state_dict(), folder, _numbered("scheduler", i))
+        if acc.scaler is not None:
+            save_state_dict(acc.scaler.state_dict(), folder, "scaler")
+    save_state_dict(rng_state(acc.step), folder, f"rng_{acc.process_index}")
+
+
+def load_training_state(acc: Accelerator, folder: Path) -> None:
+    """Restores `save_training_state` into the prepared objects, and this process's generators and step."""
+    for i, model in enumerate(acc._models):
+        acc.unwrap_model(model).load_state_dict(load_file(str(folder / f"{_numbered('model', i)}.safetensors")))
+    for i, optimizer in enumerate(acc._optimizers):
+        optimizer.load_state_dict(load_state_dict(folder, _numbered("optimizer", i)))
+        _match_parameter_layouts(optimizer)
+    for i, scheduler in enumerate(acc._schedulers):
+        scheduler.load_state_dict(load_state_dict(folder, _numbered("scheduler", i)))
+    if acc.scaler is not None:
+        acc.scaler.load_state_dict(load_state_dict(folder, "scaler"))
+    acc.step = set_rng_state(load_state_dict(folder, f"rng_{acc.process_index}"))
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Gives each optimizer state tensor (AdamW's moments) its parameter's memory layout. Safetensors stores tensors
+    contiguous, so the moments of a ``channels_last`` convolution come back in the default layout, and the update
+    would then not repeat the uninterrupted run's bit for bit."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def manifest(folder: Path) -> dict[str, Any]:
+    """Every file of a checkpoint with its size and SHA-256."""
+    return {"files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                      for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (MANIFEST, "progress.json")}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_problem(checkpoint: Path) -> Optional[str]:
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({error})"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} is damaged ({path.stat().st_size} bytes, {expected['bytes']} written)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is damaged (its SHA-256 differs from the one written)"
+    return None
+
+
+def _legacy_problem(checkpoint: Path) -> Optional[str]:
+    import zipfile
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors" and not _safetensors_complete(path):
+            return f"{path.name} is cut short"
+        if path.suffix in (".bin", ".pkl"):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                return f"{path.name} is damaged ({error})"
+            if bad is not None:
+                return f"{path.name} is damaged (its member {bad} fails its checksum)"
+    return None
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file holds its whole header and every byte its header's tensor offsets point to."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return False
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return False
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return 8 + length + end <= size
+
+
+def find_checkpoints(resume: str, runs_root: str | Path = "runs") -> tuple[Path, list[Path]]:
+    """The run folder of ``--resume`` (a checkpoint, a run folder or ``latest``) and the checkpoints to try, newest
+    first: the one named, or every complete one of the run folder.
+
+    Raises:
+        FileNotFoundError: nothing to resume there.
+    """
     path = Path(resume)
     if resume == "latest":  # follow the link now: a run started later would move it
         link = Path(runs_root) / "latest"
@@ -316,13 +559,48 @@ def resolve_checkpoint(resume: str, runs_root: str | Path = "runs") -> Path:
             raise FileNotFoundError(f"--resume latest: {link} does not exist (no run to resume)")
         path = link.parent / os.readlink(link) if link.is_symlink() else link
     if (path / "progress.json").is_file():
-        return path
+        return path.parent.parent, [path]
     if (path / "checkpoints").is_dir():
-        found = CheckpointManager.latest(path)
-        if found is not None:
-            return found
+        candidates = CheckpointManager.complete(path)[::-1]
+        if not candidates:
+            raise FileNotFoundError(f"--resume {resume}: run folder {path} has no complete checkpoint yet")
+        return path, candidates
+    if (path / "run_config.json").is_file():  # a run stopped before its first checkpoint
         raise FileNotFoundError(f"--resume {resume}: run folder {path} has no complete checkpoint yet")
     raise FileNotFoundError(f"--resume {resume}: {path} is neither a checkpoint (progress.json) nor a run folder")
+
+
+def usable_checkpoint(resume: str, run_dir: Path, candidates: list[Path]) -> Path:
+    """The first of ``candidates`` without a `CheckpointManager.problem` (checked for the number of processes and the
+    weight average that the run's ``run_config.json`` records): a damaged newest checkpoint of a run folder is skipped
+    with a warning for the one before it; a damaged checkpoint named directly is refused.
+
+    Raises:
+        CheckpointError: no usable checkpoint.
+    """
+    try:
+        config = json.loads((run_dir / "run_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    processes = config.get("num_processes") or 1
+    ema = bool(config.get("args", {}).get("ema_decay"))
+    skipped = []
+    for candidate in candidates:
+        problem = CheckpointManager.problem(candidate, processes, ema)
+        if problem is None:
+            if skipped:
+                logger.warning("--resume %s: skipped the damaged checkpoint(s) %s; resuming from %s", resume,
+                               "; ".join(skipped), candidate.name)
+            return candidate
+        skipped.append(f"{candidate.name} ({problem})")
+    hint = (f"; resume the run folder ({run_dir}) to fall back to an earlier checkpoint"
+            if len(candidates) == 1 and len(CheckpointManager.complete(run_dir)) > 1 else "")
+    raise CheckpointError(f"--resume {resume}: no usable checkpoint: {'; '.join(skipped)}{hint}")
+
+
+def resolve_checkpoint(resume: str, runs_root: str | Path = "runs") -> Path:
+    """The checkpoint folder that ``--resume`` continues from (`find_checkpoints`, then `usable_checkpoint`)."""
+    return usable_checkpoint(resume, *find_checkpoints(resume, runs_root))
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.nn.Module,

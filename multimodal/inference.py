@@ -333,6 +333,8 @@ def _predict_to_csv(models: list[MultimodalClassifier], caches: list[Any], frame
     kept: list[tuple[np.ndarray, np.ndarray]] = []
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if probabilities:
+        Path(probabilities).parent.mkdir(parents=True, exist_ok=True)
     tmp_out = output.with_name(output.name + ".tmp")
     tmp_prob = Path(str(probabilities) + ".tmp") if probabilities else None
     try:

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from multimodal.annotations import AnnotationError
 from multimodal.config import save_json
 
 __all__ = ["LabelCodec", "UnknownLabelError", "load_names"]
@@ -33,13 +34,13 @@ def load_names(csv_path: str | Path) -> dict[int, str]:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"label", "name"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path}: expected columns 'label,name', got {reader.fieldnames}")
+            raise AnnotationError(csv_path, 1, f"expected columns 'label,name', got {reader.fieldnames}")
         names = {}
         for line, row in enumerate(reader, start=2):
             try:
                 names[int(row["label"])] = row["name"].strip()
             except (TypeError, ValueError):
-                raise ValueError(f"{csv_path}, line {line}: label {row['label']!r} is not an integer") from None
+                raise AnnotationError(csv_path, line, f"label {row['label']!r} is not an integer") from None
     return names
 
 

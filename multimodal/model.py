@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
-from .config import ModelConfig, save_json
+from .config import ModelConfig, fsync, save_json
 from .text import UNK_ID
 from .word_vectors import load_word_vectors
 
@@ -729,7 +729,8 @@ class MultimodalClassifier(nn.Module):
         tokenizer, captions cut at ``config.max_caption_length``.
 
         Args:
-            images: N PIL images (any mode: converted to RGB as image files are) or image file paths; needed when
+            images: N PIL images (any mode: converted to RGB as image files are), uint8 arrays (H x W x 3 RGB, or
+                H x W grey) or image file paths; needed when
                 the model has an image branch. ``None`` for an input without an image: a model with both branches
                 predicts it from its caption alone (``image_ok`` in the result marks it, for `predict_proba`).
             captions: N captions (``None`` or NaN: empty); without them a caption branch sees empty captions, as
@@ -754,7 +755,8 @@ class MultimodalClassifier(nn.Module):
             blank = torch.zeros(3, cfg.image_size, cfg.image_size)
             inputs["image"] = torch.stack([
                 blank if image is None else
-                transform(to_rgb(image) if isinstance(image, Image.Image) else load_image(image, draft))
+                transform(to_rgb(Image.fromarray(image)) if isinstance(image, np.ndarray) else
+                          to_rgb(image) if isinstance(image, Image.Image) else load_image(image, draft))
                 for image in images]) if count else torch.empty(0, 3, cfg.image_size, cfg.image_size)
             if missing:
                 inputs["image_ok"] = torch.tensor([image is not None for image in images])
@@ -818,8 +820,11 @@ class MultimodalClassifier(nn.Module):
             raise ValueError("the model has no label codec (exported without one): use predict_probabilities")
         from .metrics import binarize
 
-        probs = self.predict_probabilities(images, captions, batch_size=batch_size)
         thresholds = self.thresholds if thresholds is None else thresholds
+        if thresholds is not None and np.ndim(thresholds) and np.size(thresholds) != self.config.num_labels:
+            raise ValueError(f"thresholds: {np.size(thresholds)} values for {self.config.num_labels} classes (give "
+                             "one per class, in codec.label_ids order, or a single number)")
+        probs = self.predict_probabilities(images, captions, batch_size=batch_size)
         chosen = binarize(probs, 0.5 if thresholds is None else thresholds, at_least_one=True)
         return [tuple(self.codec.label_ids[i] for i in np.flatnonzero(row)) for row in chosen]
 
@@ -852,16 +857,23 @@ class MultimodalClassifier(nn.Module):
                 raise ValueError(f"thresholds has {values.size} values, expected 1 or {C}")
             thresholds = [float(v) for v in values]
 
+        # Over an earlier export: its config.json goes first, so that a kill part way leaves a folder that reads as
+        # incomplete, never new weights beside the old config and thresholds.
+        if (directory / CONFIG_NAME).exists():
+            (directory / CONFIG_NAME).unlink()
+            fsync(directory)
         weights = directory / WEIGHTS_NAME
         tmp = weights.with_name(weights.name + ".tmp")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(tmp), metadata={"format": "pt"})
+        fsync(tmp)
         tmp.replace(weights)
 
         tokenizer_path = directory / TOKENIZER_NAME
         if tokenizer is not None:
             tmp = tokenizer_path.with_name(tokenizer_path.name + ".tmp")
             tokenizer.save(str(tmp))
+            fsync(tmp)
             tmp.replace(tokenizer_path)
         elif tokenizer_path.exists():  # a stale tokenizer from an earlier export would be paired with this model
             tokenizer_path.unlink()

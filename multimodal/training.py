@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import signal
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,8 +33,9 @@ from .config import RESUME_OVERRIDES, LossConfig, ModelConfig, UsageError, save_
 from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, build_model_image_cache, decode_images,
                    subsample_rows, train_val_split, unreadable_images_error)
 from .features import FeatureDataset, cached_features
-from .engine import (CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema, build_optimizer,
-                     collect_predictions, evaluate, lr_lambda, resolve_checkpoint, train_one_epoch)
+from .engine import (CheckpointError, CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema,
+                     build_optimizer, collect_predictions, evaluate, find_checkpoints, lr_lambda, train_one_epoch,
+                     usable_checkpoint)
 from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, build_transform
 from .labels import LabelCodec
 from .losses import JointLoss
@@ -48,7 +51,7 @@ logger = logging.getLogger("multimodal")
 KILL_AFTER_CHECKPOINT_ENV = "MULTIMODAL_KILL_AFTER_CHECKPOINT"
 # Errors in the user's input or settings, which the scripts report in one line instead of a traceback.
 USER_ERRORS = (AnnotationError, ImageLoadError, FileNotFoundError, FloatingPointError, UsageError, ModelFolderError,
-               PretrainedWeightsError)
+               PretrainedWeightsError, CheckpointError)
 _WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
 
 
@@ -145,10 +148,27 @@ def new_run_name(root: Path) -> str:
     raise FileExistsError(f"{root}: no free run folder name for {stamp}")
 
 
-def make_run_dir(args: argparse.Namespace, state: PartialState) -> Path:
-    """The run folder, agreed by every process (`link_latest` links a default one from ``runs/latest``)."""
+RUN_MARKERS = ("run_config.json", "checkpoints")  # what makes a folder hold a run
+
+
+def make_run_dir(args: argparse.Namespace, state: PartialState, resuming: bool = False) -> Path:
+    """The run folder, agreed by every process (`link_latest` links a default one from ``runs/latest``).
+
+    A new run refuses an ``--output-dir`` that holds an earlier run, unless ``--overwrite`` (which deletes it): the
+    two would share checkpoints (the new run's pruned in favour of the old run's later steps, and resumed from them)
+    and files that no longer match the old run's model.
+    """
     if args.output_dir is not None:
         run_dir = Path(args.output_dir)
+        earlier = [name for name in RUN_MARKERS if (run_dir / name).exists()]  # every process looks, before any delete
+        if earlier and not resuming:
+            if not getattr(args, "overwrite", False):
+                raise UsageError(f"--output-dir {run_dir} holds an earlier run ({', '.join(earlier)}): `--resume "
+                                 f"{run_dir}` continues it, --overwrite deletes it and starts a new one; or choose "
+                                 "another folder")
+            if state.is_main_process:
+                shutil.rmtree(run_dir)
+                logger.warning(f"--overwrite: deleted the earlier run in {run_dir}")
     else:
         name = [new_run_name(Path("runs")) if state.is_main_process else None]
         broadcast_object_list(name)
@@ -175,20 +195,41 @@ def link_latest(args: argparse.Namespace, run_dir: Path, state: PartialState) ->
 def restore_args(args: argparse.Namespace, state: PartialState) -> tuple[argparse.Namespace, Path]:
     """For ``--resume``: the run's saved arguments and the checkpoint to resume, once this launch is known to have
     the run's number of processes (each process's data shard and the schedule's length depend on it)."""
-    checkpoint = resolve_checkpoint(args.resume)
-    run_dir = checkpoint.parent.parent
+    run_dir, candidates = find_checkpoints(args.resume)
     config = json.loads((run_dir / "run_config.json").read_text())
     processes = config.get("num_processes")
     if processes is not None and processes != state.num_processes:
-        raise UsageError(f"{checkpoint} was written by a run of {processes} process(es) and this one has "
+        raise UsageError(f"{candidates[0]} was written by a run of {processes} process(es) and this one has "
                          f"{state.num_processes}: each process's data shard and the schedule's length depend on "
                          f"it, so resume it with {processes} process(es)")
+    checkpoint = usable_checkpoint(args.resume, run_dir, candidates)
     saved = config["args"]
     sticky = {"skip_bad_images": saved.get("skip_bad_images", False) or args.skip_bad_images,
               "verify_images": saved.get("verify_images") if args.verify_images is None else args.verify_images}
     saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES} | sticky)
     saved["output_dir"] = str(run_dir)
     return argparse.Namespace(**saved), checkpoint
+
+
+def data_fingerprint(train_frame: pd.DataFrame, val_frame: pd.DataFrame) -> str:
+    """A hash of the rows a run trains and validates on (image ids, labels, captions, and which split each is in)."""
+    digest = hashlib.sha256()
+    for name, frame in (("train", train_frame), ("val", val_frame)):
+        digest.update(f"{name}:{len(frame)}\n".encode())
+        columns = [c for c in ("ImageID", "Labels", "Caption") if c in frame.columns]
+        for row in frame[columns].itertuples(index=False, name=None):
+            digest.update(repr(row).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def check_same_data(run_dir: Path, fingerprint: str) -> None:
+    """Refuses to resume a run whose training data changed since it started (a row added, removed or edited): its
+    split, vocabulary and data order would no longer be the checkpoint's. Runs that recorded no fingerprint pass."""
+    saved = json.loads((run_dir / "run_config.json").read_text()).get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise UsageError(f"the training data changed since the run in {run_dir} started (rows, labels or captions "
+                         "of its annotation file): resuming would continue on other rows than its checkpoints were "
+                         "trained on. Restore the data the run started with, or start a new run")
 
 
 def load_frames(args: argparse.Namespace, state: PartialState) -> tuple[pd.DataFrame, Path, Optional[Path]]:
@@ -382,11 +423,14 @@ def main(args: argparse.Namespace) -> int:
         args.split_seed = args.seed
     train_frame, val_frame = train_val_split(frame, args.val_fraction, args.split_seed)
     train_frame = subsample_rows(train_frame, getattr(args, "train_fraction", 1.0), args.split_seed)
+    fingerprint = data_fingerprint(train_frame, val_frame)
+    if checkpoint is not None:
+        check_same_data(checkpoint.parent.parent, fingerprint)
     if not args.no_image and not args.skip_bad_images and getattr(args, "verify_images", None) is not False:
         caching = args.cache_features or getattr(args, "image_cache", None)  # caches hold every row of the file
         verify_images(frame if caching else pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir,
                       args.workers, state, resuming=checkpoint is not None, off_switch="--no-verify-images")
-    run_dir = make_run_dir(args, state)
+    run_dir = make_run_dir(args, state, resuming=checkpoint is not None)
     jsonl = JSONLinesTracker(run_dir / "log.jsonl")
     trackers: list[Any] = [jsonl]
     if is_tensorboard_available():
@@ -409,13 +453,19 @@ def main(args: argparse.Namespace) -> int:
     else:
         names = LabelCodec.load_names(names_csv) if names_csv else None
         codec = LabelCodec.from_labels(frame["Labels"], names=names)
+        unseen = sorted(set(codec.label_ids) - {label for labels in train_frame["Labels"] for label in labels})
+        if unseen and accelerator.is_main_process:
+            logger.warning(f"label(s) {' '.join(map(str, unseen))} occur only in the validation rows: the model "
+                           "never trains on them")
         tokenizer = train_caption_tokenizer(train_frame["Caption"], min_frequency=args.min_word_freq)
     config = build_model_config(args, codec, tokenizer, frame)
     if accelerator.is_main_process:
-        codec.save(run_dir / "labels.json")
-        tokenizer.save(str(run_dir / "tokenizer.json"))
+        if checkpoint is None:  # a resumed run reads them (every process, above): never rewritten under its readers
+            codec.save(run_dir / "labels.json")
+            tokenizer.save(str(run_dir / "tokenizer.json"))
         save_json({"args": vars(args), "model": config.to_dict(), "num_processes": accelerator.num_processes,
-                   "train_rows": len(train_frame), "val_rows": len(val_frame)}, run_dir / "run_config.json")
+                   "train_rows": len(train_frame), "val_rows": len(val_frame), "data_fingerprint": fingerprint},
+                  run_dir / "run_config.json")
     log(f"run folder {run_dir}: {len(train_frame)} training and {len(val_frame)} validation rows, "
         f"{codec.num_labels} classes, vocabulary {tokenizer.get_vocab_size()}, {accelerator.num_processes} process(es)")
 

@@ -143,6 +143,9 @@ def test_header_only_gives_empty_frame(tmp_path):
         ('ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,2\n', 3, "expected ImageID,Labels,Caption"),
         ('ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,2,"open\nnever closed\n', 3, "unterminated quoted caption"),
         ("ImageID,Caption\nphoto,a caption\n", 2, "malformed row"),
+        # a quoted labels field with a comma was read as its first label, the rest becoming the caption
+        ('ImageID,Labels,Caption\n0.jpg,"1 3",a\n1.jpg,"1,3",b\n', 3,
+         'label \'1,3\' is not a non-negative integer (labels are separated by spaces: "1 3")'),
     ],
 )
 def test_errors_name_file_and_line(tmp_path, text, line, fragment):
@@ -153,3 +156,12 @@ def test_errors_name_file_and_line(tmp_path, text, line, fragment):
     assert message.startswith(f"{path}, line {line}: ")
     assert fragment in message
     assert info.value.line == line and isinstance(info.value, ValueError)
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("ImageID,Labels,Caption\n0.jpg,1,a cafe\n1.jpg,2,a caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=rf"^{path}, line 3: not UTF-8 text \(byte b'\\xe9' at offset \d+\): "
+                                              "save the file as UTF-8"):
+        read_annotations(path)
+    assert read_annotations(write(tmp_path, 'ImageID,Labels,Caption\n0.jpg,"1 3",a\n'))["Labels"][0] == (1, 3)

@@ -7,6 +7,8 @@ the CPU, where `flatten_parameters` does nothing, and check that every weight su
 """
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,203 @@ def test_an_image_error_in_training_names_the_command_that_continues_the_real_ru
         with resume_hint_on_image_error(run_dir, processes):
             raise RuntimeError("CUDA out of memory")
     assert "resume" not in caplog.text
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs, and no `except Exception` catches it."""
+
+
+def saved_run(tmp_path: Path, steps: tuple[int, ...] = (2, 4), processes: int = 1
+              ) -> tuple[Path, CheckpointManager]:
+    """A run folder with a checkpoint at each of ``steps`` (model, AdamW, scheduler and RNG states, as train.py
+    writes them) and the ``run_config.json`` that resume reads."""
+    import json
+
+    acc, model, optimizer = prepared(seed=0)
+    scheduler = acc.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    assert scheduler is not None
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.json").write_text(json.dumps({"args": {}, "num_processes": processes}))
+    manager = CheckpointManager(acc, run_dir, keep=5)
+    for step in steps:
+        train_step(model, optimizer, acc)
+        manager.save(Progress(epoch=0, batches_done=step, step=step))
+    return run_dir, manager
+
+
+def test_saving_a_step_again_never_leaves_it_without_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """An epoch's last batch and the epoch's end save the same step. A kill between moving the old checkpoint aside
+    and renaming the new one in resumes from the old one (it used to be deleted first: nothing left of that step)."""
+    from multimodal import engine
+    from multimodal.engine import resolve_checkpoint
+
+    run_dir, manager = saved_run(tmp_path)
+    checkpoints = run_dir / "checkpoints"
+    real_replace, calls = engine.os.replace, []
+
+    def replace_then_die(src, dst):
+        if Path(dst).parent == checkpoints:  # the checkpoints' own renames, not their files'
+            calls.append(Path(dst).name)
+            if len(calls) == 2:  # the new checkpoint's rename into place
+                raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(engine.os, "replace", replace_then_die)
+    with pytest.raises(Killed):
+        manager.save(Progress(epoch=1, batches_done=0, step=4))
+    monkeypatch.undo()
+    assert calls[0] == ".old-step_00000004" and not (checkpoints / "step_00000004").exists()
+    assert [p.name for p in CheckpointManager.complete(run_dir)] == ["step_00000002", ".old-step_00000004"]
+    assert resolve_checkpoint(str(run_dir)) == checkpoints / ".old-step_00000004"
+    assert manager.load(checkpoints / ".old-step_00000004").step == 4
+
+    manager.save(Progress(epoch=1, batches_done=0, step=4))  # the same save again, uninterrupted
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    assert manager.load(checkpoints / "step_00000004").epoch == 1
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "cut":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":  # one byte in the middle of the data: only a checksum notices
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("name,how,reason", [
+    ("progress.json", "cut", "progress.json is unreadable"),
+    ("manifest.json", "cut", "manifest.json is unreadable"),
+    ("model.safetensors", "cut", "model.safetensors is damaged ("),
+    ("model.safetensors", "empty", "model.safetensors is empty"),
+    ("optimizer.safetensors", "flip", "optimizer.safetensors is damaged (its SHA-256 differs"),
+    ("optimizer.json", "missing", "optimizer.json is missing"),
+    ("scheduler.json", "cut", "scheduler.json is damaged ("),
+    ("rng_0.safetensors", "flip", "rng_0.safetensors is damaged (its SHA-256 differs"),
+    ("rng_0.json", "missing", "rng_0.json is missing"),
+])
+def test_resume_skips_a_damaged_newest_checkpoint_and_refuses_one_named(tmp_path: Path, caplog, name: str,
+                                                                          how: str, reason: str) -> None:
+    """A damaged file (a power loss, a full disk, a copy cut short) in the newest checkpoint: resuming the run folder
+    falls back to the one before, with a warning; naming that checkpoint is refused with the reason (the load used to
+    fail with a raw traceback, and a missing RNG file was ignored: the run went on, not exactly)."""
+    from multimodal.engine import CheckpointError, resolve_checkpoint
+
+    run_dir, _ = saved_run(tmp_path)
+    newest = run_dir / "checkpoints" / "step_00000004"
+    assert CheckpointManager.problem(newest) is None
+    damage(newest / name, how)
+    assert reason in CheckpointManager.problem(newest)
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(str(run_dir)) == run_dir / "checkpoints" / "step_00000002"
+    assert f"skipped the damaged checkpoint(s) step_00000004 ({reason}" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"no usable checkpoint: step_00000004 \({re.escape(reason)}.*resume "
+                                              rf"the run folder \({run_dir}\) to fall back"):
+        resolve_checkpoint(str(newest))
+
+
+def test_resume_needs_every_process_rng_state_and_refuses_when_nothing_is_usable(tmp_path: Path) -> None:
+    from multimodal.engine import CheckpointError, resolve_checkpoint
+
+    run_dir, _ = saved_run(tmp_path, steps=(2,), processes=2)  # a run of two processes, with one RNG file
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint: step_00000002 \(rng_1.json is missing"):
+        resolve_checkpoint(str(run_dir))
+
+
+def test_a_failed_save_removes_its_partial_checkpoint_and_says_the_earlier_ones_are_intact(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    from multimodal.engine import CheckpointError
+
+    from multimodal import engine
+
+    run_dir, manager = saved_run(tmp_path, steps=(2,))
+
+    def disk_full(acc: Accelerator, folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_training_state", disk_full)
+    with pytest.raises(CheckpointError, match=rf"could not write the checkpoint .*step_00000004 \(OSError: .*No "
+                                              rf"space left on device\); the earlier ones are intact.*"
+                                              rf"--resume {run_dir}"):
+        manager.save(Progress(epoch=0, batches_done=4, step=4))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002"]
+    assert CheckpointManager.problem(run_dir / "checkpoints" / "step_00000002") is None
+
+
+def test_a_checkpoint_is_safetensors_and_json_and_restores_every_state_exactly(tmp_path: Path, monkeypatch) -> None:
+    """No pickle is written or read: the optimizer (integer-keyed state, tuples among its settings), the scheduler,
+    Accelerate's step and each generator (Python, NumPy, torch) come back exactly."""
+    import json
+    import random
+
+    import numpy as np
+
+    run_dir, manager = saved_run(tmp_path, steps=(2,))
+    checkpoint = run_dir / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "progress.json",
+        "rng_0.json", "rng_0.safetensors", "scheduler.json"]
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == sorted(p.name for p in checkpoint.iterdir()
+                                      if p.name not in ("manifest.json", "progress.json"))
+    acc = manager.accelerator
+    optimizer, scheduler = acc._optimizers[0], acc._schedulers[0]
+    expected_optimizer, expected_scheduler = copy.deepcopy(optimizer.state_dict()), scheduler.state_dict()
+    acc.step = 7
+    manager.save(Progress(epoch=0, batches_done=3, step=3))
+    draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    train_step(acc._models[0], optimizer, acc)  # everything moves on
+    scheduler.step()
+    acc.step = 0
+    random.random(), np.random.rand(), torch.rand(1)
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("torch.load (a pickle) was called")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    assert manager.load(run_dir / "checkpoints" / "step_00000003").step == 3
+    assert acc.step == 7
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
+    got = optimizer.state_dict()
+    assert got["param_groups"] == expected_optimizer["param_groups"]  # betas a tuple again, and every setting
+    assert got["state"].keys() == expected_optimizer["state"].keys()
+    for index, state in expected_optimizer["state"].items():
+        for name, value in state.items():
+            assert torch.equal(got["state"][index][name], value), (index, name)
+    assert scheduler.state_dict() == expected_scheduler
+
+
+def test_a_checkpoint_in_accelerates_own_format_still_resumes(tmp_path: Path) -> None:
+    """Runs checkpointed before the switch to safetensors + JSON (accelerator.save_state: pickled optimizer, scheduler
+    and generators, read by its restricted unpickler) resume, and their damage is found by the archives' checksums."""
+    import json
+
+    def unflattened(seed: int) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
+        acc = Accelerator(cpu=True)
+        model = make_model(seed)
+        optimizer = build_optimizer(model, 1e-2, 1e-2, 0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer, _ = acc.prepare(model, optimizer, scheduler)
+        return acc, model, optimizer
+
+    acc, model, optimizer = unflattened(seed=0)
+    train_step(model, optimizer, acc)
+    old = tmp_path / "run" / "checkpoints" / "step_00000001"
+    acc.save_state(str(old))
+    (old / "progress.json").write_text(json.dumps({"epoch": 0, "batches_done": 1, "step": 1}))
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert CheckpointManager.problem(old) is None
+
+    acc2, model2, _ = unflattened(seed=1)
+    assert CheckpointManager(acc2, tmp_path / "run").load(old).step == 1
+    for name, value in model2.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    damage(old / "random_states_0.pkl", "flip")
+    assert "random_states_0.pkl is damaged" in CheckpointManager.problem(old)

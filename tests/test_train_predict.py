@@ -353,7 +353,8 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000005", "step_00000006"]
     for checkpoint in checkpoints.iterdir():
         names = {p.name for p in checkpoint.iterdir()}
-        assert {"progress.json", "model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= names
+        assert names == {"progress.json", "manifest.json", "model.safetensors", "optimizer.safetensors",
+                         "optimizer.json", "scheduler.json", "rng_0.safetensors", "rng_0.json"}  # no pickle
     assert json.loads((checkpoints / "step_00000006" / "progress.json").read_text()) == {
         "epoch": 1, "batches_done": 1, "step": 6}  # mid-epoch: resuming must skip one batch of epoch 1
 
@@ -519,7 +520,7 @@ def test_cpu_data_parallel_two_processes(data_dir: Path, reference_run: Path, tm
     # the checkpoints; the log holds each record once; the summary was printed once.
     assert layout(out) == layout(reference_run)
     for checkpoint in (out / "checkpoints").iterdir():
-        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+        assert {"rng_0.json", "rng_1.json"} <= {p.name for p in checkpoint.iterdir()}
     assert sorted(p.name for p in cwd.iterdir()) == ["ddp"]
     records = read_log(out)
     assert sum("config" in r for r in records) == 1 and [r["epoch"] for r in records if "epoch" in r] == [0, 1]
@@ -687,6 +688,36 @@ def test_resume_refuses_another_number_of_processes(data_dir: Path, tmp_path: Pa
     assert "was written by a run of 2 process(es) and this one has 1" in error_line(proc)
 
 
+def test_a_run_folder_is_never_shared_by_two_runs_nor_resumed_on_other_data(data_dir: Path, tmp_path: Path) -> None:
+    """A new run refuses an --output-dir that holds an earlier run (they used to mix: the new run's checkpoints
+    pruned in favour of the old run's later ones, and resumed from them); --overwrite replaces it. A run whose
+    annotation rows changed since it started is not resumed (it used to go on, on a shifted split)."""
+    train_csv = tmp_path / "train.csv"
+    shutil.copy(data_dir / "train.csv", train_csv)
+    out = tmp_path / "run"
+    args = ("--train-csv", train_csv, "--no-image", "--no-decoder", "--no-plots", *TINY, "--output-dir", out)
+    run(TRAIN, *args, "--epochs", 1)
+    before = (out / "run_config.json").read_text()
+    proc = run(TRAIN, *args, "--epochs", 2, check=False)
+    assert (f"--output-dir {out} holds an earlier run (run_config.json, checkpoints): `--resume {out}` continues it, "
+            "--overwrite deletes it") in error_line(proc)
+    assert (out / "run_config.json").read_text() == before  # untouched
+
+    lines = train_csv.read_text().splitlines(keepends=True)
+    train_csv.write_text("".join(lines[:5] + lines[6:]))  # one row gone
+    proc = run(TRAIN, "--resume", out, "--workers", 0, check=False)
+    assert f"the training data changed since the run in {out} started" in error_line(proc)
+    train_csv.write_text("".join(lines))
+    run(TRAIN, "--resume", out, "--workers", 0)  # the same data again: a finished run resumes (and re-exports)
+
+    proc = run(TRAIN, *args, "--epochs", 2, "--overwrite")
+    assert f"--overwrite: deleted the earlier run in {out}" in proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 10  # two epochs of 5 batches, from scratch
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
+    proc = run(TRAIN, "--resume", out, "--overwrite", check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
 def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_path: Path) -> None:
     frame = read_annotations(data_dir / "train.csv")
     _, val = train_val_split(frame, 0.2, seed=0)
@@ -780,6 +811,11 @@ def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_o
     assert model.training
     model.eval()
     assert model.predict_probabilities([Image.open(paths[0]).convert("L")], captions[:1]).shape == (1, len(LABELS))
+    as_array = np.asarray(Image.open(paths[0]).convert("RGB"))  # a uint8 array is an image too
+    np.testing.assert_allclose(model.predict_probabilities([as_array], captions[:1]),
+                               model.predict_probabilities([Image.open(paths[0])], captions[:1]), atol=1e-6)
+    with pytest.raises(ValueError, match=rf"thresholds: 2 values for {len(LABELS)} classes"):
+        model.predict(paths[:1], captions[:1], thresholds=[0.5, 0.5])
     # Missing captions (None, or NaN: pandas' empty cell) are empty, here and in predict_to_csv.
     blank = model.predict_probabilities(paths[:2], ["", ""])
     np.testing.assert_allclose(model.predict_probabilities(paths[:2], [None, float("nan")]), blank, atol=1e-7)
@@ -1108,6 +1144,63 @@ def test_predict_skip_bad_images_without_caption_branch_gives_no_labels(image_on
     assert all(v == "nan" for k, v in next(r for r in read_rows(probs) if r["ImageID"] == bad).items()
                if k != "ImageID")
     assert [r["ImageID"] for r in read_rows(tmp_path / "predictions.bad_images.csv")] == [bad]
+
+
+def load_script(path: Path) -> Any:
+    """``train.py`` or ``predict.py`` as a module (its parser and argument checks, without running it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    (TRAIN, ("--beam-width", 0), "--beam-width must be at least 1, got 0"),  # crashed after a whole epoch
+    (TRAIN, ("--log-every", 0), "--log-every must be at least 1"),  # ZeroDivisionError mid-training
+    (TRAIN, ("--image-size", 0), "--image-size must be at least 1"),
+    (TRAIN, ("--caption-layers", 0), "--caption-layers must be at least 1"),
+    (TRAIN, ("--workers", -1), "--workers must not be negative, got -1"),
+    (TRAIN, ("--lr", -1), "--lr must not be negative"),
+    (TRAIN, ("--warmup-steps", -5), "--warmup-steps must not be negative"),
+    (TRAIN, ("--dropout", 1.5), "--dropout must be in [0, 1), got 1.5"),
+    (TRAIN, ("--pretrained-file", "missing.pth"), "--pretrained-file: missing.pth is not a file"),
+    (TRAIN, ("--label-names", "missing.csv"), "--label-names: missing.csv is not a file"),  # was silently ignored
+    (PREDICT, ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
+    (PREDICT, ("--threshold", 1.5), "--threshold must be in (0, 1), got 1.5"),
+    (PREDICT, ("--output", "p.csv", "--probabilities", "./p.csv"), "--output and --probabilities name the same file"),
+])
+def test_values_that_cannot_work_are_refused_before_anything_loads(script: Path, flags: tuple[Any, ...], message: str,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    module = load_script(script)
+    parser = module.get_args_parser()
+    with pytest.raises(SystemExit) as info:
+        module.check_args(parser, parser.parse_args([str(f) for f in flags]))
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_predict_refuses_inputs_its_models_cannot_use_and_never_overwrites_the_input(
+        run_dir: Path, caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
+    csv_copy = tmp_path / "test.csv"
+    shutil.copy(data_dir / "test.csv", csv_copy)
+    before = csv_copy.read_text()
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", csv_copy, "--image-dir", data_dir / "data",
+               "--output", csv_copy, check=False)  # it used to replace the captions with the predictions
+    assert f"--output {csv_copy} is the input CSV: it would be overwritten" in error_line(proc)
+    assert csv_copy.read_text() == before
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", csv_copy, "--output", tmp_path / "p.csv",
+               check=False)
+    assert f"the model reads images: give --image-dir (the folder of {csv_copy}'s images) or --data-dir" in \
+        error_line(proc)
+    proc = run(PREDICT, "--checkpoint", caption_only, "--image-dir", data_dir / "data", "--output",
+               tmp_path / "p.csv", check=False)  # it used to give every image the same labels
+    assert "the model reads captions only (no image branch), and a folder of images has none" in error_line(proc)
+    assert not (tmp_path / "p.csv").exists()
+    # --probabilities into a folder that does not exist yet (it used to lose the whole prediction)
+    run(PREDICT, "--checkpoint", caption_only, "--csv", csv_copy, "--output", tmp_path / "p.csv",
+        "--probabilities", tmp_path / "new" / "folder" / "probs.csv", "--workers", 0)
+    assert len(read_rows(tmp_path / "new" / "folder" / "probs.csv")) == NUM_TEST
 
 
 def test_predict_reports_a_duplicate_image_id_with_file_and_line(run_dir: Path, data_dir: Path,

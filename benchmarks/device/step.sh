@@ -43,7 +43,7 @@ case "$TASK" in
     unpack) ;;
     smoke)
         # shellcheck disable=SC2046
-        "$PY" train.py --data-dir "$DATA" --output-dir runs/smoke --seed 0 --val-fraction 0.2 --no-plots \
+        "$PY" train.py --data-dir "$DATA" --output-dir runs/smoke --overwrite --seed 0 --val-fraction 0.2 --no-plots \
             $(reg_args gpu_reg) --epochs 1 --limit 1024 --workers "$(nproc)" 2>&1 | tee "$OUT/smoke.log"
         exit "${PIPESTATUS[0]}";;
     rows)
