@@ -253,6 +253,9 @@ class CheckpointManager:
         if acc.is_main_process:
             for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(".old-step_*"):  # replaced, and left by a kill before it was deleted
+                if (self.root / stale.name[len(".old-"):] / "progress.json").is_file():
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,11 @@ def test_saving_a_step_again_never_leaves_it_without_a_checkpoint(tmp_path: Path
 
     manager.save(Progress(epoch=1, batches_done=0, step=4))  # the same save again, uninterrupted
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    # A kill after the new checkpoint's rename but before the old one's deletion: the next save removes it.
+    shutil.copytree(checkpoints / "step_00000004", checkpoints / ".old-step_00000004")
+    assert CheckpointManager.complete(run_dir)[-1].name == "step_00000004"
+    manager.save(Progress(epoch=1, batches_done=1, step=5))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004", "step_00000005"]
     assert manager.load(checkpoints / "step_00000004").epoch == 1
 
 
