@@ -68,19 +68,23 @@ class JSONLinesTracker(GeneralTracker):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}, default=float) + "\n")
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int, open_epoch: Optional[int] = None) -> int:
         """Drop the lines logged after ``step``: what a run that died after its last checkpoint logged before dying,
-        which the run resumed from that checkpoint logs again. A torn last line goes too. Returns how many lines
-        were dropped; the file is rewritten atomically."""
+        which the run resumed from that checkpoint logs again. A torn last line goes too. ``open_epoch``: the epoch a
+        mid-epoch checkpoint is in; its end-of-epoch line goes even at ``step`` (a checkpoint at an epoch's last
+        batch, then validation logged, then a kill before the epoch's own checkpoint: the resumed run validates and
+        logs that epoch again). Returns how many lines were dropped; the file is rewritten atomically."""
         if not self.path.is_file():
             return 0
         lines = self.path.read_text().splitlines()
 
         def kept(line: str) -> bool:
             try:
-                return (json.loads(line).get("step") or 0) <= step
+                entry = json.loads(line)
             except ValueError:
                 return False
+            at = entry.get("step") or 0
+            return at < step or at == step and (open_epoch is None or entry.get("epoch") != open_epoch)
 
         keep = [line for line in lines if line.strip() and kept(line)]
         if len(keep) < len(lines):

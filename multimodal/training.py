@@ -561,7 +561,7 @@ def main(args: argparse.Namespace) -> int:
         progress = checkpoints.load(checkpoint)
         log(f"resumed from {checkpoint}: epoch {progress.epoch}, batch {progress.batches_done}, step {progress.step}")
         if accelerator.is_main_process:  # what the run logged after this checkpoint is about to be logged again
-            dropped = jsonl.truncate_after(progress.step)
+            dropped = jsonl.truncate_after(progress.step, progress.epoch if progress.batches_done else None)
             if dropped:
                 log(f"log.jsonl: dropped {dropped} line(s) logged after step {progress.step} by the interrupted run")
     kill_at = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0"))

@@ -325,3 +325,22 @@ def test_a_checkpoint_in_accelerates_own_format_still_resumes(tmp_path: Path) ->
         assert torch.equal(value, expected[name]), name
     damage(old / "random_states_0.pkl", "flip")
     assert "random_states_0.pkl is damaged" in CheckpointManager.problem(old)
+
+
+def test_the_log_keeps_what_a_resumed_run_will_not_log_again(tmp_path: Path) -> None:
+    import json
+
+    from multimodal.engine import JSONLinesTracker
+
+    log = tmp_path / "log.jsonl"
+    entries = [{"step": 3, "train/loss": 1.0}, {"step": 5, "train/loss": 0.9}, {"step": 5, "epoch": 0, "val": 0.5},
+               {"step": 6, "train/loss": 0.8}]
+    text = "".join(json.dumps(e) + "\n" for e in entries) + '{"step": 7, "tr'  # a torn last line
+    tracker = JSONLinesTracker(log)
+    log.write_text(text)
+    assert tracker.truncate_after(5) == 2  # an epoch-end checkpoint at step 5: epoch 0's line stays
+    assert [json.loads(line) for line in log.read_text().splitlines()] == entries[:3]
+    log.write_text(text)
+    # A checkpoint at epoch 0's last batch (step 5), a kill before the epoch's own: epoch 0 is validated again.
+    assert tracker.truncate_after(5, open_epoch=0) == 3
+    assert [json.loads(line) for line in log.read_text().splitlines()] == entries[:2]
