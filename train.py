@@ -152,7 +152,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>, runs/latest -> it); "
-                   "one that holds an earlier run is refused (--resume continues it, --overwrite replaces it)")
+                   "one that holds an earlier run's checkpoints or model is refused (--resume continues it, --overwrite "
+                   "replaces it)")
     g.add_argument("--overwrite", action="store_true",
                    help="with --output-dir: delete the earlier run in that folder (its checkpoints, model and logs) "
                         "and start a new one")

@@ -148,19 +148,18 @@ def new_run_name(root: Path) -> str:
     raise FileExistsError(f"{root}: no free run folder name for {stamp}")
 
 
-RUN_MARKERS = ("run_config.json", "checkpoints")  # what makes a folder hold a run
-
-
 def make_run_dir(args: argparse.Namespace, state: PartialState, resuming: bool = False) -> Path:
     """The run folder, agreed by every process (`link_latest` links a default one from ``runs/latest``).
 
-    A new run refuses an ``--output-dir`` that holds an earlier run, unless ``--overwrite`` (which deletes it): the
-    two would share checkpoints (the new run's pruned in favour of the old run's later steps, and resumed from them)
-    and files that no longer match the old run's model.
+    A new run refuses an ``--output-dir`` that holds an earlier run's checkpoints or exported model, unless
+    ``--overwrite`` (which deletes the folder): the two would share checkpoints (the new run's pruned in favour of the
+    old run's later steps, and resumed from them) and files that no longer match the old run's model. A run that
+    stopped before its first checkpoint left nothing to keep: its folder is reused.
     """
     if args.output_dir is not None:
         run_dir = Path(args.output_dir)
-        earlier = [name for name in RUN_MARKERS if (run_dir / name).exists()]  # every process looks, before any delete
+        earlier = ([f"{len(CheckpointManager.complete(run_dir))} checkpoint(s)"] if CheckpointManager.complete(run_dir)
+                   else []) + (["an exported model"] if (run_dir / "model" / "config.json").is_file() else [])
         if earlier and not resuming:
             if not getattr(args, "overwrite", False):
                 raise UsageError(f"--output-dir {run_dir} holds an earlier run ({', '.join(earlier)}): `--resume "
@@ -482,6 +481,9 @@ def main(args: argparse.Namespace) -> int:
     features = None
     frozen: list[torch.nn.Module] = []
     tail = getattr(args, "train_tail_stages", 0)
+    if tail and model.image_encoder is not None and tail > len(model.image_encoder._stages()):
+        raise UsageError(f"--train-tail-stages {tail}: {config.image_encoder} has {len(model.image_encoder._stages())} "
+                         "stages (to fine-tune the whole encoder, leave out --cache-features)")
     if args.cache_features and model.image_encoder is not None:
         with accelerator.main_process_first():  # the main process computes and writes, the others read the cache
             features = cached_features(model.image_encoder, frame, image_dir, config.image_size, args.cache_features,

@@ -699,8 +699,8 @@ def test_a_run_folder_is_never_shared_by_two_runs_nor_resumed_on_other_data(data
     run(TRAIN, *args, "--epochs", 1)
     before = (out / "run_config.json").read_text()
     proc = run(TRAIN, *args, "--epochs", 2, check=False)
-    assert (f"--output-dir {out} holds an earlier run (run_config.json, checkpoints): `--resume {out}` continues it, "
-            "--overwrite deletes it") in error_line(proc)
+    assert (f"--output-dir {out} holds an earlier run (1 checkpoint(s), an exported model): `--resume {out}` "
+            "continues it, --overwrite deletes it") in error_line(proc)
     assert (out / "run_config.json").read_text() == before  # untouched
 
     lines = train_csv.read_text().splitlines(keepends=True)
@@ -716,6 +716,12 @@ def test_a_run_folder_is_never_shared_by_two_runs_nor_resumed_on_other_data(data
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
     proc = run(TRAIN, "--resume", out, "--overwrite", check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+    # A run that stops before its first checkpoint leaves nothing to keep: the folder is reused as it is.
+    proc = run(TRAIN, "--data-dir", data_dir, "--cache-features", tmp_path / "maps", "--train-tail-stages", 99,
+               *TINY, "--no-plots", "--output-dir", tmp_path / "stopped", check=False)
+    assert "--train-tail-stages 99: tf_efficientnet_lite0 has 7 stages" in error_line(proc)
+    run(TRAIN, *args, "--epochs", 1, "--output-dir", tmp_path / "stopped")
 
 
 def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_path: Path) -> None:
