@@ -155,8 +155,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "one that holds an earlier run's checkpoints or model is refused (--resume continues it, --overwrite "
                    "replaces it)")
     g.add_argument("--overwrite", action="store_true",
-                   help="with --output-dir: delete the earlier run in that folder (its checkpoints, model and logs) "
-                        "and start a new one")
+                   help="with --output-dir: delete the earlier run's files in that folder (checkpoints, model, "
+                        "logs, charts; nothing else) and start a new one")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0: every one)")
     g.add_argument("--resume", default=None,
@@ -185,6 +185,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--resume continues a run with the arguments it was started with; only {allowed} may be "
                          f"given with it, not {', '.join(given)} (start a new run to change them)")
         return
+    if args.overwrite and args.output_dir is None:
+        parser.error("--overwrite replaces the run in --output-dir: give --output-dir (a default run folder is new)")
     if args.no_image and args.no_caption:
         parser.error("--no-image and --no-caption leave no branch to train: keep at least one")
     if not 0.0 <= args.val_fraction < 1.0:

@@ -66,6 +66,6 @@ rm -f "$CACHE"/images-*.npy "$CACHE"/images-*.json  # the uint8 cache (GBs); KEE
 echo "== two GPUs (not run by this script): training with Accelerate, batch $BATCH per process"
 echo "accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 train.py --data-dir $DATA" \
      "--encoder efficientnet_b0 --no-pretrained --channels-last --batch-size $BATCH --workers $((CORES / 2))" \
-     "--image-cache $CACHE --epochs 1 --output-dir /tmp/mm-2gpu" \
+     "--image-cache $CACHE --epochs 1 --output-dir /tmp/mm-2gpu --overwrite" \
      "  # the uint8 cache; on GPUs the training augmentation then runs batched on each GPU (--device-augment)"
 exit $status

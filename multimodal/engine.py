@@ -1,10 +1,11 @@
 """Training and evaluation loops under Accelerate, and the checkpoints that make a run resumable.
 
 Accelerate owns devices, mixed precision and distribution: there is no hand-written autocast, GradScaler or DDP code
-here. A checkpoint is `accelerator.save_state` (model, optimizer, scheduler, RNG and sampler states) plus
-``progress.json`` (epoch, batches done in that epoch, global step) and, with a weight average (`build_ema`),
-``ema.safetensors``, written into a temporary folder that is renamed into place only when complete, so a crash
-never leaves a half-written checkpoint.
+here. A checkpoint holds what `accelerator.save_state` would (the prepared models, optimizers, schedulers and
+gradient scaler, each process's generators and Accelerate's step), as safetensors + JSON instead of pickles, plus
+``progress.json`` (epoch, batches done in that epoch, global step), a SHA-256 manifest and, with a weight average
+(`build_ema`), ``ema.safetensors``; it is written into a temporary folder, flushed to disk and renamed into place only
+when complete, so a crash never leaves a half-written checkpoint (`CheckpointManager`).
 """
 from __future__ import annotations
 
@@ -262,6 +263,7 @@ class CheckpointManager:
                     shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        tmp.mkdir(parents=True, exist_ok=True)  # on every machine: several nodes need not share their storage
         try:
             save_training_state(acc, tmp)
             acc.wait_for_everyone()
@@ -277,7 +279,7 @@ class CheckpointManager:
             earlier = self.complete(self.root.parent)
             raise CheckpointError(
                 f"could not write the checkpoint {final} ({type(error).__name__}: {error}); "
-                + (f"the earlier ones are intact: fix the cause (disk space?) and resume with --resume "
+                + (f"the earlier ones are intact: fix the cause (e.g. free disk space) and resume with --resume "
                    f"{self.root.parent}" if earlier else "there is no earlier checkpoint")) from error
         if acc.is_main_process:
             if final.exists():  # moved aside, not deleted, until the new one is in place
@@ -318,10 +320,12 @@ class CheckpointManager:
         or empty, a safetensors file shorter than its header says, a pickle archive failing its checksums. Reads
         every file through; loads nothing."""
         checkpoint = Path(checkpoint)
-        legacy = not (checkpoint / MANIFEST).is_file() and (checkpoint / "optimizer.bin").is_file()
+        legacy = not (checkpoint / MANIFEST).is_file() and any(
+            (checkpoint / name).is_file() for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"))
+        # optimizer.safetensors is absent where no step has run yet (an empty AdamW state): the manifest lists it
         required = ["progress.json", "model.safetensors",
                     *(["optimizer.bin", "scheduler.bin", *(f"random_states_{i}.pkl" for i in range(processes))]
-                      if legacy else [MANIFEST, "optimizer.json", "optimizer.safetensors", "scheduler.json",
+                      if legacy else [MANIFEST, "optimizer.json", "scheduler.json",
                                       *(f"rng_{i}.json" for i in range(processes))]),
                     *([EMA_FILE] if ema else [])]
         for name in required:
@@ -380,6 +384,8 @@ def _covers_storage(tensor: torch.Tensor) -> bool:
 
 def _split_tensors(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     if torch.is_tensor(value):
+        if key in tensors:  # keys joined by "." can meet ({"a.b": x} and {"a": {"b": y}}); never silently
+            raise ValueError(f"two tensors of a state dict would both be stored as {key!r}")
         tensors[key] = value.detach().cpu().clone().contiguous()  # its own storage: views of a flat buffer too
         return {"tensor": key}
     if isinstance(value, dict):

@@ -148,26 +148,42 @@ def new_run_name(root: Path) -> str:
     raise FileExistsError(f"{root}: no free run folder name for {stamp}")
 
 
+# What a run writes into its folder: a new run in the folder of an earlier one removes them first (and nothing else).
+RUN_FILES = ("checkpoints", "model", "tensorboard", "log.jsonl", "run_config.json", "labels.json", "tokenizer.json",
+             "metrics.json", "val_predictions.npz", "training_curves.png", "per_class_f1.png")
+
+
+def check_output_dir(args: argparse.Namespace, resuming: bool) -> None:
+    """A new run refuses an ``--output-dir`` that holds an earlier run's checkpoints or exported model, unless
+    ``--overwrite``: the two would share checkpoints (the new run's pruned in favour of the old run's later steps,
+    and resumed from them) and files that no longer match the old run's model. Checked before the data is read."""
+    if args.output_dir is None or resuming or getattr(args, "overwrite", False):
+        return
+    run_dir = Path(args.output_dir)
+    done = CheckpointManager.complete(run_dir)
+    earlier = ([f"{len(done)} checkpoint(s)"] if done else []) + (
+        ["an exported model"] if (run_dir / "model" / "config.json").is_file() else [])
+    if earlier:
+        resume = f"`--resume {run_dir}` continues it, " if done else ""
+        raise UsageError(f"--output-dir {run_dir} holds an earlier run ({', '.join(earlier)}): {resume}--overwrite "
+                         "deletes it and starts a new one; or choose another folder")
+
+
 def make_run_dir(args: argparse.Namespace, state: PartialState, resuming: bool = False) -> Path:
     """The run folder, agreed by every process (`link_latest` links a default one from ``runs/latest``).
 
-    A new run refuses an ``--output-dir`` that holds an earlier run's checkpoints or exported model, unless
-    ``--overwrite`` (which deletes the folder): the two would share checkpoints (the new run's pruned in favour of the
-    old run's later steps, and resumed from them) and files that no longer match the old run's model. A run that
-    stopped before its first checkpoint left nothing to keep: its folder is reused.
+    A new run in an existing ``--output-dir`` (one `check_output_dir` let through: ``--overwrite``, or a run stopped
+    before its first checkpoint) starts clean: the earlier run's `RUN_FILES` are deleted, other files are left.
     """
     if args.output_dir is not None:
         run_dir = Path(args.output_dir)
-        earlier = ([f"{len(CheckpointManager.complete(run_dir))} checkpoint(s)"] if CheckpointManager.complete(run_dir)
-                   else []) + (["an exported model"] if (run_dir / "model" / "config.json").is_file() else [])
-        if earlier and not resuming:
-            if not getattr(args, "overwrite", False):
-                raise UsageError(f"--output-dir {run_dir} holds an earlier run ({', '.join(earlier)}): `--resume "
-                                 f"{run_dir}` continues it, --overwrite deletes it and starts a new one; or choose "
-                                 "another folder")
-            if state.is_main_process:
-                shutil.rmtree(run_dir)
-                logger.warning(f"--overwrite: deleted the earlier run in {run_dir}")
+        if not resuming and state.is_main_process:
+            stale = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if stale:
+                logger.warning(f"deleted the earlier run's files in {run_dir}: "
+                               f"{', '.join(p.name for p in stale)}")
     else:
         name = [new_run_name(Path("runs")) if state.is_main_process else None]
         broadcast_object_list(name)
@@ -201,7 +217,18 @@ def restore_args(args: argparse.Namespace, state: PartialState) -> tuple[argpars
         raise UsageError(f"{candidates[0]} was written by a run of {processes} process(es) and this one has "
                          f"{state.num_processes}: each process's data shard and the schedule's length depend on "
                          f"it, so resume it with {processes} process(es)")
-    checkpoint = usable_checkpoint(args.resume, run_dir, candidates)
+    # Checked (every file hashed) by the main process alone; all resume from its choice, or stop with its error.
+    chosen: list[Optional[str]] = [None, None]
+    if state.is_main_process:
+        try:
+            chosen = [str(usable_checkpoint(args.resume, run_dir, candidates)), None]
+        except CheckpointError as error:
+            chosen = [None, str(error)]
+    if state.num_processes > 1:
+        broadcast_object_list(chosen)
+    if chosen[1] is not None:
+        raise CheckpointError(chosen[1])
+    checkpoint = Path(chosen[0])
     saved = config["args"]
     sticky = {"skip_bad_images": saved.get("skip_bad_images", False) or args.skip_bad_images,
               "verify_images": saved.get("verify_images") if args.verify_images is None else args.verify_images}
@@ -415,6 +442,7 @@ def main(args: argparse.Namespace) -> int:
     checkpoint: Optional[Path] = None
     if args.resume:
         args, checkpoint = restore_args(args, state)
+    check_output_dir(args, resuming=checkpoint is not None)
     # The data first: a malformed CSV or a bad image stops the run before it leaves an empty run folder behind.
     frame, image_dir, names_csv = load_frames(args, state)
     frame["_row"] = np.arange(len(frame))  # position in the full frame, for cached features

@@ -344,3 +344,16 @@ def test_the_log_keeps_what_a_resumed_run_will_not_log_again(tmp_path: Path) -> 
     # A checkpoint at epoch 0's last batch (step 5), a kill before the epoch's own: epoch 0 is validated again.
     assert tracker.truncate_after(5, open_epoch=0) == 3
     assert [json.loads(line) for line in log.read_text().splitlines()] == entries[:2]
+
+
+def test_a_checkpoint_before_the_first_optimizer_step_resumes(tmp_path: Path) -> None:
+    """Under fp16 the gradient scaler may skip the first steps: a checkpoint then holds an AdamW with no state, and
+    so no optimizer.safetensors (it was refused as "missing")."""
+    from multimodal.engine import resolve_checkpoint
+
+    acc, model, optimizer = prepared(seed=0)
+    acc.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    saved = CheckpointManager(acc, tmp_path).save(Progress(epoch=0, batches_done=2, step=2))
+    assert not (saved / "optimizer.safetensors").exists() and CheckpointManager.problem(saved) is None
+    assert resolve_checkpoint(str(tmp_path)) == saved
+    assert CheckpointManager(acc, tmp_path).load(saved).step == 2

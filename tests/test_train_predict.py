@@ -710,8 +710,10 @@ def test_a_run_folder_is_never_shared_by_two_runs_nor_resumed_on_other_data(data
     train_csv.write_text("".join(lines))
     run(TRAIN, "--resume", out, "--workers", 0)  # the same data again: a finished run resumes (and re-exports)
 
+    (out / "notes.txt").write_text("mine")  # not a run's file: --overwrite leaves it
     proc = run(TRAIN, *args, "--epochs", 2, "--overwrite")
-    assert f"--overwrite: deleted the earlier run in {out}" in proc.stderr
+    assert f"deleted the earlier run's files in {out}: checkpoints, model, log.jsonl, run_config.json" in proc.stderr
+    assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10  # two epochs of 5 batches, from scratch
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
     proc = run(TRAIN, "--resume", out, "--overwrite", check=False)
@@ -721,7 +723,9 @@ def test_a_run_folder_is_never_shared_by_two_runs_nor_resumed_on_other_data(data
     proc = run(TRAIN, "--data-dir", data_dir, "--cache-features", tmp_path / "maps", "--train-tail-stages", 99,
                *TINY, "--no-plots", "--output-dir", tmp_path / "stopped", check=False)
     assert "--train-tail-stages 99: tf_efficientnet_lite0 has 7 stages" in error_line(proc)
-    run(TRAIN, *args, "--epochs", 1, "--output-dir", tmp_path / "stopped")
+    proc = run(TRAIN, *args, "--epochs", 1, "--output-dir", tmp_path / "stopped")
+    assert f"deleted the earlier run's files in {tmp_path / 'stopped'}: log.jsonl, run_config.json" in proc.stderr
+    assert all(line.get("step", 0) <= 5 for line in read_log(tmp_path / "stopped"))  # this run's lines alone
 
 
 def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_path: Path) -> None:
