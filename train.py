@@ -151,9 +151,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "initialisation and data order, e.g. the members of an ensemble, share a split")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>, runs/latest -> it); "
-                   "one that holds an earlier run's checkpoints or model is refused (--resume continues it, --overwrite "
-                   "replaces it)")
+    g.add_argument("--output-dir", default=None,
+                   help="run folder (default: runs/<timestamp>, runs/latest -> it); one that holds an earlier run's "
+                        "checkpoints or model is refused (--resume continues it, --overwrite replaces it)")
     g.add_argument("--overwrite", action="store_true",
                    help="with --output-dir: delete the earlier run's files in that folder (checkpoints, model, "
                         "logs, charts; nothing else) and start a new one")
