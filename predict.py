@@ -51,7 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, metavar="JSON",
                    help="write the scores against the CSV's Labels column here (samples/micro/macro F1, mAP, "
                         "per-class F1, AP and support); needs a CSV with labels")
-    p.add_argument("--threshold", type=float, default=None, help="one threshold for all labels (overrides stored)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="one threshold for all labels (overrides stored); every input keeps its most probable label "
+                        "where none reaches it, so one above 1 predicts that label alone")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="Accelerate precision")
@@ -81,8 +83,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         parser.error(f"--workers must not be negative, got {args.workers}")
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.threshold is not None and not args.threshold >= 0.0:  # NaN too
+        parser.error(f"--threshold must be at least 0, got {args.threshold}")
     outputs: dict[Path, str] = {}
     for flag, value in (("--output", args.output), ("--probabilities", args.probabilities),
                         ("--metrics", args.metrics)):

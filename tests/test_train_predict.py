@@ -1178,7 +1178,8 @@ def load_script(path: Path) -> Any:
     (TRAIN, ("--pretrained-file", "missing.pth"), "--pretrained-file: missing.pth is not a file"),
     (TRAIN, ("--label-names", "missing.csv"), "--label-names: missing.csv is not a file"),  # was silently ignored
     (PREDICT, ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
-    (PREDICT, ("--threshold", 1.5), "--threshold must be in (0, 1), got 1.5"),
+    (PREDICT, ("--threshold", -1), "--threshold must be at least 0, got -1.0"),
+    (PREDICT, ("--threshold", "nan"), "--threshold must be at least 0, got nan"),
     (PREDICT, ("--output", "p.csv", "--probabilities", "./p.csv"), "--output and --probabilities name the same file"),
 ])
 def test_values_that_cannot_work_are_refused_before_anything_loads(script: Path, flags: tuple[Any, ...], message: str,
