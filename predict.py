@@ -85,14 +85,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--workers must not be negative, got {args.workers}")
     if args.threshold is not None and not args.threshold >= 0.0:  # NaN too
         parser.error(f"--threshold must be at least 0, got {args.threshold}")
-    outputs: dict[Path, str] = {}
-    for flag, value in (("--output", args.output), ("--probabilities", args.probabilities),
-                        ("--metrics", args.metrics)):
-        if value:
-            path = Path(value).resolve()
-            if path in outputs:
-                parser.error(f"{outputs[path]} and {flag} name the same file ({value}): give each its own")
-            outputs[path] = flag
+    seen: dict[Path, str] = {}
+    for flag, value, path in output_files(args):
+        if path in seen:
+            parser.error(f"{seen[path]} and {flag} name the same file ({value}): give each its own")
+        seen[path] = flag
+
+
+def output_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
+    """The files the run writes: (flag, value given, resolved path)."""
+    return [(flag, value, Path(value).resolve()) for flag, value in
+            (("--output", args.output), ("--probabilities", args.probabilities), ("--metrics", args.metrics))
+            if value]
 
 
 def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: Optional[Path],
@@ -100,11 +104,9 @@ def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: 
     """What the resolved inputs cannot give the models, and outputs that would overwrite the input."""
     from multimodal.config import UsageError
 
-    if csv_file is not None:
-        for flag, value in (("--output", args.output), ("--probabilities", args.probabilities),
-                            ("--metrics", args.metrics)):
-            if value and Path(value).resolve() == csv_file.resolve():
-                raise UsageError(f"{flag} {value} is the input CSV: it would be overwritten; write elsewhere")
+    for flag, value, path in output_files(args) if csv_file is not None else []:
+        if path == csv_file.resolve():
+            raise UsageError(f"{flag} {value} is the input CSV: it would be overwritten; write elsewhere")
     if image_dir is None and any(m.image_encoder is not None for m in models):
         raise UsageError(f"the model{'s' if len(models) > 1 else ''} read{'' if len(models) > 1 else 's'} images: "
                          f"give --image-dir (the folder of {csv_file}'s images) or --data-dir")

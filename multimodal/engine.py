@@ -259,18 +259,16 @@ class CheckpointManager:
             for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in self.root.glob(".old-step_*"):  # replaced, and left by a kill before it was deleted
-                if (self.root / stale.name[len(".old-"):] / "progress.json").is_file():
+                if (self.root / stale.name.removeprefix(".old-") / "progress.json").is_file():
                     shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # the stale folders are gone before any process makes its own
         tmp.mkdir(parents=True, exist_ok=True)  # on every machine: several nodes need not share their storage
         try:
             save_training_state(acc, tmp)
             acc.wait_for_everyone()
             if acc.is_main_process:
-                if self.ema is not None:  # the same on every process: the main one writes it. Copies: no shared storage
-                    save_file({k: v.detach().contiguous().cpu().clone()
-                               for k, v in self.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
+                if self.ema is not None:  # the same on every process: the main one writes it
+                    save_file(_cpu_copies(self.ema.module.state_dict()), str(tmp / EMA_FILE))
                 fsync_tree(tmp)
                 save_json(manifest(tmp), tmp / MANIFEST)
                 save_json(asdict(progress), tmp / "progress.json")  # last: it marks the checkpoint complete
@@ -299,8 +297,9 @@ class CheckpointManager:
         root = Path(run_dir) / "checkpoints"
         done = {p.name: p for p in root.glob("step_*") if (p / "progress.json").is_file()}
         for p in root.glob(".old-step_*"):
-            if p.name[len(".old-"):] not in done and (p / "progress.json").is_file():
-                done[p.name[len(".old-"):]] = p
+            name = p.name.removeprefix(".old-")
+            if name not in done and (p / "progress.json").is_file():
+                done[name] = p
         return [done[k] for k in sorted(done)]
 
     def _prune(self) -> None:
@@ -382,11 +381,21 @@ def _covers_storage(tensor: torch.Tensor) -> bool:
 # indices) stay integers, and tuples stay tuples.
 
 
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy with its own storage, as safetensors writes it: a view of a flat buffer (cuDNN's LSTM
+    weights) or of another tensor is copied, not refused as shared."""
+    return tensor.detach().cpu().clone().contiguous()
+
+
+def _cpu_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: _cpu_copy(v) for k, v in state.items()}
+
+
 def _split_tensors(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     if torch.is_tensor(value):
         if key in tensors:  # keys joined by "." can meet ({"a.b": x} and {"a": {"b": y}}); never silently
             raise ValueError(f"two tensors of a state dict would both be stored as {key!r}")
-        tensors[key] = value.detach().cpu().clone().contiguous()  # its own storage: views of a flat buffer too
+        tensors[key] = _cpu_copy(value)
         return {"tensor": key}
     if isinstance(value, dict):
         return {"dict": [[k, _split_tensors(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
@@ -458,8 +467,8 @@ def save_training_state(acc: Accelerator, folder: Path) -> None:
     weights = [acc.get_state_dict(model) for model in acc._models]  # on every process (a collective under FSDP)
     if acc.is_main_process:
         for i, state in enumerate(weights):
-            save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
-                      str(folder / f"{_numbered('model', i)}.safetensors"), metadata={"format": "pt"})
+            save_file(_cpu_copies(state), str(folder / f"{_numbered('model', i)}.safetensors"),
+                      metadata={"format": "pt"})
         for i, optimizer in enumerate(acc._optimizers):
             save_state_dict(optimizer.state_dict(), folder, _numbered("optimizer", i))
         for i, scheduler in enumerate(acc._schedulers):
@@ -742,8 +751,7 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
         if bad_images is not None and missing:
             bad_images.extend(i for i, ok in zip(batch["image_id"], batch["image_ok"].tolist()) if not ok)
         # The final output of an unreadable image is its caption's, as predict.py gives it.
-        image_ok = (batch["image_ok"] if missing and core.image_encoder is not None and core.caption_encoder is not None
-                    else None)
+        image_ok = batch["image_ok"] if missing and core.predicts_without_image else None
         inputs = model_inputs(batch)
         with accelerator.autocast():  # a model that was not prepared (a weight average) runs in the run's precision
             outputs = model(**inputs)

@@ -131,11 +131,12 @@ def iter_predictions(model: MultimodalClassifier | Sequence[MultimodalClassifier
                     inputs["image_features"] = models[0].image_encoder.forward_stem(inputs.pop("image"), stem_stages)
                 for m in models:
                     # An unreadable image: predicted from the caption alone, or (no caption branch) unusable.
-                    from_caption = not all_ok and m.image_encoder is not None and m.caption_encoder is not None
+                    unreadable = not all_ok and m.image_encoder is not None
+                    from_caption = unreadable and m.predicts_without_image
                     with _tail_stages(m, stem_stages or 0):
                         p = m.predict_proba(**inputs, image_ok=batch["image_ok"] if from_caption else None).float()
                     ok = torch.ones(len(p), dtype=torch.bool, device=p.device)
-                    if not all_ok and m.image_encoder is not None and m.caption_encoder is None:
+                    if unreadable and not from_caption:
                         ok &= batch["image_ok"]
                     probs.append(p)
                     usable.append(ok)

@@ -542,6 +542,12 @@ class MultimodalClassifier(nn.Module):
         self.tokenizer: Any = None
         self.thresholds: Optional[list[float]] = None
 
+    @property
+    def predicts_without_image(self) -> bool:
+        """Whether an input without a usable image can still be predicted: from its caption, by the caption head.
+        True for a model with both branches (one without an image branch needs no image at all)."""
+        return self.image_encoder is not None and self.caption_encoder is not None
+
     def forward_features(self, image: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
                          caption_lengths: Optional[torch.Tensor | Sequence[int]] = None,
                          image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -696,7 +702,7 @@ class MultimodalClassifier(nn.Module):
             if not torch.is_tensor(image_ok) or image_ok.dtype != torch.bool or image_ok.ndim != 1 or (
                     batch is not None and len(image_ok) != batch):
                 raise ValueError(f"`image_ok` must be a bool tensor [B] (B = {batch}), one flag per input")
-            if self.caption_encoder is None:
+            if not self.predicts_without_image:
                 raise ValueError("this model has no caption branch to predict inputs without an image from")
         else:
             image_ok = None
@@ -747,7 +753,7 @@ class MultimodalClassifier(nn.Module):
         if self.image_encoder is not None:
             if images is None:
                 hint = (f"; to predict from the captions alone, pass None for each image: images=[None] * "
-                        f"{count}" if self.caption_encoder is not None else "")
+                        f"{count}" if self.predicts_without_image else "")
                 raise ValueError(f"the model has an image branch: give images (PIL images or file paths){hint}")
             missing = self._missing_images(images)
             transform = build_transform(cfg.image_encoder, cfg.image_size, False, crop=cfg.image_crop)
@@ -771,7 +777,7 @@ class MultimodalClassifier(nn.Module):
     def _missing_images(self, images: Sequence[Any]) -> list[int]:
         """The positions of ``images`` given as ``None``; refused without a caption branch to predict them from."""
         missing = [i for i, image in enumerate(images) if image is None]
-        if missing and self.image_encoder is not None and self.caption_encoder is None:
+        if missing and self.image_encoder is not None and not self.predicts_without_image:
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise ValueError(f"images {missing[:10]}{more} are None, and this model has no caption branch to predict "
                              "them from")

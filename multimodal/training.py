@@ -509,9 +509,11 @@ def main(args: argparse.Namespace) -> int:
     features = None
     frozen: list[torch.nn.Module] = []
     tail = getattr(args, "train_tail_stages", 0)
-    if tail and model.image_encoder is not None and tail > len(model.image_encoder._stages()):
-        raise UsageError(f"--train-tail-stages {tail}: {config.image_encoder} has {len(model.image_encoder._stages())} "
-                         "stages (to fine-tune the whole encoder, leave out --cache-features)")
+    if tail and model.image_encoder is not None:
+        stages = len(model.image_encoder._stages())
+        if tail > stages:
+            raise UsageError(f"--train-tail-stages {tail}: {config.image_encoder} has {stages} stages (to fine-tune "
+                             "the whole encoder, leave out --cache-features)")
     if args.cache_features and model.image_encoder is not None:
         with accelerator.main_process_first():  # the main process computes and writes, the others read the cache
             features = cached_features(model.image_encoder, frame, image_dir, config.image_size, args.cache_features,
