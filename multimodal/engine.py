@@ -3,9 +3,9 @@
 Accelerate owns devices, mixed precision and distribution: there is no hand-written autocast, GradScaler or DDP code
 here. A checkpoint holds what `accelerator.save_state` would (the prepared models, optimizers, schedulers and
 gradient scaler, each process's generators and Accelerate's step), as safetensors + JSON instead of pickles, plus
-``progress.json`` (epoch, batches done in that epoch, global step), a SHA-256 manifest and, with a weight average
-(`build_ema`), ``ema.safetensors``; it is written into a temporary folder, flushed to disk and renamed into place only
-when complete, so a crash never leaves a half-written checkpoint (`CheckpointManager`).
+``progress.json`` (epoch, batches done in that epoch, global step, the epoch's loss sums so far), a SHA-256 manifest
+and, with a weight average (`build_ema`), ``ema.safetensors``; it is written into a temporary folder, flushed to disk
+and renamed into place only when complete, so a crash never leaves a half-written checkpoint (`CheckpointManager`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -40,11 +40,22 @@ MODEL_INPUTS = ("image", "caption_ids", "caption_lengths", "image_features")
 
 @dataclass
 class Progress:
-    """Where a run is: ``batches_done`` batches of epoch ``epoch`` are behind us, ``step`` optimizer steps in all."""
+    """Where a run is: ``batches_done`` batches of epoch ``epoch`` are behind us, ``step`` optimizer steps in all.
+
+    ``loss_sums`` and ``loss_batches``: the main process's loss terms summed over the epoch's batches so far, so that
+    an epoch resumed mid-way logs the mean of the whole epoch, as an uninterrupted run does (checkpoints written before
+    they existed resume without them: that epoch's mean then covers the batches after the resume)."""
 
     epoch: int = 0
     batches_done: int = 0
     step: int = 0
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    loss_batches: int = 0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_done = 0
+        self.loss_sums, self.loss_batches = {}, 0
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -648,13 +659,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
     after every optimizer step, before that step's checkpoint.
 
     Returns:
-        The mean of each loss term over the batches of this call.
+        The mean of each loss term over the epoch's batches (those before a resume included, from ``progress``).
     """
     model.train()
     for module in frozen:
         module.eval()
-    sums: dict[str, float] = {}
-    count = 0
+    # Summed where they are (read back once per epoch and per checkpoint, not once per batch), continuing the sums
+    # of the batches before a resume.
+    sums = {k: torch.tensor(v, device=accelerator.device) for k, v in progress.loss_sums.items()}
+    count = progress.loss_batches
     bar = tqdm(total=total_batches, initial=progress.batches_done, desc=f"epoch {progress.epoch}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
     seen, t0 = 0, time.perf_counter()
@@ -702,7 +715,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
             if not all_bad:
                 seen += len(batch["targets"])
                 count += 1
-                for k, v in terms.items():  # summed where they are: read back once per epoch, not once per batch
+                for k, v in terms.items():
                     sums[k] = sums[k] + v if k in sums else v.clone()
             if accelerator.sync_gradients:
                 progress.step += 1
@@ -716,6 +729,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                                     | {"train/lr": scheduler.get_last_lr()[-1], "train/images_per_s": rate},
                                     step=progress.step)
                 if checkpoints is not None and checkpoint_every > 0 and progress.step % checkpoint_every == 0:
+                    progress.loss_sums, progress.loss_batches = {k: float(v) for k, v in sums.items()}, count
                     checkpoints.save(progress)
                     if on_checkpoint is not None:
                         on_checkpoint(progress)

@@ -643,8 +643,7 @@ def main(args: argparse.Namespace) -> int:
                    if val_metrics else "")
                 + (f"  (without the average: final {raw_metrics['final']['samples_f1']:.4f})" if raw_metrics else ""))
             if epoch_done:
-                progress.epoch += 1
-                progress.batches_done = 0
+                progress.next_epoch()
                 checkpoints.save(progress)
     train_seconds = time.perf_counter() - t_start
 

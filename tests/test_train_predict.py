@@ -355,8 +355,10 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
         names = {p.name for p in checkpoint.iterdir()}
         assert names == {"progress.json", "manifest.json", "model.safetensors", "optimizer.safetensors",
                          "optimizer.json", "scheduler.json", "rng_0.safetensors", "rng_0.json"}  # no pickle
-    assert json.loads((checkpoints / "step_00000006" / "progress.json").read_text()) == {
+    progress = json.loads((checkpoints / "step_00000006" / "progress.json").read_text())
+    assert {k: progress[k] for k in ("epoch", "batches_done", "step")} == {
         "epoch": 1, "batches_done": 1, "step": 6}  # mid-epoch: resuming must skip one batch of epoch 1
+    assert progress["loss_batches"] == 1 and "loss" in progress["loss_sums"]
 
     # What a run that died between checkpoints leaves in its log: lines after the checkpoint, and a torn last line.
     with open(run_dir / "log.jsonl", "a") as f:
@@ -372,6 +374,27 @@ def test_killed_run_resumes_to_bit_identical_weights(data_dir: Path, reference_r
     assert not list(checkpoints.glob(".tmp-*"))
 
     assert_same_weights(reference_run, run_dir)
+    assert epoch_losses(run_dir) == epoch_losses(reference_run)  # epoch 1's mean includes its batch before the kill
+
+
+def epoch_losses(run_dir: Path) -> list[dict[str, float]]:
+    """Each epoch's logged mean loss terms."""
+    return [{k: v for k, v in line.items() if k.startswith("train_epoch/")} for line in read_log(run_dir)
+            if "epoch" in line]
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_checkpoint_at_an_epochs_last_batch_resumes_with_its_epoch_loss(
+        data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
+    """With --checkpoint-every 5, step 5 is saved twice: after the epoch's last batch, then at the epoch's end. A kill
+    between the two resumes into an epoch with no batch left; its loss is still the epoch's mean (it was NaN)."""
+    args = ("--data-dir", data_dir, *RESUMABLE, *TINY, "--checkpoint-every", 5, "--output-dir", tmp_path / "run")
+    killed = run(TRAIN, *args, check=False, env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="5"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run(TRAIN, "--resume", tmp_path / "run", "--workers", 0)
+    assert "epoch 0, batch 5, step 5" in resumed.stderr and "loss nan" not in resumed.stderr
+    assert_same_weights(reference_run, tmp_path / "run")
+    assert epoch_losses(tmp_path / "run") == epoch_losses(reference_run)
 
 
 def assert_same_weights(expected_run: Path, actual_run: Path) -> None:
