@@ -121,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
 
     from multimodal.annotations import AnnotationError
     from multimodal.config import save_json
+    from multimodal.engine import precision_warning
     from multimodal.inference import (ensemble_thresholds, label_targets, predict_to_csv, resolve_inputs,
                                       score_predictions)
     from multimodal.metrics import describe_thresholds
@@ -128,6 +129,9 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    precision = precision_warning(accelerator.mixed_precision, accelerator.device)
+    if precision:
+        logger.warning(precision)
     models = [MultimodalClassifier.from_pretrained(c).to(accelerator.device) for c in args.checkpoint]
     if args.compile:
         for model in models:

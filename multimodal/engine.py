@@ -141,6 +141,15 @@ class SeededAugmentation(Dataset):
                 np.random.set_state(np_state)
 
 
+def precision_warning(mixed_precision: str, device: torch.device) -> Optional[str]:
+    """What to tell a user whose precision does not run where they asked: Accelerate runs fp16 only on accelerators,
+    and on a CPU computes in float32 without a word."""
+    if mixed_precision == "fp16" and device.type == "cpu":
+        return ("fp16 mixed precision does not run on a CPU: Accelerate computes in float32 here "
+                "(--mixed-precision bf16 runs on a CPU, and gains where the CPU has native bf16)")
+    return None
+
+
 def derived_seed(*keys: int) -> int:
     """A 32-bit seed from integers (e.g. seed, epoch, batch, process), independent across keys."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])

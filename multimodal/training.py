@@ -34,8 +34,8 @@ from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, buil
                    subsample_rows, train_val_split, unreadable_images_error)
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointError, CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema,
-                     build_optimizer, collect_predictions, evaluate, find_checkpoints, lr_lambda, train_one_epoch,
-                     usable_checkpoint)
+                     build_optimizer, collect_predictions, evaluate, find_checkpoints, lr_lambda, precision_warning,
+                     train_one_epoch, usable_checkpoint)
 from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, build_transform
 from .labels import LabelCodec
 from .losses import JointLoss
@@ -471,6 +471,9 @@ def main(args: argparse.Namespace) -> int:
                                                      if isinstance(v, (int, float, str, bool))})
     set_seed(args.seed)
     log = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
+    precision = precision_warning(accelerator.mixed_precision, accelerator.device)
+    if precision and accelerator.is_main_process:
+        logger.warning(precision)
 
     # Label codec and caption vocabulary (saved with the run and reused on resume).
     if checkpoint is not None:

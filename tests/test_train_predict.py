@@ -935,8 +935,10 @@ def test_predict_scores_a_labelled_csv_as_the_label_sets_it_wrote(caption_only: 
     assert str(bad_csv) in message and f"data row 3 (ImageID {image_id!r})" in message and "5" in message
     assert not (tmp_path / "bad.csv").exists()
     unlabelled = run(PREDICT, "--checkpoint", caption_only, "--csv", data_dir / "test.csv", "--output",
-                     tmp_path / "t.csv", "--metrics", tmp_path / "t.json", "--workers", 0, check=False)
+                     tmp_path / "t.csv", "--metrics", tmp_path / "t.json", "--workers", 0, "--mixed-precision", "fp16",
+                     check=False)
     assert "Labels column" in error_line(unlabelled) and not (tmp_path / "t.json").exists()
+    assert "fp16 mixed precision does not run on a CPU" in unlabelled.stderr  # Accelerate says nothing of it
 
 
 def test_predict_a_folder_without_csv_with_a_threshold_override(run_dir: Path, data_dir: Path,
@@ -986,7 +988,8 @@ def test_split_seed_keeps_the_validation_split_while_the_seed_changes_the_model(
 def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "all"
     proc = run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
-               "--val-fraction", 0, "--output-dir", out)
+               "--val-fraction", 0, "--output-dir", out, "--mixed-precision", "fp16")  # float32 on a CPU, with a warning
+    assert "fp16 mixed precision does not run on a CPU" in proc.stderr
     assert json.loads((out / "run_config.json").read_text())["train_rows"] == NUM_TRAIN
     epochs = [r for r in read_log(out) if "epoch" in r]
     assert [r["epoch"] for r in epochs] == [0, 1] and all(np.isfinite(r["train_epoch/loss"]) for r in epochs)
