@@ -14,10 +14,14 @@ One run measures, on the same images, batch size and resolution (every rate in i
   JPEG draft decoding, the uint8 image cache, channels_last, torch.compile, persistent workers, the caption LSTM on
   padded against packed captions, fused against for-loop AdamW;
 - with ``--sections memory``: peak memory of ``predict.py`` over a few hundred and a few thousand images, and of
-  ``train.py`` at its defaults (demo data), as subprocesses with their DataLoader workers.
+  ``train.py`` at its defaults (demo data), as subprocesses with their DataLoader workers;
+- with ``--sections checkpoint``: what a checkpoint costs (`engine.CheckpointManager`: safetensors + JSON, a SHA-256
+  manifest, fsync) against the same state written without the manifest and fsync and against Accelerate's own
+  ``save_state``, in training steps of the joint model, and what the check before a resume costs against the load.
 
     python benchmarks/throughput.py                                   # CPU: COMP5329, 224 and 128 px
     python benchmarks/throughput.py --sections memory                 # peak RSS of predict.py and train.py
+    python benchmarks/throughput.py --sections checkpoint --sizes 224  # a checkpoint's cost, in training steps
     python benchmarks/throughput.py --smoke --output /tmp/smoke.json  # seconds, demo data: keeps the script working
     bash benchmarks/gpu.sh                                            # one GPU: bf16/fp16, channels_last, cache
 
@@ -63,7 +67,8 @@ sys.path.insert(0, str(ROOT))
 from multimodal.annotations import read_annotations  # noqa: E402
 from multimodal.config import LossConfig, ModelConfig, save_json  # noqa: E402
 from multimodal.data import Collator, ImageCaptionDataset, build_image_cache, decode_images  # noqa: E402
-from multimodal.engine import Progress, adamw, build_optimizer, model_inputs, train_one_epoch  # noqa: E402
+from multimodal.engine import (CheckpointManager, Progress, adamw, build_optimizer, load_training_state,  # noqa
+                               lr_lambda, model_inputs, save_training_state, train_one_epoch)
 from multimodal.images import (BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for,  # noqa
                                eval_resize_size, load_image, resolve_image_config)
 from multimodal.inference import predict_to_csv  # noqa: E402
@@ -72,7 +77,7 @@ from multimodal.losses import JointLoss  # noqa: E402
 from multimodal.model import MultimodalClassifier  # noqa: E402
 from multimodal.text import PAD_ID, train_caption_tokenizer  # noqa: E402
 
-SECTIONS = ("train", "infer", "loader", "options", "draft", "memory")
+SECTIONS = ("train", "infer", "loader", "options", "draft", "memory", "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1112,6 +1117,107 @@ def section_memory(args: argparse.Namespace, frame: pd.DataFrame, image_dir: Pat
 # Main
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def section_checkpoint(s: Setup, workdir: Path) -> dict[str, Any]:
+    """A checkpoint of the joint model at the benchmark's settings (AdamW moments after a few steps), saved and checked
+    ``--checkpoint-rounds`` times, the variants alternating their order each round:
+
+    - ``manager``: `CheckpointManager.save`, what train.py runs (safetensors + JSON, SHA-256 manifest, fsync of every
+      file and folder, rename into place, pruning);
+    - ``raw``: `engine.save_training_state` alone, the same files without the manifest, fsync and renames;
+    - ``accelerate``: ``accelerator.save_state`` (pickled optimizer, scheduler and generator states), what it replaced;
+    - ``check``: `CheckpointManager.problem` (every file read and hashed), against ``load``, `load_training_state`.
+
+    Each is also expressed in training steps of the same model and batches (the plain joint step), which is what a
+    checkpoint every N steps costs: ``manager_in_steps / N`` of the run. The files are on the benchmark's temporary
+    folder (``--checkpoint-dir`` to choose the disk)."""
+    args = s.args
+    acc = Accelerator(mixed_precision=args.precision, cpu=s.device.type == "cpu")  # its own list of prepared objects
+    model = s.joint_model()
+    optimizer = build_optimizer(model, lr=1e-3, backbone_lr=1e-4, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(1000, 10))
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    batches = s.memory_batches(args.warmup + args.train_batches, training=True)
+    step = _joint_train_step(s, model, optimizer)
+    for batch in batches[:args.warmup]:
+        step(batch)
+    s.sync()
+    start = time.perf_counter()
+    for batch in batches[args.warmup:]:
+        step(batch)
+        scheduler.step()
+    s.sync()
+    step_seconds = (time.perf_counter() - start) / max(1, args.train_batches)
+
+    root = Path(args.checkpoint_dir or workdir) / "checkpoint-bench"
+    shutil.rmtree(root, ignore_errors=True)
+    manager = CheckpointManager(acc, root / "run", keep=1)
+    counter = iter(range(1, 1 << 30))
+
+    def save_manager() -> Path:
+        return manager.save(Progress(step=next(counter)))
+
+    def save_raw() -> Path:
+        folder = root / "raw"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        save_training_state(acc, folder)
+        return folder
+
+    def save_accelerate() -> Path:
+        folder = root / "accelerate"
+        shutil.rmtree(folder, ignore_errors=True)
+        acc.save_state(str(folder))
+        return folder
+
+    savers = {"manager": save_manager, "raw": save_raw, "accelerate": save_accelerate}
+    seconds: dict[str, list[float]] = {name: [] for name in [*savers, "check", "load"]}
+    checkpoint = save_manager()  # untimed: the first save makes the folders
+    loadavg_before = loadavg()
+    for r in range(args.checkpoint_rounds):
+        names = list(savers) if r % 2 == 0 else list(savers)[::-1]
+        for name in names:
+            start = time.perf_counter()
+            folder = savers[name]()
+            seconds[name].append(time.perf_counter() - start)
+            if name == "manager":
+                checkpoint = folder
+        for name in ("check", "load") if r % 2 == 0 else ("load", "check"):
+            start = time.perf_counter()
+            if name == "check":
+                problem = CheckpointManager.problem(checkpoint)
+                assert problem is None, problem
+            else:
+                load_training_state(acc, checkpoint)
+            seconds[name].append(time.perf_counter() - start)
+    sizes = {p.name: p.stat().st_size for p in checkpoint.iterdir() if p.is_file()}
+    median = {name: float(np.median(v)) for name, v in seconds.items()}
+    result = {
+        "files": sizes, "bytes": sum(sizes.values()),
+        "accelerate_bytes": sum(p.stat().st_size for p in (root / "accelerate").rglob("*") if p.is_file()),
+        "parameters": sum(p.numel() for p in acc.unwrap_model(model).parameters()),
+        "train_step_seconds": round(step_seconds, 4), "batch_size": args.batch_size, "image_size": s.size,
+        "rounds": args.checkpoint_rounds, "seconds": {k: [round(x, 4) for x in v] for k, v in seconds.items()},
+        "median_seconds": {k: round(v, 4) for k, v in median.items()},
+        "in_train_steps": {k: round(v / step_seconds, 3) for k, v in median.items()},
+        "ratios": {"manager/raw": round(median["manager"] / median["raw"], 3),
+                   "manager/accelerate": round(median["manager"] / median["accelerate"], 3),
+                   "check/load": round(median["check"] / median["load"], 3)},
+        "disk": str(root), "loadavg_before": loadavg_before, "loadavg_after": loadavg()}
+    for name in seconds:
+        print(f"  {name:<12s} {median[name]:8.3f} s  = {median[name] / step_seconds:6.2f} training steps "
+              f"({step_seconds:.3f} s each)", flush=True)
+    print(f"  checkpoint {result['bytes'] / 2**20:.1f} MiB; manager/raw {result['ratios']['manager/raw']}, "
+          f"manager/accelerate {result['ratios']['manager/accelerate']}, check/load {result['ratios']['check/load']}",
+          flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    acc.free_memory()
+    return result
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
@@ -1162,6 +1268,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--omp-compare-images", type=int, default=0, help="predict.py with/without OMP passive (0: skip)")
     g.add_argument("--no-memory-train", dest="memory_train", action="store_false", help="skip train.py's peak")
     g.add_argument("--train-extra", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments (last)")
+    g = p.add_argument_group("checkpoint")
+    g.add_argument("--checkpoint-rounds", type=int, default=5, help="saves and checks of each kind")
+    g.add_argument("--checkpoint-dir", default=None, help="where the checkpoints are written (default: a temporary "
+                   "folder); the disk decides what fsync costs")
     g = p.add_argument_group("run")
     g.add_argument("--sections", default="train,infer,loader,options", help=f"comma-separated subset of {SECTIONS}")
     g.add_argument("--output", default=None, help="JSON results (default benchmarks/results/throughput-<device>.json)")
@@ -1178,6 +1288,7 @@ def apply_smoke(args: argparse.Namespace, workdir: Path) -> None:
     args.warmup, args.rounds, args.e2e_rounds, args.cache_workers = 1, 1, 1, 0
     args.draft_sizes, args.draft_accuracy_sizes, args.draft_accuracy_rows = [32], [32], [24, 16]
     args.memory_images, args.memory_image_size, args.memory_train = [8, 16], 32, False
+    args.checkpoint_rounds = 1
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -1213,7 +1324,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               f"{loadavg()}", flush=True)
         t_run = time.perf_counter()
         args.train_images = (args.train_batches + args.warmup) * args.batch_size
-        for size in args.sizes if set(sections) - {"memory", "draft"} else []:
+        for size in args.sizes if set(sections) - {"memory", "draft", "checkpoint"} else []:
             print(f"[{size} px]", flush=True)
             s = Setup(args, frame, image_dir, size, accelerator)
             per: dict[str, Any] = {}
@@ -1241,6 +1352,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if "memory" in sections:
             print("[memory]", flush=True)
             results["memory"] = section_memory(args, frame, image_dir, workdir)
+        if "checkpoint" in sections:
+            print(f"[checkpoint: joint model at {args.sizes[0]} px, batch {args.batch_size}]", flush=True)
+            results["checkpoint"] = section_checkpoint(Setup(args, frame, image_dir, args.sizes[0], accelerator),
+                                                       workdir)
         results["summary"] = summarise(results)
         results["total_seconds"] = round(time.perf_counter() - t_run, 1)
         results["loadavg_end"] = loadavg()
@@ -1277,6 +1392,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             row["image_cache"] = {k: per["image_cache"][k] for k in ("images", "size", "build_seconds",
                                                                     "build_images_per_s", "reused")}
         summary[size] = row
+    if "checkpoint" in results:
+        summary["checkpoint"] = {k: results["checkpoint"][k] for k in ("bytes", "median_seconds", "in_train_steps",
+                                                                       "ratios")}
     if "memory" in results:
         summary["memory"] = {k: (v if not isinstance(v, dict) else
                                  {m: v[m] for m in ("peak_tree_rss_mib", "peak_tree_pss_mib", "seconds", "returncode")})

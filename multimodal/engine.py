@@ -762,7 +762,10 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
 
     Returns:
         ``targets`` and, per output that exists, ``image``/``caption``/``fused``/``decoder``/``final`` [N, C]
-        probabilities, plus ``index`` (dataset rows), in dataset order.
+        probabilities, plus ``index`` (dataset rows), in dataset order. A row whose image could not be read has NaN
+        probabilities in every output that needs the image, ``final`` included unless the model predicts it from the
+        caption alone (as predict.py leaves such a row without labels, or predicts it from its caption); `evaluate`
+        scores each output on its other rows.
     """
     model.eval()
     core = accelerator.unwrap_model(model)
@@ -784,6 +787,11 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
                 probs["decoder"] = core.decode(**inputs, outputs=outputs)[1].float()
             probs["final"] = core.predict_proba(**inputs, outputs=outputs, decoder_scores=probs.get("decoder"),
                                                 image_ok=image_ok).float()
+        if missing:  # what was computed from a blank image is no prediction
+            lost = ~batch["image_ok"].bool()
+            for name in ("image", "fused", "decoder", *(("final",) if image_ok is None else ())):
+                if name in probs:
+                    probs[name][lost] = float("nan")
         probs["targets"] = batch["targets"].float()
         probs["index"] = batch["index"]
         gathered = accelerator.gather_for_metrics(probs)
@@ -796,8 +804,19 @@ def collect_predictions(model: torch.nn.Module, loader: Iterable, accelerator: A
     return result
 
 
+def predicted_rows(probs: np.ndarray) -> np.ndarray:
+    """The rows of an output of `collect_predictions` that were predicted (not NaN: their image could be read)."""
+    return ~np.isnan(probs).any(axis=1)
+
+
 def evaluate(predictions: dict[str, np.ndarray], thresholds: Any = 0.5) -> dict[str, dict[str, Any]]:
-    """Metrics for every output in ``predictions`` (see `collect_predictions`)."""
+    """Metrics for every output in ``predictions`` (see `collect_predictions`), each on the rows it predicted (all
+    but those whose image is unreadable, for an output that needs the image); an output that predicted no row is
+    left out."""
     targets = predictions["targets"]
-    return {name: compute_metrics(probs, targets, thresholds if name == "final" else 0.5)
-            for name, probs in predictions.items() if name not in ("targets", "index")}
+    metrics = {}
+    for name, probs in predictions.items():
+        rows = predicted_rows(probs) if name not in ("targets", "index") else None
+        if rows is not None and rows.any():
+            metrics[name] = compute_metrics(probs[rows], targets[rows], thresholds if name == "final" else 0.5)
+    return metrics

@@ -35,7 +35,7 @@ from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, buil
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointError, CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema,
                      build_optimizer, collect_predictions, evaluate, find_checkpoints, lr_lambda, precision_warning,
-                     train_one_epoch, usable_checkpoint)
+                     predicted_rows, train_one_epoch, usable_checkpoint)
 from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, build_transform
 from .labels import LabelCodec
 from .losses import JointLoss
@@ -633,6 +633,9 @@ def main(args: argparse.Namespace) -> int:
             if len(val_frame):
                 predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
                                                   prepare=prepare_val)
+                if not predicted_rows(predictions["final"]).any():
+                    raise UsageError(f"none of the {len(val_frame)} validation images can be read (skipped: "
+                                     f"--skip-bad-images), and the model needs them: there is nothing to validate on")
                 val_metrics = evaluate(predictions)
                 if ema is not None:
                     raw_metrics = evaluate(collect_predictions(model, val_loader, accelerator, prepare=prepare_val))
@@ -658,19 +661,24 @@ def main(args: argparse.Namespace) -> int:
         if predictions is None:  # no training in this call (a finished run resumed)
             predictions = collect_predictions(evaluated, val_loader, accelerator, bad_images=val_bad,
                                               prepare=prepare_val)
-        targets = predictions["targets"]
-        final = compute_metrics(predictions["final"], targets, 0.5)
+        # Scored: the rows the final output predicted (an unreadable image of a model without a caption branch is
+        # not predicted, as predict.py leaves it without labels).
+        scored = predicted_rows(predictions["final"])
+        probs, targets = predictions["final"][scored], predictions["targets"][scored]
+        final = compute_metrics(probs, targets, 0.5)
         summary.update(num_val_samples=int(len(targets)), val_index=predictions["index"].astype(int).tolist(),
                        # which rows of the training CSV were held out (0-based data rows): the split itself
                        val_source_rows=val_frame["_row"].astype(int).tolist(),
                        trivial_samples_f1=trivial_baseline(train_frame, targets, codec),
                        val=evaluate(predictions))
+        if not scored.all():
+            summary["val_rows_not_predicted"] = int((~scored).sum())
         if raw_metrics:
             summary["val_without_ema"] = raw_metrics
         if threshold is not None:
-            summary["val_at_threshold"] = compute_metrics(predictions["final"], targets, thresholds)
+            summary["val_at_threshold"] = compute_metrics(probs, targets, thresholds)
         if args.tune_thresholds:
-            tuned, report = select_thresholds(predictions["final"], targets)
+            tuned, report = select_thresholds(probs, targets)
             thresholds = None if tuned is None else tuned.tolist()
             summary["val_tuned"] = report["tuned"]  # tuned and scored on the same rows: optimistic
             summary["val_tuned_crossfit"] = report["tuned_heldout"]  # honest
@@ -680,6 +688,9 @@ def main(args: argparse.Namespace) -> int:
             summary["thresholds_stored"] = report["kept"]
         message = (f"validation samples-F1 {final['samples_f1']:.4f} (trivial baseline: always the most frequent "
                    f"labels, {summary['trivial_samples_f1']:.4f})")
+        if not scored.all():
+            message += (f"; {int((~scored).sum())} of {len(scored)} validation rows not scored: their images are "
+                        "unreadable, and the model needs them")
         if threshold is not None:
             message += f"; at the stored threshold {threshold:g}: {summary['val_at_threshold']['samples_f1']:.4f}"
         if args.tune_thresholds:

@@ -125,7 +125,8 @@ def run_smoke(script: str, output: Path, *args: str, **env: str) -> dict:
 
 def test_throughput_smoke(tmp_path):
     results = run_smoke("throughput.py", tmp_path / "smoke.json", "--sections",
-                        "train,infer,loader,options,draft,memory", OMP_WAIT_POLICY="PASSIVE", TQDM_DISABLE="1")
+                        "train,infer,loader,options,draft,memory,checkpoint", OMP_WAIT_POLICY="PASSIVE",
+                        TQDM_DISABLE="1")
     machine = results["machine"]
     for key in ("cpu_model", "cpu_count", "torch", "loadavg_start", "device"):
         assert key in machine
@@ -166,6 +167,12 @@ def test_throughput_smoke(tmp_path):
     assert memory["predict_16"]["peak_tree_rss_mib"] > 0
     assert "ratio_peak_tree_rss_many/few" in memory
     assert results["summary"]["32"]["train_ratios"] == train["ratios"]
+    checkpoint = results["checkpoint"]  # a checkpoint's cost: every variant timed, each file of it listed
+    assert {"model.safetensors", "optimizer.safetensors", "manifest.json", "progress.json"} <= set(checkpoint["files"])
+    assert checkpoint["bytes"] == sum(checkpoint["files"].values()) and checkpoint["train_step_seconds"] > 0
+    for name in ("manager", "raw", "accelerate", "check", "load"):
+        assert len(checkpoint["seconds"][name]) == 1 and checkpoint["in_train_steps"][name] > 0
+    assert all(v > 0 for v in checkpoint["ratios"].values())
 
 
 @pytest.mark.parametrize("crop", ["center", "full"])

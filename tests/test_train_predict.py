@@ -767,12 +767,30 @@ def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_pat
     assert sorted(metrics["bad_images"]) == sorted(bad)
     assert f"skipped {len(bad)} unreadable image(s): " in proc.stderr
     assert (out / "model" / "model.safetensors").is_file()
-    # The validation image that could not be read is scored as predict.py predicts it: from its caption alone.
+    # The validation image that could not be read is scored as predict.py predicts it: from its caption alone. The
+    # outputs that need the image did not predict it, and are scored on the other rows.
     predictions = np.load(out / "val_predictions.npz")
     row = list(val["ImageID"]).index(in_val)
     np.testing.assert_allclose(predictions["final"][row], predictions["caption"][row], atol=1e-6)
     others = np.arange(len(val)) != row
     assert not np.allclose(predictions["final"][others], predictions["caption"][others], atol=1e-3)
+    for name in ("image", "fused", "decoder"):
+        assert np.isnan(predictions[name][row]).all() and not np.isnan(predictions[name][others]).any()
+        expected = compute_metrics(predictions[name][others], predictions["targets"][others])["samples_f1"]
+        assert metrics["val"][name]["samples_f1"] == pytest.approx(expected)
+    assert metrics["num_val_samples"] == NUM_VAL and "val_rows_not_predicted" not in metrics
+
+    # A model without a caption branch cannot predict that row at all: it is left out of the scores, and counted, as
+    # predict.py leaves it without labels (it was scored as the prediction of a blank image).
+    proc = run(TRAIN, "--data-dir", data_dir, "--image-dir", images, "--skip-bad-images", *TINY, "--epochs", 1,
+               "--no-plots", "--no-caption", "--no-decoder", "--output-dir", tmp_path / "image_only")
+    metrics = json.loads((tmp_path / "image_only" / "metrics.json").read_text())
+    predictions = np.load(tmp_path / "image_only" / "val_predictions.npz")
+    assert np.isnan(predictions["final"][row]).all() and not np.isnan(predictions["final"][others]).any()
+    assert metrics["num_val_samples"] == NUM_VAL - 1 and metrics["val_rows_not_predicted"] == 1
+    expected = compute_metrics(predictions["final"][others], predictions["targets"][others])
+    assert metrics["val"]["final"]["samples_f1"] == pytest.approx(expected["samples_f1"])
+    assert f"1 of {NUM_VAL} validation rows not scored" in proc.stderr
 
 
 def test_train_reports_a_bad_csv_with_file_and_line(data_dir: Path, tmp_path: Path) -> None:
