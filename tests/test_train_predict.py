@@ -1006,7 +1006,7 @@ def test_split_seed_keeps_the_validation_split_while_the_seed_changes_the_model(
 def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "all"
     proc = run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
-               "--val-fraction", 0, "--output-dir", out, "--mixed-precision", "fp16")  # float32 on a CPU, with a warning
+               "--val-fraction", 0, "--output-dir", out, "--mixed-precision", "fp16")  # float32 on a CPU, warned
     assert "fp16 mixed precision does not run on a CPU" in proc.stderr
     assert json.loads((out / "run_config.json").read_text())["train_rows"] == NUM_TRAIN
     epochs = [r for r in read_log(out) if "epoch" in r]
