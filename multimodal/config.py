@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -163,6 +165,33 @@ def save_json(obj: Any, path: str | Path) -> None:
     fsync(tmp)
     tmp.replace(path)
     fsync(path.parent)
+
+
+def private_temporary(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A temporary name beside ``path`` that no other process uses (process id and a random part), for a file that
+    is renamed to ``path`` once complete: two processes writing the same file never write into one temporary file,
+    and one never deletes the other's. `remove_stale_temporaries` finds the ones a killed process left."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMPORARY_MARK}{suffix}")
+
+
+TEMPORARY_MARK = ".partial"
+STALE_SECONDS = 24 * 3600
+
+
+def remove_stale_temporaries(folder: str | Path, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Delete the `private_temporary` files in ``folder`` untouched for ``max_age`` seconds (left by a killed
+    process: a writer still at work touches its file); returns them."""
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(f"*{TEMPORARY_MARK}*"):
+        try:
+            if path.is_file() and now - path.stat().st_mtime > max_age:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+    return removed
 
 
 def fsync(path: str | Path) -> None:

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
-from multimodal.config import UsageError
+from multimodal.config import UsageError, fsync, private_temporary, remove_stale_temporaries
 from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
                                resize_for_cache, update_files_digest)
 from multimodal.labels import LabelCodec
@@ -532,7 +532,9 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
         logger.info("image cache: reused %s (%d images at %d px)", path, len(cache), size)
         return cache
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
+    for stale in remove_stale_temporaries(path.parent):
+        logger.info("image cache: removed %s, left by a build that was stopped", stale)
+    tmp = private_temporary(path, ".npy")  # this build's own: another process may be building the same cache
     start = time.perf_counter()
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3)).flush()
     loader = torch.utils.data.DataLoader(_CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop, squash),
@@ -542,22 +544,29 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
                                          # a run that builds it would train differently from one that reuses it
                                          generator=torch.Generator())
     errors: dict[str, str] = {}
-    for batch in loader:
-        for index, error in batch:
-            if error is not None:
-                if not skip_bad_images:
-                    tmp.unlink(missing_ok=True)
-                    image_id = image_ids[index]
-                    raise row_error(image_dir / image_id, first_row[image_id], image_id, error)
-                errors[image_ids[index]] = error
+    try:
+        for batch in loader:
+            for index, error in batch:
+                if error is not None:
+                    if not skip_bad_images:
+                        image_id = image_ids[index]
+                        raise row_error(image_dir / image_id, first_row[image_id], image_id, error)
+                    errors[image_ids[index]] = error
+    except BaseException:  # an unreadable image, Ctrl-C, a worker that died: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     build_seconds = time.perf_counter() - start
     meta = {"size": size, "interpolation": interpolation, "crop": crop, "squash": squash, "fingerprint": fingerprint,
             "image_dir": str(image_dir), "build_seconds": build_seconds, "workers": workers, "ids": image_ids,
             "ok": [image_id not in errors for image_id in image_ids], "errors": errors}
-    tmp_meta = path.with_name(path.stem + ".tmp.json")
+    tmp_meta = private_temporary(path.with_suffix(".json"), ".json")
     tmp_meta.write_text(json.dumps(meta))
+    for written in (tmp, tmp_meta):  # on disk before the renames publish them (a power loss keeps no zeros)
+        fsync(written)
+    # Another build of the same cache may have published first: the same images, so the same contents.
     os.replace(tmp, path)
     os.replace(tmp_meta, path.with_suffix(".json"))
+    fsync(path.parent)
     cache = ImageCache(path)
     cache.meta["reused"] = False
     logger.info("image cache: %d images at %d px built in %.1f s -> %s", len(image_ids), size, build_seconds, path)

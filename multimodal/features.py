@@ -21,20 +21,22 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import Collator, ImageCaptionDataset
+from .config import fsync, private_temporary, remove_stale_temporaries
+from .data import Collator, ImageCaptionDataset, row_error
 from .images import build_transform, update_files_digest
 from .model import ImageEncoder
 
 logger = logging.getLogger("multimodal")
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state (names, shapes and values)."""
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """SHA-256 of the modules' states (names, shapes and values)."""
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for i, module in enumerate(modules):
+        for name, tensor in module.state_dict().items():
+            h.update((name if len(modules) == 1 else f"{i}.{name}").encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -47,8 +49,11 @@ def images_digest(frame: pd.DataFrame, image_dir: str | Path) -> str:
 
 def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFrame, image_dir: str | Path,
                         tail_stages: Optional[int] = None, crop: str = "center") -> str:
+    """What the features depend on: with ``tail_stages``, the weights below the tail only (those the maps are
+    computed with; the tail is trained, and a resumed run's tail differs from the pretrained one)."""
     transform = build_transform(encoder, image_size, training=False, crop=crop)
-    parts = {"encoder": encoder.name, "weights": weights_digest(encoder), "image_size": image_size,
+    weights = weights_digest(encoder) if tail_stages is None else weights_digest(*encoder.stem_modules(tail_stages))
+    parts = {"encoder": encoder.name, "weights": weights, "image_size": image_size,
              "transform": repr(transform), "images": images_digest(frame, image_dir)}
     if tail_stages is not None:
         parts["tail_stages"] = tail_stages
@@ -98,6 +103,10 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
 
     Returns:
         ``features`` ([N, F], or [N, C, h, w] with ``tail_stages``) aligned with the rows of ``frame``, ``ok`` [N].
+
+    Raises:
+        ImageLoadError: an image is unreadable and ``skip_bad_images`` is off; also when the cache that matches was
+            built by a run that skipped unreadable images (it names the first, with its row).
     """
     fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir, tail_stages, crop)
     kind = ("" if tail_stages is None else f"-below{tail_stages}") + ("" if crop == "center" else f"-{crop}")
@@ -105,17 +114,33 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
     if path.is_file():
         tensors = load_file(str(path))
         logger.info("image features: cache hit %s", path)
-        return tensors["features"], tensors["ok"].bool()
+        ok = tensors["ok"].bool()
+        if not skip_bad_images and not ok.all():
+            bad = int((~ok).sum())
+            first = int((~ok).nonzero()[0])
+            image_id = frame["ImageID"].iloc[first]
+            row = int(frame["_row"].iloc[first]) if "_row" in frame else first
+            raise row_error(Path(image_dir) / image_id, row, image_id,
+                            f"unreadable when the feature cache {path} was built ({bad} image(s) in all, skipped "
+                            "there with --skip-bad-images): fix them, or skip them here too")
+        return tensors["features"], ok
     logger.info("image features: computing %d x %s at %d px (cache %s)", len(frame), encoder.name, image_size, path)
     dataset = ImageCaptionDataset(frame[["ImageID", "Caption"]], image_dir,
                                   transform=build_transform(encoder, image_size, training=False, crop=crop),
                                   skip_bad_images=skip_bad_images)
     features, ok = compute_features(encoder, dataset, batch_size, workers, device, tail_stages=tail_stages)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": features.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp),
-              metadata={"fingerprint": fingerprint, "rows": str(len(frame))})
-    os.replace(tmp, path)
+    for stale in remove_stale_temporaries(path.parent):
+        logger.info("image features: removed %s, left by a run that was stopped", stale)
+    tmp = private_temporary(path)  # this process's own: another run may be computing the same features
+    try:
+        save_file({"features": features.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp),
+                  metadata={"fingerprint": fingerprint, "rows": str(len(frame))})
+        fsync(tmp)  # on disk before the rename publishes it
+        os.replace(tmp, path)  # a run that published first wrote the same features
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync(path.parent)
     return features, ok
 
 

@@ -109,10 +109,14 @@ class ImageEncoder(nn.Module):
         pooled = self.backbone.forward_head(x)  # pooling + timm's dropout (no classifier: num_classes=0)
         return (pooled, x) if return_map else pooled
 
+    def stem_modules(self, tail_stages: int) -> list[nn.Module]:
+        """The modules `forward_stem` runs: everything below the last ``tail_stages`` stages."""
+        stages = self._stages()
+        return [self.backbone.conv_stem, self.backbone.bn1, *stages[: len(stages) - tail_stages]]
+
     def freeze_below_tail(self, tail_stages: int) -> list[nn.Module]:
         """Freeze everything below the last ``tail_stages`` stages; returns the frozen modules (keep them in eval)."""
-        stages = self._stages()
-        frozen = [self.backbone.conv_stem, self.backbone.bn1, *stages[: len(stages) - tail_stages]]
+        frozen = self.stem_modules(tail_stages)
         for module in frozen:
             module.requires_grad_(False)
         return frozen

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (broadcast_object_list, gather_object, is_tensorboard_available, parse_flag_from_env,
                                set_seed)
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from .annotations import AnnotationError, read_annotations
@@ -500,9 +501,15 @@ def main(args: argparse.Namespace) -> int:
         f"{codec.num_labels} classes, vocabulary {tokenizer.get_vocab_size()}, {accelerator.num_processes} process(es)")
 
     # Model, loss, optimisation.
-    # A resumed run gets its weights from the checkpoint, except that cached features are keyed by the pretrained ones.
-    pretrained = args.pretrained_file or args.pretrained if checkpoint is None or args.cache_features else False
-    model = MultimodalClassifier(config, pretrained=pretrained)
+    # A resumed run gets its weights from the checkpoint: the image encoder's at once, for cached features, which are
+    # keyed by the weights they are computed with (the pretrained ones, kept frozen in the checkpoint; resolving the
+    # pretrained weights again might find others, or none, by then), and all of them with the optimizer state below.
+    model = MultimodalClassifier(config, pretrained=args.pretrained_file or args.pretrained if checkpoint is None
+                                 else False)
+    if checkpoint is not None and args.cache_features and model.image_encoder is not None:
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        model.image_encoder.load_state_dict({k.removeprefix("image_encoder."): v for k, v in weights.items()
+                                             if k.startswith("image_encoder.")})
     if model.image_encoder is not None:
         source = model.image_encoder.pretrained_source if checkpoint is None else f"the checkpoint {checkpoint}"
         log(f"image encoder {config.image_encoder}: weights from {source}")

@@ -71,6 +71,35 @@ def test_cache_is_reused_and_invalidated(jpegs, tmp_path):
     assert rebuilt.image(names[0]).float().mean(-1).sub(2).abs().max() < 3
 
 
+def test_two_builds_of_one_cache_at_once_both_succeed_and_publish_it_whole(jpegs, tmp_path, monkeypatch):
+    """Two runs building the same cache at the same time (a sweep over seeds) each write their own temporary file:
+    they shared one, and the second zeroed what the first had written, then failed after its whole build. A stale
+    temporary file (a build killed a day ago) is removed; a fresh one (a build at work) is left alone."""
+    import multimodal.data as data_module
+    image_dir, names = jpegs
+    reference = build_image_cache(names, image_dir, tmp_path / "reference", 36)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    stale, busy = cache_dir / "x.npy.1-aa.partial.npy", cache_dir / "y.npy.2-bb.partial.npy"
+    stale.write_bytes(b"left by a killed build")
+    os.utime(stale, (0, 0))
+    busy.write_bytes(b"another build at work")
+    load_image, inner, started = data_module.load_image, [], []
+
+    def load_and_start_another_build(path, *args, **kwargs):
+        if not started and Path(path).name == names[2]:  # the first build is part-way: the second one runs whole
+            started.append(True)
+            inner.append(build_image_cache(names, image_dir, cache_dir, 36))
+        return load_image(path, *args, **kwargs)
+    monkeypatch.setattr(data_module, "load_image", load_and_start_another_build)
+    outer = build_image_cache(names, image_dir, cache_dir, 36)
+    assert inner and inner[0].path == outer.path and inner[0].meta["reused"] is False
+    assert np.array_equal(np.asarray(outer.array), np.asarray(reference.array))  # no row zeroed
+    assert not stale.exists() and busy.exists()
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([outer.path.name, outer.path.stem + ".json",
+                                                                  busy.name])
+
+
 def test_cache_bad_images(jpegs, tmp_path):
     image_dir, names = jpegs
     (image_dir / "bad.jpg").write_bytes(b"not a jpeg")

@@ -80,6 +80,68 @@ def test_cache_is_reused_and_invalidated(encoder, images, tmp_path):
     assert len(list(cache.iterdir())) == 6
 
 
+def test_maps_are_keyed_by_the_weights_below_the_tail_only(images, tmp_path):
+    """Feature maps depend on the stages below the trained tail, not on the tail: a resumed run, whose tail has
+    trained, finds the maps its start computed; other weights below the tail do not."""
+    frame, folder = images
+    torch.manual_seed(1)
+    enc = ImageEncoder("tf_efficientnet_lite0").eval()
+    cache = tmp_path / "cache"
+    maps, _ = cached_features(enc, frame, folder, 32, cache, workers=0, tail_stages=1)
+    with torch.no_grad():
+        enc.backbone.conv_head.weight.add_(1.0)  # the tail trained
+    torch.testing.assert_close(cached_features(enc, frame, folder, 32, cache, workers=0, tail_stages=1)[0], maps)
+    assert len(list(cache.iterdir())) == 1
+    with torch.no_grad():
+        enc.backbone.blocks[0][0].conv_dw.weight.add_(1.0)  # below the tail: other maps
+    cached_features(enc, frame, folder, 32, cache, workers=0, tail_stages=1)
+    assert len(list(cache.iterdir())) == 2
+    pooled, _ = cached_features(enc, frame, folder, 32, cache, workers=0)
+    with torch.no_grad():
+        enc.backbone.conv_head.weight.add_(1.0)  # pooled features depend on the whole encoder
+    assert not torch.allclose(cached_features(enc, frame, folder, 32, cache, workers=0)[0], pooled)
+
+
+def test_a_cache_that_skipped_bad_images_is_not_read_without_skipping(encoder, images, tmp_path):
+    """Features cached by a --skip-bad-images run mark the unreadable images; a run without the flag stops on them,
+    naming the file and its row, as it would on the image itself (it trained without them, and said so only at the
+    end)."""
+    from multimodal.images import ImageLoadError
+    frame, folder = images
+    (folder / "3.jpg").write_bytes(b"not a jpeg")
+    frame = frame.assign(_row=range(len(frame)))
+    _, ok = cached_features(encoder, frame, folder, 32, tmp_path / "cache", workers=0, skip_bad_images=True)
+    assert ok.tolist() == [True, True, True, False, True]
+    with pytest.raises(ImageLoadError, match=r"3.jpg: data row 4 \(ImageID '3.jpg'\): unreadable when the feature "
+                                             r"cache .* was built \(1 image\(s\) in all"):
+        cached_features(encoder, frame, folder, 32, tmp_path / "cache", workers=0)
+    assert cached_features(encoder, frame, folder, 32, tmp_path / "cache", workers=0,
+                           skip_bad_images=True)[1].tolist() == ok.tolist()
+
+
+def test_the_cache_is_written_under_this_process_own_temporary_name(encoder, images, tmp_path, monkeypatch):
+    """Two runs computing the same features at once each publish their own complete file (they shared one
+    temporary name, and the second failed after computing everything); stale temporary files are removed."""
+    import multimodal.features as features_module
+    frame, folder = images
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / "features-x.safetensors.1-aa.partial.tmp"
+    stale.write_bytes(b"left by a killed run")
+    os.utime(stale, (0, 0))
+    fsync, started = features_module.fsync, []
+
+    def another_run_publishes_first(path):  # between this run's write of its file and its rename into place
+        if not started:
+            started.append(True)
+            cached_features(encoder, frame, folder, 32, cache, workers=0)
+        return fsync(path)
+    monkeypatch.setattr(features_module, "fsync", another_run_publishes_first)
+    feats, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert ok.all() and [p.suffix for p in cache.iterdir()] == [".safetensors"] and not stale.exists()
+    torch.testing.assert_close(cached_features(encoder, frame, folder, 32, cache, workers=0)[0], feats)
+
+
 def test_feature_dataset_serves_rows_and_flips_maps(images):
     frame, _ = images
     maps = torch.arange(5 * 2 * 3 * 4, dtype=torch.float16).view(5, 2, 3, 4)

@@ -419,6 +419,32 @@ def assert_killed_and_resumed_run_matches(args: tuple[Any, ...], tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_a_run_on_cached_maps_resumes_from_its_checkpoint_without_its_pretrained_file(data_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A resumed --cache-features run takes the encoder below its tail from its checkpoint, and finds the maps its
+    start cached: its pretrained file may be gone or changed by then (it resolved the pretrained weights again, so a
+    changed file keyed other maps, computed from other weights than the checkpoint's, and a missing one stopped it)."""
+    import timm
+    from safetensors.torch import save_file
+    weights = tmp_path / "imagenet.safetensors"
+    torch.manual_seed(3)
+    save_file(timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict(), str(weights))
+    args = ("--data-dir", data_dir, *RESUMABLE, *TINY, "--cache-features", tmp_path / "maps", "--train-tail-stages", 1,
+            "--pretrained-file", weights)
+    run(TRAIN, *args, "--output-dir", tmp_path / "reference")
+    killed = run(TRAIN, *args, "--output-dir", tmp_path / "killed", check=False,
+                 env=script_env(MULTIMODAL_KILL_AFTER_CHECKPOINT="6"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    torch.manual_seed(4)
+    save_file(timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict(), str(weights))  # changed
+    resumed = run(TRAIN, "--resume", tmp_path / "killed", "--workers", 0)
+    assert "image features: cache hit" in resumed.stderr and len(list((tmp_path / "maps").iterdir())) == 1
+    assert_same_weights(tmp_path / "reference", tmp_path / "killed")
+    weights.unlink()  # gone: a finished run resumed (it re-exports) needs only its checkpoint
+    run(TRAIN, "--resume", tmp_path / "killed", "--workers", 0)
+
+
+@pytest.mark.slow
 def test_weight_average_is_validated_exported_and_resumed(data_dir: Path, tmp_path: Path) -> None:
     """``--ema-decay``: the moving average of the weights is what is validated and exported, the last weights' own
     validation is logged beside it, and it is checkpointed (safetensors), so a killed and resumed run exports the
