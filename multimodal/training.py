@@ -35,8 +35,8 @@ from .data import (Collator, ImageCaptionDataset, bounded_heap_worker_init, buil
                    subsample_rows, train_val_split, unreadable_images_error)
 from .features import FeatureDataset, cached_features
 from .engine import (CheckpointError, CheckpointManager, JSONLinesTracker, Progress, SeededAugmentation, build_ema,
-                     build_optimizer, collect_predictions, evaluate, find_checkpoints, lr_lambda, precision_warning,
-                     predicted_rows, train_one_epoch, usable_checkpoint)
+                     build_optimizer, collect_predictions, derived_seed, evaluate, find_checkpoints, lr_lambda,
+                     precision_warning, predicted_rows, train_one_epoch, usable_checkpoint)
 from .images import BatchImageTransform, EncodedImageDecoder, ImageLoadError, build_transform
 from .labels import LabelCodec
 from .losses import JointLoss
@@ -466,7 +466,10 @@ def main(args: argparse.Namespace) -> int:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
         # non_blocking: batches go to the GPU asynchronously (the loaders pin their memory on CUDA machines)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        # Accelerate shuffles epoch e with data_seed + e: derived, so that the run of --seed s + 1 does not see in
+        # each epoch the order of the one before in the run of --seed s
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=derived_seed(args.seed, 1),
+                                                  non_blocking=True),
         log_with=trackers, project_dir=str(run_dir))
     accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})

@@ -1029,6 +1029,19 @@ def test_split_seed_keeps_the_validation_split_while_the_seed_changes_the_model(
     assert any(not torch.equal(mine[k], theirs[k]) for k in mine)  # another initialisation and data order
 
 
+def test_runs_of_neighbouring_seeds_do_not_share_their_epochs_data_orders(data_dir: Path, tmp_path: Path) -> None:
+    """Accelerate shuffles epoch e with data_seed + e: with the seed itself as data_seed, the run of --seed 1 saw in
+    epoch 0 the order of epoch 1 of the run of --seed 0 (ensemble members of seeds 0, 1, 2 ... shared orders)."""
+    orders = {}
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
+            "--seed", seed, "--split-seed", 0, "--output-dir", out)
+        orders[seed] = json.loads((out / "metrics.json").read_text())["data_order_per_rank"][0]
+    assert sorted(orders[0][1]) == sorted(orders[1][0])  # the same training rows (one split) ...
+    assert orders[0][1] != orders[1][0] and orders[0][0] != orders[1][0]  # ... in other orders
+
+
 def test_refit_on_every_row_logs_its_epochs_and_exports(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "all"
     proc = run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
