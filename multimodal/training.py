@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -433,12 +434,18 @@ def param_checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
+# How long a process waits in a collective (a barrier) before the run is aborted: while the main process builds a
+# feature or image cache, the others wait at a barrier, and NCCL's default (10 minutes) ends a run whose cache takes
+# longer (a large dataset; feature maps on a slow disk). A process that really hangs is found this much later.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
     # Accelerator() reads ACCELERATE_USE_CPU but a bare PartialState() does not: without it a CPU launch of N
     # processes (gloo) would come up as N separate single-process runs.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
     check_launch(state)
     checkpoint: Optional[Path] = None
     if args.resume:
