@@ -398,6 +398,8 @@ def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, state: Par
     processes (``state``: a `PartialState` or an `Accelerator`) each decodes its share of the rows, and every process
     stops with the same list. ``off_switch``: the flag that skips the check, named in the log line."""
     start = time.perf_counter()
+    if "_row" not in frame:  # each process's share keeps the rows of the whole file, for the messages
+        frame = frame.assign(_row=np.arange(len(frame)))
     share = frame.iloc[state.process_index::state.num_processes]
     bad = ImageCaptionDataset(share, image_dir).check_images(strict=False, decode=True, workers=max(1, workers),
                                                              progress=state.is_local_main_process)
