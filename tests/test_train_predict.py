@@ -997,6 +997,28 @@ def test_predict_a_folder_without_csv_with_a_threshold_override(run_dir: Path, d
     assert all(len(r["Labels"].split()) == 1 for r in rows)
 
 
+def test_predict_no_draft_decodes_large_jpegs_at_full_size_as_validation_does(run_dir: Path, data_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """By default predict.py decodes a JPEG at least twice the model's input at a reduced scale (faster); --no-draft
+    decodes it whole, as train.py's validation does, so --metrics reproduces the validation's scores."""
+    from PIL import Image
+    images = tmp_path / "large"
+    images.mkdir()
+    names = sorted(p.name for p in (data_dir / "data").iterdir())[:8]
+    for name in names:  # 8x the demo's 32 px: the decoder can scale these down by 1/2 and 1/4
+        Image.open(data_dir / "data" / name).resize((256, 256), Image.BICUBIC).save(images / name, quality=95)
+    model = MultimodalClassifier.from_pretrained(run_dir / "model")
+    whole = model.predict_probabilities([Image.open(images / n) for n in names])  # PIL images: decoded whole
+    probs = {}
+    for flag in ((), ("--no-draft",)):
+        out = tmp_path / f"p{len(flag)}.csv"
+        run(PREDICT, "--checkpoint", run_dir / "model", "--image-dir", images, "--output", tmp_path / "labels.csv",
+            "--probabilities", out, "--workers", 0, *flag)
+        probs[flag] = pd.read_csv(out).iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(probs[("--no-draft",)], whole, atol=1e-5)
+    assert np.abs(probs[()] - whole).max() > 1e-4  # the reduced-scale decode gives other pixels
+
+
 def test_train_fraction_shrinks_training_and_keeps_the_validation_split(caption_only: Path, data_dir: Path,
                                                                         tmp_path: Path) -> None:
     out = tmp_path / "half"
