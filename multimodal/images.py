@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
 
 from .config import IMAGE_CROPS
@@ -51,8 +51,9 @@ def load_image(path: str | Path, draft_size: Optional[int] = None) -> Image.Imag
             other formats ignore it.
 
     Returns:
-        An ``RGB`` image. Transparency (RGBA, LA, palette with transparency) is composited on white; 16-bit images
-        are scaled to 8 bits; CMYK and the other modes go through Pillow's conversion.
+        An ``RGB`` image, upright by its EXIF orientation. Transparency (RGBA, LA, palette with transparency) is
+        composited on white; 16-bit images are scaled to 8 bits; CMYK and the other modes go through Pillow's
+        conversion.
 
     Raises:
         ImageLoadError: the file is missing or cannot be decoded.
@@ -73,6 +74,18 @@ def _decode_reason(err: BaseException) -> str:
     return f"cannot decode image ({type(err).__name__}: {err})"
 
 
+def _bytes_orientation(data: bytes) -> int:
+    """`exif_orientation` of an image file's bytes (its header only is parsed, and only where the bytes hold EXIF
+    data: JPEG's "Exif", PNG's "eXIf", WebP's "EXIF" or a TIFF, whose own tags hold the orientation)."""
+    if data[:4] not in (b"II*\0", b"MM\0*") and not any(mark in data for mark in (b"Exif", b"eXIf", b"EXIF")):
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return exif_orientation(img)
+    except _DECODE_ERRORS:
+        return 1
+
+
 def _pillow_rgb(data: bytes) -> tuple[Optional[np.ndarray], Optional[str]]:
     """An image file's bytes decoded as `load_image` decodes the file: uint8 [H, W, 3], or None and the reason."""
     try:
@@ -83,16 +96,36 @@ def _pillow_rgb(data: bytes) -> tuple[Optional[np.ndarray], Optional[str]]:
         return None, _decode_reason(err)
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture (1: upright; 2 to 8: turned or mirrored)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1 where it has none, or an unreadable one)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels stay as stored
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """An image in 8-bit RGB, converted as `load_image` converts files (transparency on white, 16-bit scaled)."""
-    if img.mode == "RGB":
+    """An image in 8-bit RGB, converted as `load_image` converts files: turned upright by its EXIF orientation (a
+    phone's portrait photo is stored sideways with a tag that says so), transparency on white (an alpha channel, or
+    the one transparent colour of a palette, grey or RGB PNG), 16-bit scaled, floating-point 0..1 scaled."""
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    transparent = "transparency" in img.info and img.mode in ("P", "L", "RGB")
+    if img.mode == "RGB" and not transparent:
         return img
-    if img.mode.startswith("I"):  # 16/32-bit integer grey: Pillow's conversion would clip everything above 255
+    if img.mode.startswith("I") or img.mode == "F":  # Pillow's conversion would clip everything above 255
         array = np.asarray(img).astype(np.float64)
-        if img.mode.startswith("I;16") or array.max(initial=0) > 255:
+        if img.mode == "F":
+            if array.max(initial=0) <= 1.0:  # a floating-point image in 0..1
+                array = array * 255.0
+        elif img.mode.startswith("I;16") or array.max(initial=0) > 255:
             array = array / 257.0
         return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or transparent:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -265,7 +298,10 @@ class EncodedImageDecoder:
         S = self.size
         out = torch.zeros(len(files), S, S, 3, dtype=torch.uint8, device=self.device)
         errors: list[Optional[str]] = [None] * len(files)
-        jpegs = [i for i, data in enumerate(files) if data is not None and data[:3] == b"\xff\xd8\xff"]
+        # JPEGs to the device decoder, except those with an EXIF orientation: Pillow turns them upright, as
+        # `load_image` does (torchvision can too, but not every version on every device)
+        jpegs = [i for i, data in enumerate(files) if data is not None and data[:3] == b"\xff\xd8\xff"
+                 and _bytes_orientation(data) == 1]
         decoded: dict[int, torch.Tensor] = {}
         if jpegs:
             inputs = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in jpegs]
@@ -421,3 +457,6 @@ def update_files_digest(h: Any, image_ids: Iterable[str], image_dir: str | Path)
             h.update(f"{image_id}\0unreadable {e.errno}\n".encode())
         else:
             h.update(f"{image_id}\0{len(data)}\0{hashlib.blake2b(data, digest_size=16).hexdigest()}\n".encode())
+            orientation = _bytes_orientation(data)
+            if orientation != 1:  # decoded upright since the seventeenth session: caches of before hold it as stored
+                h.update(f"{image_id}\0exif-orientation {orientation}\n".encode())

@@ -57,6 +57,62 @@ def test_modes_become_rgb(tmp_path):
     assert [loaded["i16.png"].getpixel((x, 0)) for x in range(3)] == [(255,) * 3, (128,) * 3, (0,) * 3]
 
 
+def test_transparent_colour_of_grey_and_rgb_pngs_and_float_images(tmp_path):
+    """A grey or RGB PNG's one transparent colour (tRNS) is white, as a palette's; a floating-point image in 0..1 is
+    scaled (it came out black)."""
+    grey = Image.new("L", (4, 3), 10)
+    grey.putpixel((1, 1), 99)
+    grey.save(tmp_path / "l.png", transparency=10)
+    rgb = Image.new("RGB", (4, 3), (10, 20, 30))
+    rgb.putpixel((1, 1), (1, 2, 3))
+    rgb.save(tmp_path / "rgb.png", transparency=(10, 20, 30))
+    assert "transparency" in Image.open(tmp_path / "rgb.png").info
+    assert load_image(tmp_path / "l.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "l.png").getpixel((1, 1)) == (99, 99, 99)
+    assert load_image(tmp_path / "rgb.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "rgb.png").getpixel((1, 1)) == (1, 2, 3)
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
+    unit.save(tmp_path / "f.tif")
+    assert [load_image(tmp_path / "f.tif").getpixel((x, 0)) for x in range(3)] == [(0,) * 3, (128,) * 3, (255,) * 3]
+
+
+def exif_rotated_jpeg(path, orientation: int = 6) -> np.ndarray:
+    """A 48 x 32 JPEG stored sideways with an EXIF orientation tag; returns the upright pixels a viewer shows."""
+    pixels = np.zeros((32, 48, 3), np.uint8)  # as stored: landscape, red on the left third
+    pixels[:, :16] = (220, 30, 30)
+    pixels[:, 16:] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    with Image.open(path) as img:
+        from PIL import ImageOps
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def test_exif_orientation_turns_a_photo_upright_on_every_path(tmp_path):
+    """A phone's portrait photo is stored sideways with an EXIF orientation: every loader turns it upright (it went
+    in sideways): `load_image` (training, prediction, caches), the device decoder, and PIL images given to the
+    Python API."""
+    from multimodal.images import EncodedImageDecoder, to_rgb
+    path = tmp_path / "portrait.jpg"
+    upright = exif_rotated_jpeg(path)
+    assert upright.shape == (48, 32, 3)  # orientation 6: turned a quarter, now portrait
+    loaded = load_image(path)
+    assert loaded.size == (32, 48) and np.array_equal(np.asarray(loaded), upright)
+    assert load_image(path, draft_size=8).size == (8, 12)  # decoded at a quarter scale (12 x 8), then turned
+    assert np.array_equal(np.asarray(to_rgb(Image.open(path))), upright)
+    decoder = EncodedImageDecoder(32, squash=True)
+    squares, errors = decoder([path.read_bytes()])
+    expected, _ = decoder([_png_bytes(upright)])  # the upright pixels, through the same resize
+    assert errors == [None] and torch.equal(squares, expected)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "missing.jpg"
     with pytest.raises(ImageLoadError, match="missing.jpg: file not found") as info:
