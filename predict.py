@@ -89,18 +89,32 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--workers must not be negative, got {args.workers}")
     if args.threshold is not None and not args.threshold >= 0.0:  # NaN too
         parser.error(f"--threshold must be at least 0, got {args.threshold}")
+    if not args.output:
+        parser.error("--output must name a file")
     seen: dict[Path, str] = {}
     for flag, value, path in output_files(args):
         if path in seen:
             parser.error(f"{seen[path]} and {flag} name the same file ({value}): give each its own")
         seen[path] = flag
+        if path.is_dir() or value.endswith(("/", os.sep)):
+            parser.error(f"{flag} {value} is a folder: name a file in it")
+        folder = next((p for p in path.parents if p.exists()), None)  # created if missing: it must be writable
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            parser.error(f"{flag} {value}: cannot write in {folder}")
 
 
 def output_files(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
-    """The files the run writes: (flag, value given, resolved path)."""
-    return [(flag, value, Path(value).resolve()) for flag, value in
-            (("--output", args.output), ("--probabilities", args.probabilities), ("--metrics", args.metrics))
-            if value]
+    """The files the run writes: (flag, value given, resolved path), the report of unreadable images included."""
+    given = [(flag, value, Path(value).resolve()) for flag, value in
+             (("--output", args.output), ("--probabilities", args.probabilities), ("--metrics", args.metrics))
+             if value]
+    report = bad_images_report(args.output) if args.output else None
+    return given + ([("the report of unreadable images", str(report), report.resolve())] if report else [])
+
+
+def bad_images_report(output: str) -> Path:
+    """Where the rows whose image could not be read are listed (beside --output)."""
+    return Path(output).with_suffix(".bad_images.csv")
 
 
 def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: Optional[Path],
@@ -108,9 +122,16 @@ def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: 
     """What the resolved inputs cannot give the models, and outputs that would overwrite the input."""
     from multimodal.config import UsageError
 
-    for flag, value, path in output_files(args) if csv_file is not None else []:
-        if path == csv_file.resolve():
+    for flag, value, path in output_files(args):
+        if csv_file is not None and path == csv_file.resolve():
             raise UsageError(f"{flag} {value} is the input CSV: it would be overwritten; write elsewhere")
+        for checkpoint in args.checkpoint:
+            if path.is_relative_to(Path(checkpoint).resolve()):
+                raise UsageError(f"{flag} {value} is in the model folder {checkpoint}: it would change the model; "
+                                 "write elsewhere")
+        if image_dir is not None and path.is_relative_to(image_dir.resolve()) and path.is_file():
+            raise UsageError(f"{flag} {value} is a file of the image folder {image_dir}: it would be overwritten; "
+                             "write elsewhere")
     if image_dir is None and any(m.image_encoder is not None for m in models):
         raise UsageError(f"the model{'s' if len(models) > 1 else ''} read{'' if len(models) > 1 else 's'} images: "
                          f"give --image-dir (the folder of {csv_file}'s images) or --data-dir")
@@ -191,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
         if args.metrics:
             save_json({"checkpoints": [str(c) for c in args.checkpoint], "csv": str(source), **scores}, args.metrics)
             logger.info("wrote the scores to %s", args.metrics)
-    report = Path(args.output).with_suffix(".bad_images.csv")
+    report = bad_images_report(args.output)
     report.unlink(missing_ok=True)  # a report from an earlier run would not describe this one
     if result["bad_images"]:
         with open(report, "w", newline="") as f:

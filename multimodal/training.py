@@ -52,8 +52,11 @@ logger = logging.getLogger("multimodal")
 # Test seam: SIGKILL this process right after the checkpoint of this step is complete (resume tests).
 KILL_AFTER_CHECKPOINT_ENV = "MULTIMODAL_KILL_AFTER_CHECKPOINT"
 # Errors in the user's input or settings, which the scripts report in one line instead of a traceback.
+# OSError's subclasses for a path that cannot be used as given (a read-only folder, a file where a folder is expected)
+# name the path in their message: enough for the user, without a traceback.
 USER_ERRORS = (AnnotationError, ImageLoadError, FileNotFoundError, FloatingPointError, UsageError, ModelFolderError,
-               PretrainedWeightsError, CheckpointError)
+               PretrainedWeightsError, CheckpointError, PermissionError, IsADirectoryError, NotADirectoryError,
+               FileExistsError)
 _WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
 
 
@@ -64,16 +67,28 @@ def worker_error_name(err: BaseException) -> Optional[str]:
     return None if match is None else match[1]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, `kill`), raised where the script is, so that it cleans up as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
             interrupted: Optional[str] = None) -> int:
     """Run a script's ``main``: an input error (malformed CSV, missing or corrupt image, missing file, non-finite
     loss, settings that cannot work) ends it with one ``error: ...`` line on stderr and exit status 1 instead of a
-    traceback; Ctrl-C with one ``interrupted`` line (``interrupted``: what the user should know) and status 130."""
+    traceback; Ctrl-C with one ``interrupted`` line (``interrupted``: what the user should know) and status 130;
+    SIGTERM as Ctrl-C (temporary files removed), with ``terminated`` and status 143."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main(args)
-    except KeyboardInterrupt:
-        print("interrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(("terminated" if terminated else "interrupted") + (f": {interrupted}" if interrupted else ""),
+              file=sys.stderr, flush=True)
+        return 143 if terminated else 130
     except USER_ERRORS as err:
         message = str(err)
     except RuntimeError as err:  # re-raised from a DataLoader worker: the original error is the text's last line

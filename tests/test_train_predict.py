@@ -703,7 +703,11 @@ def test_a_run_stopped_by_a_corrupt_image_says_how_to_resume_without_it(data_dir
     assert json.loads((out / "metrics.json").read_text())["bad_images"] == [image_id], again.stderr[-2000:]
 
 
-def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path: Path, stop: int, status: int,
+                                                       said: str) -> None:
+    """Ctrl-C, or SIGTERM (a scheduler's stop), ends the run with a line on how to resume it, and it resumes."""
     out = tmp_path / "run"
     args = ("--data-dir", data_dir, "--no-image", "--epochs", 30, "--max-steps", 60, "--checkpoint-every", 2,
             "--no-plots", *TINY, "--output-dir", out)
@@ -715,10 +719,10 @@ def test_ctrl_c_says_how_to_resume_and_the_run_resumes(data_dir: Path, tmp_path:
     deadline = time.monotonic() + 300
     while not list(out.glob("checkpoints/step_*/progress.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # as Ctrl-C does
+    proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    assert (f"interrupted: the run's complete checkpoints are kept; `python train.py --resume {out}` continues "
+    assert proc.returncode == status and "Traceback" not in stderr, stderr[-3000:]
+    assert (f"{said}: the run's complete checkpoints are kept; `python train.py --resume {out}` continues "
             "from the last one") in stderr
     assert not (out / "model").exists()
     resumed = run(TRAIN, "--resume", out, "--workers", 0)
@@ -1286,6 +1290,12 @@ def load_script(path: Path) -> Any:
     (PREDICT, ("--threshold", -1), "--threshold must be at least 0, got -1.0"),
     (PREDICT, ("--threshold", "nan"), "--threshold must be at least 0, got nan"),
     (PREDICT, ("--output", "p.csv", "--probabilities", "./p.csv"), "--output and --probabilities name the same file"),
+    # a folder failed after the whole prediction, leaving a stray temporary file beside it
+    (PREDICT, ("--output", "/tmp"), "--output /tmp is a folder: name a file in it"),
+    (PREDICT, ("--metrics", "/tmp/"), "--metrics /tmp/ is a folder: name a file in it"),
+    (PREDICT, ("--output", ""), "--output must name a file"),
+    # the report of unreadable images beside the output deleted the probabilities written there
+    (PREDICT, ("--output", "p.csv", "--probabilities", "p.bad_images.csv"), "name the same file (p.bad_images.csv)"),
 ])
 def test_values_that_cannot_work_are_refused_before_anything_loads(script: Path, flags: tuple[Any, ...], message: str,
                                                                    capsys: pytest.CaptureFixture) -> None:
@@ -1305,6 +1315,16 @@ def test_predict_refuses_inputs_its_models_cannot_use_and_never_overwrites_the_i
                "--output", csv_copy, check=False)  # it used to replace the captions with the predictions
     assert f"--output {csv_copy} is the input CSV: it would be overwritten" in error_line(proc)
     assert csv_copy.read_text() == before
+    # Nor a file of the model or an input image (the next prediction, or training, then failed on it).
+    config = (caption_only / "config.json").read_text()
+    proc = run(PREDICT, "--checkpoint", caption_only, "--csv", csv_copy, "--output", caption_only / "config.json",
+               check=False)
+    assert f"--output {caption_only / 'config.json'} is in the model folder {caption_only}" in error_line(proc)
+    assert (caption_only / "config.json").read_text() == config
+    image = data_dir / "data" / read_rows(csv_copy)[0]["ImageID"]
+    proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", csv_copy, "--image-dir", data_dir / "data",
+               "--probabilities", image, "--output", tmp_path / "p.csv", check=False)
+    assert f"--probabilities {image} is a file of the image folder" in error_line(proc)
     proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", csv_copy, "--output", tmp_path / "p.csv",
                check=False)
     assert f"the model reads images: give --image-dir (the folder of {csv_copy}'s images) or --data-dir" in \
