@@ -206,8 +206,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                         ("--backbone-lr", args.backbone_lr), ("--weight-decay", args.weight_decay),
                         ("--decoder-loss-weight", args.decoder_loss_weight), ("--focal-gamma", args.focal_gamma),
                         ("--asl-gamma-neg", args.asl_gamma_neg), ("--image-attention", args.image_attention)):
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:  # NaN too
             parser.error(f"{flag} must not be negative, got {value}")
+    for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
+        if value is not None and not 0 <= value < 2**32:
+            parser.error(f"{flag} must be in [0, 2**32), got {value}")
     for flag, value in (("--dropout", args.dropout), ("--caption-embed-dropout", args.caption_embed_dropout)):
         if not 0.0 <= value < 1.0:
             parser.error(f"{flag} must be in [0, 1), got {value}")

@@ -31,16 +31,22 @@ class UnknownLabelError(KeyError, ValueError):
 
 def load_names(csv_path: str | Path) -> dict[int, str]:
     """Read class names from a ``label,name`` CSV such as COMP5329's ``label_names.csv``."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"label", "name"} <= set(reader.fieldnames):
-            raise AnnotationError(csv_path, 1, f"expected columns 'label,name', got {reader.fieldnames}")
-        names = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                names[int(row["label"])] = row["name"].strip()
-            except (TypeError, ValueError):
-                raise AnnotationError(csv_path, line, f"label {row['label']!r} is not an integer") from None
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"label", "name"} <= set(reader.fieldnames):
+                raise AnnotationError(csv_path, 1, f"expected columns 'label,name', got {reader.fieldnames}")
+            names = {}
+            for line, row in enumerate(reader, start=2):
+                try:
+                    label = int(row["label"])
+                except (TypeError, ValueError):
+                    raise AnnotationError(csv_path, line, f"label {row['label']!r} is not an integer") from None
+                if row["name"] is None:
+                    raise AnnotationError(csv_path, line, f"label {label} has no name (expected 'label,name')")
+                names[label] = row["name"].strip()
+    except UnicodeDecodeError as error:
+        raise AnnotationError(csv_path, None, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
     return names
 
 

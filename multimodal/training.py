@@ -284,13 +284,29 @@ def load_frames(args: argparse.Namespace, state: PartialState) -> tuple[pd.DataF
     else:
         data_dir = Path(args.data_dir) if args.data_dir else Path(args.train_csv).parent
     train_csv = Path(args.train_csv) if args.train_csv else data_dir / "train.csv"
-    image_dir = Path(args.image_dir) if args.image_dir else data_dir / "data"
+    # As predict.py finds them: DATA_DIR/data, else the images beside the CSV
+    image_dir = Path(args.image_dir) if args.image_dir else \
+        data_dir / "data" if (data_dir / "data").is_dir() else data_dir
     names = Path(args.label_names) if args.label_names else data_dir / "label_names.csv"
     frame = read_annotations(train_csv)
     if "Labels" not in frame:
         raise AnnotationError(train_csv, None, "a training file needs a Labels column (ImageID,Labels,Caption)")
     if args.limit:
         frame = frame.iloc[: args.limit].reset_index(drop=True)
+    if frame.empty:
+        raise UsageError(f"{train_csv} has no data rows, only its header")
+    labels = sorted({label for row in frame["Labels"] for label in row})
+    if len(labels) < 2:  # its validation crashed in scikit-learn's samples F1, after a whole epoch
+        raise UsageError(f"{train_csv}: " + (f"every row has the one label {labels[0]}" if labels else "no labels")
+                         + ": there is nothing to tell apart (give rows with at least two different labels)")
+    if not args.no_image:
+        if not image_dir.is_dir():
+            raise UsageError(f"the image folder {image_dir} does not exist: give --image-dir (the folder of "
+                             f"{train_csv}'s images), or --no-image to train on the captions alone")
+        present = sum((image_dir / image_id).is_file() for image_id in frame["ImageID"])
+        if not present:  # with --skip-bad-images it trained on nothing and exported an untrained model
+            raise UsageError(f"none of the {len(frame)} images of {train_csv} is in {image_dir} (e.g. "
+                             f"{image_dir / frame['ImageID'].iloc[0]}): give --image-dir (the folder of its images)")
     return frame, image_dir, names if names.is_file() else None
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from multimodal.annotations import read_annotations
+from multimodal.annotations import AnnotationError, read_annotations
 from multimodal.labels import LabelCodec, UnknownLabelError, load_names
 
 LABELS = [(1,), (1, 19), (8, 3, 13), (3, 1), (19,), (13, 13)]
@@ -76,6 +76,12 @@ def test_names_from_csv(tmp_path):
     assert LabelCodec.from_labels([(1,), (3,)], names=path).names == ("person", "car")
     path.write_text("label,name\none,person\n")
     with pytest.raises(ValueError, match="line 2"):
+        load_names(path)
+    path.write_text("label,name\n0,red\n25\n")  # an AttributeError traceback
+    with pytest.raises(AnnotationError, match="names.csv, line 3: label 25 has no name"):
+        load_names(path)
+    path.write_bytes(b"label,name\n1,\xff\xfe\n")  # a binary file: a UnicodeDecodeError traceback
+    with pytest.raises(AnnotationError, match="names.csv: not UTF-8 text"):
         load_names(path)
 
 

@@ -823,6 +823,39 @@ def test_train_skip_bad_images_finishes_and_reports_them(data_dir: Path, tmp_pat
     assert f"1 of {NUM_VAL} validation rows not scored" in proc.stderr
 
 
+def test_train_finds_images_as_predict_does_and_refuses_data_it_cannot_learn_from(data_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Images beside the CSV (no data/ folder) are found, as predict.py finds them. A missing image folder, a folder
+    without any of the images (with --skip-bad-images it trained on nothing and exported an untrained model), one
+    label in all (a scikit-learn traceback after a whole epoch) or a CSV with no rows stop the run at once."""
+    flat = tmp_path / "flat"
+    shutil.copytree(data_dir / "data", flat)
+    shutil.copy(data_dir / "train.csv", flat / "train.csv")
+    run(TRAIN, "--data-dir", flat, *TINY, "--max-steps", 1, "--epochs", 1, "--no-plots", "--no-decoder",
+        "--output-dir", tmp_path / "run")
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lines = (data_dir / "train.csv").read_text().splitlines()
+    one_label = tmp_path / "one.csv"
+    one_label.write_text("\n".join([lines[0]] + [re.sub(r"^([^,]+),[^,]*,", r"\1,3,", line)
+                                                   for line in lines[1:] if re.match(r"^\d+\.jpg,", line)]) + "\n")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text(lines[0] + "\n")
+    for args, said in (
+            (("--data-dir", data_dir, "--image-dir", tmp_path / "nowhere"),
+             f"the image folder {tmp_path / 'nowhere'} does not exist: give --image-dir"),
+            (("--data-dir", data_dir, "--image-dir", empty, "--skip-bad-images"),
+             f"none of the {NUM_TRAIN} images of {data_dir / 'train.csv'} is in {empty}"),
+            (("--train-csv", one_label, "--image-dir", data_dir / "data"),
+             f"{one_label}: every row has the one label 3: there is nothing to tell apart"),
+            (("--train-csv", header_only, "--image-dir", data_dir / "data"), f"{header_only} has no data rows")):
+        proc = run(TRAIN, *args, *TINY, "--output-dir", tmp_path / "refused", check=False)
+        assert said in error_line(proc)
+        assert not (tmp_path / "refused").exists()
+
+
 def test_train_reports_a_bad_csv_with_file_and_line(data_dir: Path, tmp_path: Path) -> None:
     lines = (data_dir / "train.csv").read_text().splitlines()
     lines[3] = re.sub(r"^(\d+\.jpg),[^,]*,", r"\1,1 x,", lines[3])
@@ -1286,6 +1319,9 @@ def load_script(path: Path) -> Any:
     (TRAIN, ("--dropout", 1.5), "--dropout must be in [0, 1), got 1.5"),
     (TRAIN, ("--pretrained-file", "missing.pth"), "--pretrained-file: missing.pth is not a file"),
     (TRAIN, ("--label-names", "missing.csv"), "--label-names: missing.csv is not a file"),  # was silently ignored
+    (TRAIN, ("--seed", -1), "--seed must be in [0, 2**32), got -1"),  # numpy's traceback
+    (TRAIN, ("--split-seed", -1), "--split-seed must be in [0, 2**32), got -1"),
+    (TRAIN, ("--lr", "nan"), "--lr must not be negative, got nan"),  # torch's traceback, after the model loaded
     (PREDICT, ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
     (PREDICT, ("--threshold", -1), "--threshold must be at least 0, got -1.0"),
     (PREDICT, ("--threshold", "nan"), "--threshold must be at least 0, got nan"),
