@@ -20,7 +20,7 @@ from .config import UsageError
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images, row_name
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
-from .metrics import binarize, compute_metrics, mean_thresholds
+from .metrics import binarize, check_thresholds, compute_metrics, mean_thresholds
 from .model import MultimodalClassifier
 from .text import PAD_ID
 
@@ -293,6 +293,10 @@ def predict_to_csv(model: MultimodalClassifier | Sequence[MultimodalClassifier],
         raise ValueError("a model without a label codec (exported without one) cannot name its labels")
     if image_dir is None and any(m.image_encoder is not None for m in models):
         raise ValueError("the model has an image branch: give image_dir, the folder of the frame's ImageIDs")
+    if thresholds is not None:
+        check_thresholds(thresholds, models[0].codec.num_labels)
+    if probabilities is not None and Path(probabilities).resolve() == Path(output).resolve():
+        raise ValueError(f"probabilities and output name the same file ({output}): give each its own")
     if accelerator is None:
         from accelerate import Accelerator
         accelerator = Accelerator()

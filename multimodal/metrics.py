@@ -35,6 +35,26 @@ def binarize(probs: np.ndarray, thresholds: float | Sequence[float] | np.ndarray
     return pred
 
 
+def check_thresholds(thresholds: Any, num_labels: int) -> Any:
+    """``thresholds`` (one number, or one per class) as given, after checking them: numbers, none NaN or negative.
+
+    Raises:
+        ValueError: naming what is wrong (predict.py refuses the same values of its --threshold).
+    """
+    try:
+        values = np.asarray(thresholds.detach().cpu() if hasattr(thresholds, "detach") else thresholds,
+                            dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"thresholds must be a number or {num_labels} numbers, one per class; got "
+                         f"{thresholds!r}") from None
+    if isinstance(thresholds, (str, bytes)) or values.ndim > 1 or (values.ndim == 1 and values.size != num_labels):
+        raise ValueError(f"thresholds must be a number or {num_labels} numbers, one per class (in codec.label_ids "
+                         f"order); got {thresholds!r}")
+    if not (values >= 0).all():  # NaN too
+        raise ValueError(f"thresholds must be at least 0 (and not NaN); got {thresholds!r}")
+    return thresholds
+
+
 def samples_f1(pred: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per-image F1 ([N] floats); 0 where both prediction and truth are empty is scored 0 like scikit-learn."""
     pred = np.asarray(pred, dtype=bool)

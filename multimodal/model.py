@@ -486,6 +486,33 @@ def residual_attention(feature_map: torch.Tensor, weight: torch.Tensor, temperat
     return (torch.softmax(temperature * scores, dim=-1) * scores).sum(-1)
 
 
+def _as_lists(images: Any, captions: Any) -> tuple[Any, Any]:
+    """Inputs given as iterators (a generator) made lists, so that they can be counted and sliced into batches."""
+    return tuple(v if v is None or hasattr(v, "__len__") else list(v) for v in (images, captions))
+
+
+def _check_images(images: Sequence[Any]) -> None:
+    """Each image is a file path, a non-empty PIL image or a uint8 array (H x W, H x W x 1, 3 or 4), or None: refused
+    otherwise with its position (PIL or pathlib failed on them with messages that did not say which, or why)."""
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        if image is None or isinstance(image, (str, os.PathLike)):
+            continue
+        if isinstance(image, Image.Image):
+            if 0 in image.size:
+                raise ValueError(f"images[{i}] is an empty image ({image.size[0]} x {image.size[1]})")
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in
+                                                                       (1, 3, 4)) or 0 in image.shape[:2]:
+                raise ValueError(f"images[{i}]: an array must be uint8, H x W x 3 (RGB), H x W x 4 (RGBA), H x W or "
+                                 f"H x W x 1 (grey), not empty; got {image.dtype} of shape {image.shape}")
+        else:
+            hint = " (a preprocessed image tensor goes to predict_proba)" if torch.is_tensor(image) else ""
+            raise TypeError(f"images[{i}] is a {type(image).__name__}: give a file path, a PIL image or a uint8 "
+                            f"array{hint}")
+
+
 def _count_inputs(images: Optional[Sequence[Any]], captions: Optional[Sequence[Any]]) -> int:
     """How many inputs `MultimodalClassifier.preprocess` is given: lists of images and/or captions of one length."""
     from PIL import Image
@@ -751,7 +778,10 @@ class MultimodalClassifier(nn.Module):
         from .images import build_transform, draft_size_for, load_image, to_rgb
         from .text import encode_captions
 
+        images, captions = _as_lists(images, captions)
         count = _count_inputs(images, captions)
+        if images is not None:
+            _check_images(images)
         cfg = self.config
         inputs: dict[str, torch.Tensor] = {}
         if self.image_encoder is not None:
@@ -765,7 +795,8 @@ class MultimodalClassifier(nn.Module):
             blank = torch.zeros(3, cfg.image_size, cfg.image_size)
             inputs["image"] = torch.stack([
                 blank if image is None else
-                transform(to_rgb(Image.fromarray(image)) if isinstance(image, np.ndarray) else
+                transform(to_rgb(Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image))
+                          if isinstance(image, np.ndarray) else
                           to_rgb(image) if isinstance(image, Image.Image) else load_image(image, draft))
                 for image in images]) if count else torch.empty(0, 3, cfg.image_size, cfg.image_size)
             if missing:
@@ -794,8 +825,10 @@ class MultimodalClassifier(nn.Module):
         device and in its floating-point type. The same probabilities `predict.py` writes."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        images, captions = _as_lists(images, captions)
         count = _count_inputs(images, captions)  # checked whole, before the batches
         if images is not None:
+            _check_images(images)
             self._missing_images(images)
         weight = next(p for p in self.parameters() if p.is_floating_point())
         was_training = self.training
@@ -828,12 +861,9 @@ class MultimodalClassifier(nn.Module):
         """
         if self.codec is None:
             raise ValueError("the model has no label codec (exported without one): use predict_probabilities")
-        from .metrics import binarize
+        from .metrics import binarize, check_thresholds
 
-        thresholds = self.thresholds if thresholds is None else thresholds
-        if thresholds is not None and np.ndim(thresholds) and np.size(thresholds) != self.config.num_labels:
-            raise ValueError(f"thresholds: {np.size(thresholds)} values for {self.config.num_labels} classes (give "
-                             "one per class, in codec.label_ids order, or a single number)")
+        thresholds = self.thresholds if thresholds is None else check_thresholds(thresholds, self.config.num_labels)
         probs = self.predict_probabilities(images, captions, batch_size=batch_size)
         chosen = binarize(probs, 0.5 if thresholds is None else thresholds, at_least_one=True)
         return [tuple(self.codec.label_ids[i] for i in np.flatnonzero(row)) for row in chosen]
@@ -859,13 +889,11 @@ class MultimodalClassifier(nn.Module):
             raise ValueError("the model has a caption branch: pass its tokenizer, without which the export cannot "
                              "be loaded")
         if thresholds is not None:
+            from .metrics import check_thresholds
+            check_thresholds(thresholds, C)
             values = np.asarray(thresholds.detach().cpu() if torch.is_tensor(thresholds) else thresholds,
                                 dtype=np.float64).reshape(-1)
-            if values.size == 1:
-                values = np.full(C, values[0])
-            if values.size != C:
-                raise ValueError(f"thresholds has {values.size} values, expected 1 or {C}")
-            thresholds = [float(v) for v in values]
+            thresholds = [float(v) for v in (np.full(C, values[0]) if values.size == 1 else values)]
 
         # Over an earlier export: its config.json goes first, so that a kill part way leaves a folder that reads as
         # incomplete, never new weights beside the old config and thresholds.

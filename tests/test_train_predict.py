@@ -928,8 +928,33 @@ def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_o
     as_array = np.asarray(Image.open(paths[0]).convert("RGB"))  # a uint8 array is an image too
     np.testing.assert_allclose(model.predict_probabilities([as_array], captions[:1]),
                                model.predict_probabilities([Image.open(paths[0])], captions[:1]), atol=1e-6)
-    with pytest.raises(ValueError, match=rf"thresholds: 2 values for {len(LABELS)} classes"):
+    with pytest.raises(ValueError, match=rf"thresholds must be a number or {len(LABELS)} numbers, one per class"):
         model.predict(paths[:1], captions[:1], thresholds=[0.5, 0.5])
+    for bad in (float("nan"), -1, "0.5"):  # refused as predict.py refuses them (NaN kept the top label alone)
+        with pytest.raises(ValueError, match="thresholds must be"):
+            model.predict(paths[:1], captions[:1], thresholds=bad)
+        with pytest.raises(ValueError, match="thresholds must be"):
+            multimodal.predict_to_csv(model, pd.read_csv(data_dir / "test.csv"), data_dir / "data",
+                                      tmp_path / "t.csv", thresholds=bad, workers=0)
+    with pytest.raises(ValueError, match="probabilities and output name the same file"):
+        multimodal.predict_to_csv(model, pd.read_csv(data_dir / "test.csv"), data_dir / "data", tmp_path / "t.csv",
+                                  probabilities=tmp_path / "t.csv", workers=0)
+    # Images the API cannot take are refused with their position and what it takes (PIL and pathlib failed on them
+    # with messages that said neither); a grey H x W x 1 array and a generator are taken.
+    grey = np.asarray(Image.open(paths[0]).convert("L"))
+    np.testing.assert_allclose(model.predict_probabilities([grey[..., None]], captions[:1]),
+                               model.predict_probabilities([grey], captions[:1]), atol=1e-6)
+    np.testing.assert_allclose(model.predict_probabilities(p for p in paths[:2]), model.predict_probabilities(
+        paths[:2]), atol=1e-6)
+    for bad, error, said in ((as_array.astype(np.float32), ValueError, r"images\[1\]: an array must be uint8"),
+                             (as_array.transpose(2, 0, 1), ValueError, r"images\[1\]: an array must be uint8, H x W"),
+                             (as_array[0, :, 0], ValueError, "an array must be uint8"),
+                             (np.zeros((0, 0, 3), np.uint8), ValueError, "not empty"),
+                             (Image.new("RGB", (0, 0)), ValueError, r"images\[1\] is an empty image \(0 x 0\)"),
+                             (torch.zeros(3, 8, 8), TypeError, r"images\[1\] is a Tensor: .* goes to predict_proba"),
+                             (b"\xff\xd8", TypeError, r"images\[1\] is a bytes: give a file path")):
+        with pytest.raises(error, match=said):
+            model.predict_probabilities([paths[0], bad], captions[:2])
     # Missing captions (None, or NaN: pandas' empty cell) are empty, here and in predict_to_csv.
     blank = model.predict_probabilities(paths[:2], ["", ""])
     np.testing.assert_allclose(model.predict_probabilities(paths[:2], [None, float("nan")]), blank, atol=1e-7)
