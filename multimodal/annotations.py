@@ -22,9 +22,14 @@ _REQUIRED = ("ImageID", "Caption")
 # An image file name (no white space, quotes or commas; optionally quoted) at the start of a line, followed by a comma
 # or the end of the line. The latter never makes a valid row, but recognising it reports the bad line itself instead
 # of merging it into the previous caption.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "bmp", "gif", "webp", "tif", "tiff")
+# A record starts with its ImageID: an image file name, bare (no spaces, commas or quotes) or quoted (spaces allowed).
+_EXTENSION = "(?:" + "|".join(IMAGE_EXTENSIONS) + ")"
 _RECORD_START = re.compile(
-    r'^"?(?P<id>[^",\s]+\.(?:jpe?g|png|bmp|gif|webp|tiff?))"?(?:,|\s*$)', re.IGNORECASE
+    rf'^(?:"(?P<quoted>[^",\n]*?[^",\s]\.{_EXTENSION})"|(?P<bare>[^",\s]+\.{_EXTENSION}))(?:,|\s*$)', re.IGNORECASE
 )
+_ROW_RULE = (f"a row starts with its ImageID, an image file name ending in .{', .'.join(IMAGE_EXTENSIONS)}, "
+             "without spaces or commas unless quoted, then a comma")
 # The labels field, bare or quoted; a quoted one may hold a comma ("1,3"), which `_parse_labels` then refuses.
 _LABELS_FIELD = re.compile(r'^(?:"(?P<quoted>[^"]*)"|(?P<labels>[^,"]*)),')
 _INTEGER = re.compile(r"^[0-9]+$")
@@ -78,7 +83,7 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
         elif records and _continues(records[-1][1][0], has_labels):
             records[-1][1].append(line)
         elif line.strip():
-            raise AnnotationError(path, number, f"malformed row, expected '<ImageID>,...': {line[:80]!r}")
+            raise AnnotationError(path, number, f"malformed row ({_ROW_RULE}): {line[:80]!r}")
 
     columns: dict[str, list] = {"ImageID": [], "Labels": [], "Caption": []}
     first_line: dict[str, int] = {}
@@ -87,7 +92,7 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
             parts.pop()
         text = "\n".join(parts)
         match = _RECORD_START.match(text)
-        image_id, rest = match["id"], text[match.end():]
+        image_id, rest = match["quoted"] or match["bare"], text[match.end():]
         if not text[: match.end()].endswith(","):
             raise AnnotationError(path, number, f"malformed row {image_id!r}: no fields after the ImageID")
         if image_id in first_line:
@@ -118,7 +123,10 @@ def _read_header(path: Path, header: str) -> bool:
         raise AnnotationError(path, 1, f"empty file, expected a header {expected}")
     missing = [name for name in _REQUIRED if name not in names]
     if missing:
-        raise AnnotationError(path, 1, f"missing required column(s) {missing} in header {header.strip()!r}")
+        separator = next((name for sep, name in (("\t", "tabs"), (";", "semicolons")) if sep in header), None)
+        raise AnnotationError(path, 1, f"missing required column(s) {missing} in header {header.strip()!r}"
+                              + (f" (its columns seem separated by {separator}: the file must be comma-separated)"
+                                 if separator else ""))
     if names not in (TRAIN_COLUMNS, TEST_COLUMNS):
         raise AnnotationError(path, 1, f"unsupported header {header.strip()!r}; expected {expected}")
     return names == TRAIN_COLUMNS

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .annotations import AnnotationError, read_annotations
+from .annotations import IMAGE_EXTENSIONS, AnnotationError, read_annotations
 from .config import UsageError
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images, row_name
 from .engine import all_images_ok, model_inputs
@@ -26,12 +26,15 @@ from .text import PAD_ID
 
 logger = logging.getLogger("multimodal")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(f".{extension}" for extension in IMAGE_EXTENSIONS)  # those an annotation file's ImageIDs take
 
 
 def folder_frame(image_dir: str | Path) -> pd.DataFrame:
-    """Every image in a folder (sorted by name), with empty captions, for prediction without a CSV."""
-    files = sorted(p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image in a folder and its subfolders (ImageIDs: paths relative to it, sorted), with empty captions, for
+    prediction without a CSV."""
+    root = Path(image_dir)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise FileNotFoundError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return pd.DataFrame({"ImageID": files, "Caption": [""] * len(files)})

@@ -122,6 +122,11 @@ def test_properly_escaped_csv_round_trips(tmp_path):
     assert list(read_annotations(path)["Caption"]) == captions
 
 
+def test_quoted_image_ids_may_hold_spaces(tmp_path):
+    frame = read_annotations(write(tmp_path, 'ImageID,Labels,Caption\n"my photo.JPG",1 2,"a, b"\n"x.jfif",3,c\n'))
+    assert list(frame["ImageID"]) == ["my photo.JPG", "x.jfif"] and list(frame["Caption"]) == ["a, b", "c"]
+
+
 def test_header_only_gives_empty_frame(tmp_path):
     frame = read_annotations(write(tmp_path, "ImageID,Caption\n"))
     assert len(frame) == 0 and list(frame.columns) == ["ImageID", "Caption"]
@@ -142,7 +147,11 @@ def test_header_only_gives_empty_frame(tmp_path):
         ('ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg\n', 3, "no fields after the ImageID"),
         ('ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,2\n', 3, "expected ImageID,Labels,Caption"),
         ('ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,2,"open\nnever closed\n', 3, "unterminated quoted caption"),
-        ("ImageID,Caption\nphoto,a caption\n", 2, "malformed row"),
+        ("ImageID,Caption\nphoto,a caption\n", 2, "malformed row (a row starts with its ImageID, an image file name "
+         "ending in .jpg, .jpeg,"),
+        ("ImageID,Caption\nmy photo.jpg,a caption\n", 2, "without spaces or commas unless quoted, then a comma"),
+        ("ImageID\tLabels\tCaption\n0.jpg\t1\ta\n", 1, "its columns seem separated by tabs: the file must be "
+         "comma-separated"),
         # a quoted labels field with a comma was read as its first label, the rest becoming the caption
         ('ImageID,Labels,Caption\n0.jpg,"1 3",a\n1.jpg,"1,3",b\n', 3,
          'label \'1,3\' is not a non-negative integer (labels are separated by spaces: "1 3")'),

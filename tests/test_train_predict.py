@@ -1059,6 +1059,21 @@ def test_predict_a_folder_without_csv_with_a_threshold_override(run_dir: Path, d
     assert all(len(r["Labels"].split()) == 1 for r in rows)
 
 
+def test_a_folder_to_predict_includes_its_subfolders(data_dir: Path, tmp_path: Path) -> None:
+    """Without a CSV every image under --image-dir is predicted, in subfolders too (they were skipped unsaid), named
+    by its path below the folder, which is how the loaders find it."""
+    from multimodal.inference import folder_frame
+    names = sorted(p.name for p in (data_dir / "data").iterdir())[:3]
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    shutil.copy(data_dir / "data" / names[0], tmp_path / names[0])
+    shutil.copy(data_dir / "data" / names[1], tmp_path / "sub" / names[1])
+    shutil.copy(data_dir / "data" / names[2], tmp_path / "sub" / "deeper" / "Photo.JFIF")
+    (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    frame = folder_frame(tmp_path)
+    assert list(frame["ImageID"]) == sorted([names[0], f"sub/{names[1]}", "sub/deeper/Photo.JFIF"])
+    assert all((tmp_path / image_id).is_file() for image_id in frame["ImageID"])
+
+
 def test_predict_no_draft_decodes_large_jpegs_at_full_size_as_validation_does(run_dir: Path, data_dir: Path,
                                                                               tmp_path: Path) -> None:
     """By default predict.py decodes a JPEG at least twice the model's input at a reduced scale (faster); --no-draft
