@@ -532,6 +532,12 @@ def main(args: argparse.Namespace) -> int:
             logger.warning(f"label(s) {' '.join(map(str, unseen))} occur only in the validation rows: the model "
                            "never trains on them")
         tokenizer = train_caption_tokenizer(train_frame["Caption"], min_frequency=args.min_word_freq)
+        if not args.no_caption and tokenizer.get_vocab_size() <= 2 and accelerator.is_main_process:
+            logger.warning("the caption vocabulary is empty (" + (
+                "every training caption is empty" if not train_frame["Caption"].fillna("").str.strip().any() else
+                f"no word occurs {args.min_word_freq} times: lower --min-word-freq") + "): the caption branch sees "
+                "nothing but unknown words" + (" and can learn only how often each label occurs" if args.no_image
+                                               else " (--no-caption leaves it out)"))
     config = build_model_config(args, codec, tokenizer, frame)
     if accelerator.is_main_process:
         if checkpoint is None:  # a resumed run reads them (every process, above): never rewritten under its readers

@@ -856,6 +856,13 @@ def test_train_finds_images_as_predict_does_and_refuses_data_it_cannot_learn_fro
         assert not (tmp_path / "refused").exists()
 
 
+def test_an_empty_caption_vocabulary_is_warned_of(data_dir: Path, tmp_path: Path) -> None:
+    proc = run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", *TINY, "--max-steps", 1, "--epochs", 1,
+               "--no-plots", "--min-word-freq", 100000, "--output-dir", tmp_path / "run")
+    assert ("the caption vocabulary is empty (no word occurs 100000 times: lower --min-word-freq): the caption branch "
+            "sees nothing but unknown words and can learn only how often each label occurs") in proc.stderr
+
+
 def test_train_reports_a_bad_csv_with_file_and_line(data_dir: Path, tmp_path: Path) -> None:
     lines = (data_dir / "train.csv").read_text().splitlines()
     lines[3] = re.sub(r"^(\d+\.jpg),[^,]*,", r"\1,1 x,", lines[3])
