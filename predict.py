@@ -121,6 +121,7 @@ def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: 
                  models: list) -> None:
     """What the resolved inputs cannot give the models, and outputs that would overwrite the input."""
     from multimodal.config import UsageError
+    from multimodal.inference import IMAGE_SUFFIXES
 
     for flag, value, path in output_files(args):
         if csv_file is not None and path == csv_file.resolve():
@@ -129,8 +130,9 @@ def check_inputs(args: argparse.Namespace, csv_file: Optional[Path], image_dir: 
             if path.is_relative_to(Path(checkpoint).resolve()):
                 raise UsageError(f"{flag} {value} is in the model folder {checkpoint}: it would change the model; "
                                  "write elsewhere")
-        if image_dir is not None and path.is_relative_to(image_dir.resolve()) and path.is_file():
-            raise UsageError(f"{flag} {value} is a file of the image folder {image_dir}: it would be overwritten; "
+        if image_dir is not None and path.is_relative_to(image_dir.resolve()) and path.is_file() \
+                and path.suffix.lower() in IMAGE_SUFFIXES:  # an earlier predictions file there may be replaced
+            raise UsageError(f"{flag} {value} is an image of the image folder {image_dir}: it would be overwritten; "
                              "write elsewhere")
     if image_dir is None and any(m.image_encoder is not None for m in models):
         raise UsageError(f"the model{'s' if len(models) > 1 else ''} read{'' if len(models) > 1 else 's'} images: "

@@ -223,6 +223,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not 0.0 <= args.modality_dropout <= 0.5:
         parser.error(f"--modality-dropout must be in [0, 0.5] (each branch is dropped with it), got "
                      f"{args.modality_dropout}")
+    if not 0.0 <= args.asl_clip < 1.0:  # NaN too
+        parser.error(f"--asl-clip must be in [0, 1), got {args.asl_clip}")
     if args.asl_clip != parser.get_default("asl_clip") and not args.asl_gamma_neg:
         parser.error("--asl-clip is the margin of the asymmetric loss: it needs --asl-gamma-neg")
     if args.glove and args.no_caption:
@@ -267,7 +269,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--asl-gamma-neg replaces the (focal) BCE: leave --focal-gamma at 0")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.image_attention_temperature <= 0:
+    if not args.image_attention_temperature > 0:  # NaN too
         parser.error(f"--image-attention-temperature must be above 0, got {args.image_attention_temperature}")
     if args.glove and not args.no_caption:
         from multimodal.word_vectors import word_vector_dim

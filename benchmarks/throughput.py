@@ -869,14 +869,17 @@ def _encoder_train_pair(s: Setup, batches: list[dict[str, Any]],
     return pair
 
 
-def _joint_train_step(s: Setup, model: torch.nn.Module, optimizer: Any) -> Callable[[dict[str, Any]], None]:
-    """The joint model's plain training step: forward with teacher forcing, joint loss, backward, AdamW step."""
+def _joint_train_step(s: Setup, model: torch.nn.Module, optimizer: Any,
+                      accelerator: Optional[Accelerator] = None) -> Callable[[dict[str, Any]], None]:
+    """The joint model's plain training step: forward with teacher forcing, joint loss, backward, AdamW step.
+    ``accelerator``: the one that prepared the model and optimizer (its gradient scaler under fp16), else ``s.acc``."""
     criterion = JointLoss(LossConfig())
     model.train()
+    acc = accelerator or s.acc
 
     def step(batch: dict[str, Any]) -> None:
         outputs = model(**model_inputs(batch), label_seq=batch["label_seq"])
-        s.acc.backward(criterion(outputs, batch["targets"], batch["label_seq"])["loss"])
+        acc.backward(criterion(outputs, batch["targets"], batch["label_seq"])["loss"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -1141,7 +1144,7 @@ def section_checkpoint(s: Setup, workdir: Path) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(1000, 10))
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     batches = s.memory_batches(args.warmup + args.train_batches, training=True)
-    step = _joint_train_step(s, model, optimizer)
+    step = _joint_train_step(s, model, optimizer, acc)
     for batch in batches[:args.warmup]:
         step(batch)
     s.sync()

@@ -179,12 +179,16 @@ TEMPORARY_MARK = ".partial"
 STALE_SECONDS = 24 * 3600
 
 
+# The temporary names of the caches before `private_temporary` (one shared by every writer), left by killed builds.
+LEGACY_TEMPORARIES = ("*.tmp.npy", "*.tmp.json", "*.safetensors.tmp")
+
+
 def remove_stale_temporaries(folder: str | Path, max_age: float = STALE_SECONDS) -> list[Path]:
-    """Delete the `private_temporary` files in ``folder`` untouched for ``max_age`` seconds (left by a killed
-    process: a writer still at work touches its file); returns them."""
+    """Delete the temporary files of a cache folder (`private_temporary`'s, and the older ones') untouched for
+    ``max_age`` seconds (left by a killed process: a writer still at work touches its file); returns them."""
     removed = []
     now = time.time()
-    for path in Path(folder).glob(f"*{TEMPORARY_MARK}*"):
+    for path in {p for pattern in (f"*{TEMPORARY_MARK}*", *LEGACY_TEMPORARIES) for p in Path(folder).glob(pattern)}:
         try:
             if path.is_file() and now - path.stat().st_mtime > max_age:
                 path.unlink()

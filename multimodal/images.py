@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import timm
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from .config import IMAGE_CROPS
@@ -75,10 +75,9 @@ def _decode_reason(err: BaseException) -> str:
 
 
 def _bytes_orientation(data: bytes) -> int:
-    """`exif_orientation` of an image file's bytes (its header only is parsed, and only where the bytes hold EXIF
-    data: JPEG's "Exif", PNG's "eXIf", WebP's "EXIF" or a TIFF, whose own tags hold the orientation)."""
-    if data[:4] not in (b"II*\0", b"MM\0*") and not any(mark in data for mark in (b"Exif", b"eXIf", b"EXIF")):
-        return 1
+    """`exif_orientation` of an image file's bytes, as Pillow reads it when it loads the file (EXIF, XMP, a PNG's
+    text chunk): one source of truth for every loader and the caches' keys. Only the header is parsed (tens of
+    microseconds, however large the file)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return exif_orientation(img)
@@ -99,8 +98,17 @@ def _pillow_rgb(data: bytes) -> tuple[Optional[np.ndarray], Optional[str]]:
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture (1: upright; 2 to 8: turned or mirrored)
 
 
+# The transposition that turns an image of each orientation upright (as `PIL.ImageOps.exif_transpose`).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")  # where Pillow reads it
+
+
 def exif_orientation(img: Image.Image) -> int:
-    """The image's EXIF orientation (1 where it has none, or an unreadable one)."""
+    """The image's EXIF orientation, as Pillow reads it (1 where it has none, or an unreadable one)."""
     try:
         orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels stay as stored
@@ -112,8 +120,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """An image in 8-bit RGB, converted as `load_image` converts files: turned upright by its EXIF orientation (a
     phone's portrait photo is stored sideways with a tag that says so), transparency on white (an alpha channel, or
     the one transparent colour of a palette, grey or RGB PNG), 16-bit scaled, floating-point 0..1 scaled."""
-    if exif_orientation(img) != 1:
-        img = ImageOps.exif_transpose(img)
+    orientation = exif_orientation(img)
+    if orientation != 1:
+        img = img.transpose(_UPRIGHT[orientation])  # the pixels only: a damaged EXIF block is never rewritten
+        for key in _ORIENTATION_SOURCES:  # upright now: converting it again must not turn it again
+            img.info.pop(key, None)
     transparent = "transparency" in img.info and img.mode in ("P", "L", "RGB")
     if img.mode == "RGB" and not transparent:
         return img

@@ -34,7 +34,9 @@ def folder_frame(image_dir: str | Path) -> pd.DataFrame:
     prediction without a CSV."""
     root = Path(image_dir)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   # not hidden files or folders (.ipynb_checkpoints), nor macOS's metadata (__MACOSX/._x.jpg)
+                   and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
     if not files:
         raise FileNotFoundError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return pd.DataFrame({"ImageID": files, "Caption": [""] * len(files)})

@@ -36,7 +36,8 @@ def binarize(probs: np.ndarray, thresholds: float | Sequence[float] | np.ndarray
 
 
 def check_thresholds(thresholds: Any, num_labels: int) -> Any:
-    """``thresholds`` (one number, or one per class) as given, after checking them: numbers, none NaN or negative.
+    """``thresholds`` (one number, or one per class; a list of one is one for every class) as given, after checking
+    them: numbers, none NaN or negative.
 
     Raises:
         ValueError: naming what is wrong (predict.py refuses the same values of its --threshold).
@@ -47,7 +48,8 @@ def check_thresholds(thresholds: Any, num_labels: int) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"thresholds must be a number or {num_labels} numbers, one per class; got "
                          f"{thresholds!r}") from None
-    if isinstance(thresholds, (str, bytes)) or values.ndim > 1 or (values.ndim == 1 and values.size != num_labels):
+    if isinstance(thresholds, (str, bytes)) or values.ndim > 1 or (values.ndim == 1 and values.size not in
+                                                                      (1, num_labels)):
         raise ValueError(f"thresholds must be a number or {num_labels} numbers, one per class (in codec.label_ids "
                          f"order); got {thresholds!r}")
     if not (values >= 0).all():  # NaN too

@@ -487,8 +487,12 @@ def residual_attention(feature_map: torch.Tensor, weight: torch.Tensor, temperat
 
 
 def _as_lists(images: Any, captions: Any) -> tuple[Any, Any]:
-    """Inputs given as iterators (a generator) made lists, so that they can be counted and sliced into batches."""
-    return tuple(v if v is None or hasattr(v, "__len__") else list(v) for v in (images, captions))
+    """Inputs given as iterators (a generator) made lists, so that they can be counted and sliced into batches (a
+    single string, path or image is left to `_count_inputs`, which says to put it in a list)."""
+    from PIL import Image
+
+    return tuple(v if v is None or hasattr(v, "__len__") or isinstance(v, (str, os.PathLike, Image.Image)) else list(v)
+                 for v in (images, captions))
 
 
 def _check_images(images: Sequence[Any]) -> None:
@@ -520,6 +524,9 @@ def _count_inputs(images: Optional[Sequence[Any]], captions: Optional[Sequence[A
     for name, value in (("images", images), ("captions", captions)):
         if isinstance(value, (str, os.PathLike, Image.Image)):  # not a list of one: its characters or pixels
             raise TypeError(f"`{name}` takes one item per input, in a list: for a single one, [{name[:-1]}]")
+    if isinstance(images, np.ndarray) and images.ndim != 4:  # one image's rows would each be taken for an image
+        raise TypeError(f"`images` as one array must be N x H x W x C (got shape {images.shape}): for a single "
+                        "image, [image]")
     if images is None and captions is None:
         raise ValueError("give images, captions or both")
     if images is not None and captions is not None and len(images) != len(captions):

@@ -303,8 +303,7 @@ def load_frames(args: argparse.Namespace, state: PartialState) -> tuple[pd.DataF
         if not image_dir.is_dir():
             raise UsageError(f"the image folder {image_dir} does not exist: give --image-dir (the folder of "
                              f"{train_csv}'s images), or --no-image to train on the captions alone")
-        present = sum((image_dir / image_id).is_file() for image_id in frame["ImageID"])
-        if not present:  # with --skip-bad-images it trained on nothing and exported an untrained model
+        if not any((image_dir / image_id).is_file() for image_id in frame["ImageID"]):  # with --skip-bad-images it trained on nothing and exported an untrained model
             raise UsageError(f"none of the {len(frame)} images of {train_csv} is in {image_dir} (e.g. "
                              f"{image_dir / frame['ImageID'].iloc[0]}): give --image-dir (the folder of its images)")
     return frame, image_dir, names if names.is_file() else None
@@ -489,6 +488,11 @@ def main(args: argparse.Namespace) -> int:
     frame["_row"] = np.arange(len(frame))  # position in the full frame, for cached features
     if getattr(args, "split_seed", None) is None:  # resolved here, so that the run's saved arguments name it
         args.split_seed = args.seed
+    if getattr(args, "data_seed", None) is None:
+        # Accelerate shuffles epoch e with data_seed + e: derived, so that the run of --seed s + 1 does not see in
+        # each epoch the order of the one before in the run of --seed s. Saved with the run's arguments; a run started
+        # before it existed shuffled with the seed itself, and resumes so.
+        args.data_seed = args.seed if checkpoint is not None else derived_seed(args.seed, 1)
     train_frame, val_frame = train_val_split(frame, args.val_fraction, args.split_seed)
     train_frame = subsample_rows(train_frame, getattr(args, "train_fraction", 1.0), args.split_seed)
     fingerprint = data_fingerprint(train_frame, val_frame)
@@ -506,9 +510,7 @@ def main(args: argparse.Namespace) -> int:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
         # non_blocking: batches go to the GPU asynchronously (the loaders pin their memory on CUDA machines)
-        # Accelerate shuffles epoch e with data_seed + e: derived, so that the run of --seed s + 1 does not see in
-        # each epoch the order of the one before in the run of --seed s
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=derived_seed(args.seed, 1),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.data_seed,
                                                   non_blocking=True),
         log_with=trackers, project_dir=str(run_dir))
     accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
@@ -535,7 +537,8 @@ def main(args: argparse.Namespace) -> int:
         if not args.no_caption and tokenizer.get_vocab_size() <= 2 and accelerator.is_main_process:
             logger.warning("the caption vocabulary is empty (" + (
                 "every training caption is empty" if not train_frame["Caption"].fillna("").str.strip().any() else
-                f"no word occurs {args.min_word_freq} times: lower --min-word-freq") + "): the caption branch sees "
+                f"no word occurs {args.min_word_freq} times: lower --min-word-freq" if args.min_word_freq > 1 else
+                "no caption has a word") + "): the caption branch sees "
                 "nothing but unknown words" + (" and can learn only how often each label occurs" if args.no_image
                                                else " (--no-caption leaves it out)"))
     config = build_model_config(args, codec, tokenizer, frame)
@@ -556,9 +559,15 @@ def main(args: argparse.Namespace) -> int:
     model = MultimodalClassifier(config, pretrained=args.pretrained_file or args.pretrained if checkpoint is None
                                  else False)
     if checkpoint is not None and args.cache_features and model.image_encoder is not None:
-        weights = load_file(str(checkpoint / "model.safetensors"))
-        model.image_encoder.load_state_dict({k.removeprefix("image_encoder."): v for k, v in weights.items()
-                                             if k.startswith("image_encoder.")})
+        encoder = {}
+        for key, value in load_file(str(checkpoint / "model.safetensors")).items():
+            for wrapper in ("module.", "_orig_mod."):  # Accelerate's own format kept DDP's and compile's prefixes
+                key = key.removeprefix(wrapper)
+            if key.startswith("image_encoder."):
+                encoder[key.removeprefix("image_encoder.")] = value
+        if not encoder:
+            raise CheckpointError(f"{checkpoint / 'model.safetensors'} holds no image encoder weights")
+        model.image_encoder.load_state_dict(encoder)
     if model.image_encoder is not None:
         source = model.image_encoder.pretrained_source if checkpoint is None else f"the checkpoint {checkpoint}"
         log(f"image encoder {config.image_encoder}: weights from {source}")

@@ -83,6 +83,9 @@ def test_two_builds_of_one_cache_at_once_both_succeed_and_publish_it_whole(jpegs
     stale, busy = cache_dir / "x.npy.1-aa.partial.npy", cache_dir / "y.npy.2-bb.partial.npy"
     stale.write_bytes(b"left by a killed build")
     os.utime(stale, (0, 0))
+    legacy = cache_dir / "images-36-bicubic-0123.tmp.npy"  # the name every build shared before
+    legacy.write_bytes(b"left by a killed build of an older version")
+    os.utime(legacy, (0, 0))
     busy.write_bytes(b"another build at work")
     load_image, inner, started = data_module.load_image, [], []
 
@@ -95,7 +98,7 @@ def test_two_builds_of_one_cache_at_once_both_succeed_and_publish_it_whole(jpegs
     outer = build_image_cache(names, image_dir, cache_dir, 36)
     assert inner and inner[0].path == outer.path and inner[0].meta["reused"] is False
     assert np.array_equal(np.asarray(outer.array), np.asarray(reference.array))  # no row zeroed
-    assert not stale.exists() and busy.exists()
+    assert not stale.exists() and not legacy.exists() and busy.exists()
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted([outer.path.name, outer.path.stem + ".json",
                                                                   busy.name])
 

@@ -101,10 +101,21 @@ def test_exif_orientation_turns_a_photo_upright_on_every_path(tmp_path):
     assert loaded.size == (32, 48) and np.array_equal(np.asarray(loaded), upright)
     assert load_image(path, draft_size=8).size == (8, 12)  # decoded at a quarter scale (12 x 8), then turned
     assert np.array_equal(np.asarray(to_rgb(Image.open(path))), upright)
+    assert np.array_equal(np.asarray(to_rgb(to_rgb(Image.open(path)))), upright)  # turned once, not twice
     decoder = EncodedImageDecoder(32, squash=True)
     squares, errors = decoder([path.read_bytes()])
     expected, _ = decoder([_png_bytes(upright)])  # the upright pixels, through the same resize
     assert errors == [None] and torch.equal(squares, expected)
+    # The orientation in XMP instead of EXIF, which Pillow honours too: every path agrees (the device decoder, which
+    # looked for EXIF marks in the bytes, decoded it as stored).
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b'</x:xmpmeta>')
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    Image.fromarray(stored).save(tmp_path / "xmp.jpg", quality=95, xmp=xmp)
+    assert load_image(tmp_path / "xmp.jpg").size == (32, 48)
+    assert torch.equal(decoder([(tmp_path / "xmp.jpg").read_bytes()])[0],
+                       decoder([_png_bytes(np.asarray(load_image(tmp_path / "xmp.jpg")))])[0])
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

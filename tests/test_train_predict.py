@@ -937,6 +937,12 @@ def test_the_python_api_predicts_what_predict_py_writes(run_dir: Path, caption_o
                                model.predict_probabilities([Image.open(paths[0])], captions[:1]), atol=1e-6)
     with pytest.raises(ValueError, match=rf"thresholds must be a number or {len(LABELS)} numbers, one per class"):
         model.predict(paths[:1], captions[:1], thresholds=[0.5, 0.5])
+    assert model.predict(paths[:2], captions[:2], thresholds=[0.3]) == model.predict(paths[:2], captions[:2],
+                                                                                     thresholds=0.3)
+    with pytest.raises(TypeError, match=r"`images` takes one item per input, in a list: for a single one, \[image\]"):
+        model.predict(Image.open(paths[0]), captions[:1])
+    with pytest.raises(TypeError, match=r"`images` as one array must be N x H x W x C .*: for a single image, "):
+        model.predict(as_array, captions[:1])  # its rows were taken for images
     for bad in (float("nan"), -1, "0.5"):  # refused as predict.py refuses them (NaN kept the top label alone)
         with pytest.raises(ValueError, match="thresholds must be"):
             model.predict(paths[:1], captions[:1], thresholds=bad)
@@ -1076,6 +1082,9 @@ def test_a_folder_to_predict_includes_its_subfolders(data_dir: Path, tmp_path: P
     shutil.copy(data_dir / "data" / names[1], tmp_path / "sub" / names[1])
     shutil.copy(data_dir / "data" / names[2], tmp_path / "sub" / "deeper" / "Photo.JFIF")
     (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    for hidden in (".ipynb_checkpoints/0-checkpoint.jpg", "__MACOSX/._x.jpg", ".thumb.jpg"):  # not images to predict
+        (tmp_path / hidden).parent.mkdir(exist_ok=True)
+        shutil.copy(data_dir / "data" / names[0], tmp_path / hidden)
     frame = folder_frame(tmp_path)
     assert list(frame["ImageID"]) == sorted([names[0], f"sub/{names[1]}", "sub/deeper/Photo.JFIF"])
     assert all((tmp_path / image_id).is_file() for image_id in frame["ImageID"])
@@ -1144,6 +1153,8 @@ def test_runs_of_neighbouring_seeds_do_not_share_their_epochs_data_orders(data_d
         run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--epochs", 2, "--no-plots", *TINY,
             "--seed", seed, "--split-seed", 0, "--output-dir", out)
         orders[seed] = json.loads((out / "metrics.json").read_text())["data_order_per_rank"][0]
+        saved = json.loads((out / "run_config.json").read_text())["args"]
+        assert saved["data_seed"] not in (0, 1)  # saved, so that a resume shuffles as the run did
     assert sorted(orders[0][1]) == sorted(orders[1][0])  # the same training rows (one split) ...
     assert orders[0][1] != orders[1][0] and orders[0][0] != orders[1][0]  # ... in other orders
 
@@ -1369,6 +1380,8 @@ def load_script(path: Path) -> Any:
     (TRAIN, ("--seed", -1), "--seed must be in [0, 2**32), got -1"),  # numpy's traceback
     (TRAIN, ("--split-seed", -1), "--split-seed must be in [0, 2**32), got -1"),
     (TRAIN, ("--lr", "nan"), "--lr must not be negative, got nan"),  # torch's traceback, after the model loaded
+    (TRAIN, ("--asl-clip", "nan"), "--asl-clip must be in [0, 1), got nan"),
+    (TRAIN, ("--image-attention-temperature", "nan"), "--image-attention-temperature must be above 0, got nan"),
     (PREDICT, ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
     (PREDICT, ("--threshold", -1), "--threshold must be at least 0, got -1.0"),
     (PREDICT, ("--threshold", "nan"), "--threshold must be at least 0, got nan"),
@@ -1407,7 +1420,7 @@ def test_predict_refuses_inputs_its_models_cannot_use_and_never_overwrites_the_i
     image = data_dir / "data" / read_rows(csv_copy)[0]["ImageID"]
     proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", csv_copy, "--image-dir", data_dir / "data",
                "--probabilities", image, "--output", tmp_path / "p.csv", check=False)
-    assert f"--probabilities {image} is a file of the image folder" in error_line(proc)
+    assert f"--probabilities {image} is an image of the image folder" in error_line(proc)
     proc = run(PREDICT, "--checkpoint", run_dir / "model", "--csv", csv_copy, "--output", tmp_path / "p.csv",
                check=False)
     assert f"the model reads images: give --image-dir (the folder of {csv_copy}'s images) or --data-dir" in \
