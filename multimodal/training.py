@@ -303,7 +303,8 @@ def load_frames(args: argparse.Namespace, state: PartialState) -> tuple[pd.DataF
         if not image_dir.is_dir():
             raise UsageError(f"the image folder {image_dir} does not exist: give --image-dir (the folder of "
                              f"{train_csv}'s images), or --no-image to train on the captions alone")
-        if not any((image_dir / image_id).is_file() for image_id in frame["ImageID"]):  # with --skip-bad-images it trained on nothing and exported an untrained model
+        # with --skip-bad-images it trained on nothing and exported an untrained model
+        if not any((image_dir / image_id).is_file() for image_id in frame["ImageID"]):
             raise UsageError(f"none of the {len(frame)} images of {train_csv} is in {image_dir} (e.g. "
                              f"{image_dir / frame['ImageID'].iloc[0]}): give --image-dir (the folder of its images)")
     return frame, image_dir, names if names.is_file() else None
