@@ -345,6 +345,8 @@ def ensemble_scores(run_dirs: list[Path], threshold: float) -> dict[str, Any]:
     for d, p in zip(run_dirs, predictions):
         if not np.array_equal(p["targets"], targets):
             raise SystemExit(f"{d}: not the same validation rows as {run_dirs[0]}")
+        if np.isnan(p["final"]).any():  # rows whose image was unreadable (--skip-bad-images): no prediction
+            raise SystemExit(f"{d}: some validation rows were not predicted (unreadable images); not averaged here")
     mean = np.mean([p["final"] for p in predictions], axis=0)
     at_threshold = compute_metrics(mean, targets, threshold)
     return {"metrics": compute_metrics(mean, targets), "tuned": crossfit_tuned_metrics(mean, targets),

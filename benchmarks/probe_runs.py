@@ -74,6 +74,8 @@ def average(runs: list[Path], decoder_weight: Optional[float] = None,
             raise SystemExit(f"{name}: not the same validation rows as {reference}")
         if not np.array_equal(z["targets"], first["targets"]):
             raise SystemExit(f"{name}: not the same validation rows as {runs[0].name}")
+        if any(np.isnan(z[k]).any() for k in ("final", "fused", "decoder") if k in z):  # unreadable images
+            raise SystemExit(f"{name}: some validation rows were not predicted (unreadable images); not averaged here")
     targets = first["targets"]
     stored = {run.name: stored_thresholds(run) for run in runs}
     result: dict[str, float] = {}
