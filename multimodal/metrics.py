@@ -128,7 +128,7 @@ def describe_thresholds(thresholds: Any) -> str:
     """``0.7`` for one threshold (or the same for every class), ``0.35..0.8 per class`` otherwise."""
     values = np.atleast_1d(np.asarray(0.5 if thresholds is None else thresholds, dtype=np.float64))
     low, high = float(values.min()), float(values.max())
-    return f"{low:g}" if high - low < 1e-9 else f"{low:g}..{high:g} per class"
+    return f"{low:g}" if low == high or high - low < 1e-9 else f"{low:g}..{high:g} per class"  # inf - inf is NaN
 
 
 THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)  # the thresholds that tuning tries, per class or for all

@@ -105,6 +105,7 @@ def test_an_ensemble_thresholds_at_the_mean_of_its_members_stored_thresholds(
     caplog.set_level("WARNING", logger="multimodal")
     assert mean_thresholds([None, None], 3) is None  # 0.5 for all, as before
     assert describe_thresholds(None) == "0.5"
+    assert describe_thresholds(float("inf")) == "inf"  # it said "inf..inf per class"
     # Members of one recipe (the asymmetric loss stores about 0.7): their thresholds' mean, no warning.
     same = mean_thresholds([[0.7, 0.7, 0.7], [0.65, 0.75, 0.7]], 3)
     np.testing.assert_allclose(same, [0.675, 0.725, 0.7])
