@@ -211,20 +211,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
         if value is not None and not 0 <= value < 2**32:
             parser.error(f"{flag} must be in [0, 2**32), got {value}")
-    for flag, value in (("--dropout", args.dropout), ("--caption-embed-dropout", args.caption_embed_dropout)):
-        if not 0.0 <= value < 1.0:
+    for flag, value in (("--dropout", args.dropout), ("--caption-embed-dropout", args.caption_embed_dropout),
+                        ("--caption-word-dropout", args.caption_word_dropout), ("--asl-clip", args.asl_clip),
+                        ("--ema-decay", args.ema_decay)):
+        if not 0.0 <= value < 1.0:  # NaN too
             parser.error(f"{flag} must be in [0, 1), got {value}")
     for flag, value in (("--pretrained-file", args.pretrained_file), ("--label-names", args.label_names),
                         ("--train-csv", args.train_csv)):
         if value is not None and not Path(value).is_file():
             parser.error(f"{flag}: {value} is not a file")
-    if not 0.0 <= args.caption_word_dropout < 1.0:
-        parser.error(f"--caption-word-dropout must be in [0, 1), got {args.caption_word_dropout}")
     if not 0.0 <= args.modality_dropout <= 0.5:
         parser.error(f"--modality-dropout must be in [0, 0.5] (each branch is dropped with it), got "
                      f"{args.modality_dropout}")
-    if not 0.0 <= args.asl_clip < 1.0:  # NaN too
-        parser.error(f"--asl-clip must be in [0, 1), got {args.asl_clip}")
     if args.asl_clip != parser.get_default("asl_clip") and not args.asl_gamma_neg:
         parser.error("--asl-clip is the margin of the asymmetric loss: it needs --asl-gamma-neg")
     if args.glove and args.no_caption:
@@ -267,8 +265,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--combine fused_decoder mixes in the label decoder's scores: not with --no-decoder")
     if args.asl_gamma_neg and args.focal_gamma:
         parser.error("--asl-gamma-neg replaces the (focal) BCE: leave --focal-gamma at 0")
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not args.image_attention_temperature > 0:  # NaN too
         parser.error(f"--image-attention-temperature must be above 0, got {args.image_attention_temperature}")
     if args.glove and not args.no_caption:

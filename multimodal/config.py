@@ -5,6 +5,7 @@ checkpoint alone. `DataConfig` and `TrainConfig` describe a run and are written 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 COMBINE_RULES = ("fused", "fused_decoder", "mean")
 CAPTION_POOLS = ("max", "mean", "last")
@@ -156,15 +157,28 @@ class LossConfig:
 
 
 def save_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file, flushed to disk, then renamed), so neither a crash nor a power loss
-    leaves half a file."""
+    """Write JSON atomically (`published`), so neither a crash nor a power loss leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    fsync(tmp)
-    tmp.replace(path)
-    fsync(path.parent)
+    with published(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def published(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Write a file whole or not at all: yields a `private_temporary` name beside ``path`` to write; when the block
+    ends it is flushed to disk and renamed to ``path`` (replacing any earlier file, or the same file another process
+    published meanwhile), and the folder's entry flushed too. A block that raises leaves nothing: its file is
+    deleted."""
+    path = Path(path)
+    tmp = private_temporary(path, suffix)
+    try:
+        yield tmp
+        fsync(tmp)  # the contents reach the disk before the rename that publishes them
+        os.replace(tmp, path)
+        fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def private_temporary(path: str | Path, suffix: str = ".tmp") -> Path:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
-from multimodal.config import UsageError, fsync, private_temporary, remove_stale_temporaries
+from multimodal.config import UsageError, published, remove_stale_temporaries, save_json
 from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
                                resize_for_cache, update_files_digest)
 from multimodal.labels import LabelCodec
@@ -534,17 +533,18 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(path.parent):
         logger.info("image cache: removed %s, left by a build that was stopped", stale)
-    tmp = private_temporary(path, ".npy")  # this build's own: another process may be building the same cache
     start = time.perf_counter()
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3)).flush()
-    loader = torch.utils.data.DataLoader(_CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop, squash),
-                                         batch_size=32, num_workers=workers, collate_fn=list,
-                                         worker_init_fn=bounded_heap_worker_init,
-                                         # its own generator: building the cache must not move the global RNG, or
-                                         # a run that builds it would train differently from one that reuses it
-                                         generator=torch.Generator())
     errors: dict[str, str] = {}
-    try:
+    # This build's own file (another process may be building the same cache; the same images, so the same contents,
+    # whichever publishes last); an unreadable image, Ctrl-C or a worker that died leaves no partial file behind.
+    with published(path, ".npy") as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3)).flush()
+        loader = torch.utils.data.DataLoader(
+            _CacheWriter(image_ids, image_dir, tmp, size, interpolation, crop, squash), batch_size=32,
+            num_workers=workers, collate_fn=list, worker_init_fn=bounded_heap_worker_init,
+            # its own generator: building the cache must not move the global RNG, or a run that builds it would
+            # train differently from one that reuses it
+            generator=torch.Generator())
         for batch in loader:
             for index, error in batch:
                 if error is not None:
@@ -552,21 +552,12 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
                         image_id = image_ids[index]
                         raise row_error(image_dir / image_id, first_row[image_id], image_id, error)
                     errors[image_ids[index]] = error
-    except BaseException:  # an unreadable image, Ctrl-C, a worker that died: no partial file left behind
-        tmp.unlink(missing_ok=True)
-        raise
     build_seconds = time.perf_counter() - start
-    meta = {"size": size, "interpolation": interpolation, "crop": crop, "squash": squash, "fingerprint": fingerprint,
-            "image_dir": str(image_dir), "build_seconds": build_seconds, "workers": workers, "ids": image_ids,
-            "ok": [image_id not in errors for image_id in image_ids], "errors": errors}
-    tmp_meta = private_temporary(path.with_suffix(".json"), ".json")
-    tmp_meta.write_text(json.dumps(meta))
-    for written in (tmp, tmp_meta):  # on disk before the renames publish them (a power loss keeps no zeros)
-        fsync(written)
-    # Another build of the same cache may have published first: the same images, so the same contents.
-    os.replace(tmp, path)
-    os.replace(tmp_meta, path.with_suffix(".json"))
-    fsync(path.parent)
+    # Written after the array: a cache is read only where both are (a kill between them leaves it to be rebuilt).
+    save_json({"size": size, "interpolation": interpolation, "crop": crop, "squash": squash,
+               "fingerprint": fingerprint, "image_dir": str(image_dir), "build_seconds": build_seconds,
+               "workers": workers, "ids": image_ids, "ok": [image_id not in errors for image_id in image_ids],
+               "errors": errors}, path.with_suffix(".json"))
     cache = ImageCache(path)
     cache.meta["reused"] = False
     logger.info("image cache: %d images at %d px built in %.1f s -> %s", len(image_ids), size, build_seconds, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .config import fsync, private_temporary, remove_stale_temporaries
+from .config import published, remove_stale_temporaries
 from .data import Collator, ImageCaptionDataset, row_error
 from .images import build_transform, update_files_digest
 from .model import ImageEncoder
@@ -132,15 +131,9 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(path.parent):
         logger.info("image features: removed %s, left by a run that was stopped", stale)
-    tmp = private_temporary(path)  # this process's own: another run may be computing the same features
-    try:
+    with published(path) as tmp:  # this process's own file: another run may be computing the same features
         save_file({"features": features.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp),
                   metadata={"fingerprint": fingerprint, "rows": str(len(frame))})
-        fsync(tmp)  # on disk before the rename publishes it
-        os.replace(tmp, path)  # a run that published first wrote the same features
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync(path.parent)
     return features, ok
 
 

@@ -35,9 +35,9 @@ def binarize(probs: np.ndarray, thresholds: float | Sequence[float] | np.ndarray
     return pred
 
 
-def check_thresholds(thresholds: Any, num_labels: int) -> Any:
-    """``thresholds`` (one number, or one per class; a list of one is one for every class) as given, after checking
-    them: numbers, none NaN or negative.
+def check_thresholds(thresholds: Any, num_labels: int) -> np.ndarray:
+    """``thresholds`` (one number, or one per class; a list of one is one for every class; a tensor too) as a float64
+    array, after checking them: numbers, none NaN or negative.
 
     Raises:
         ValueError: naming what is wrong (predict.py refuses the same values of its --threshold).
@@ -54,7 +54,7 @@ def check_thresholds(thresholds: Any, num_labels: int) -> Any:
                          f"order); got {thresholds!r}")
     if not (values >= 0).all():  # NaN too
         raise ValueError(f"thresholds must be at least 0 (and not NaN); got {thresholds!r}")
-    return thresholds
+    return values
 
 
 def samples_f1(pred: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
-from .config import ModelConfig, fsync, save_json
+from .config import ModelConfig, fsync, published, save_json
 from .text import UNK_ID
 from .word_vectors import load_word_vectors
 
@@ -897,9 +897,7 @@ class MultimodalClassifier(nn.Module):
                              "be loaded")
         if thresholds is not None:
             from .metrics import check_thresholds
-            check_thresholds(thresholds, C)
-            values = np.asarray(thresholds.detach().cpu() if torch.is_tensor(thresholds) else thresholds,
-                                dtype=np.float64).reshape(-1)
+            values = check_thresholds(thresholds, C).reshape(-1)
             thresholds = [float(v) for v in (np.full(C, values[0]) if values.size == 1 else values)]
 
         # Over an earlier export: its config.json goes first, so that a kill part way leaves a folder that reads as
@@ -907,19 +905,14 @@ class MultimodalClassifier(nn.Module):
         if (directory / CONFIG_NAME).exists():
             (directory / CONFIG_NAME).unlink()
             fsync(directory)
-        weights = directory / WEIGHTS_NAME
-        tmp = weights.with_name(weights.name + ".tmp")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        fsync(tmp)
-        tmp.replace(weights)
+        with published(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
 
         tokenizer_path = directory / TOKENIZER_NAME
         if tokenizer is not None:
-            tmp = tokenizer_path.with_name(tokenizer_path.name + ".tmp")
-            tokenizer.save(str(tmp))
-            fsync(tmp)
-            tmp.replace(tokenizer_path)
+            with published(tokenizer_path) as tmp:
+                tokenizer.save(str(tmp))
         elif tokenizer_path.exists():  # a stale tokenizer from an earlier export would be paired with this model
             tokenizer_path.unlink()
 

@@ -122,21 +122,21 @@ def test_a_cache_that_skipped_bad_images_is_not_read_without_skipping(encoder, i
 def test_the_cache_is_written_under_this_process_own_temporary_name(encoder, images, tmp_path, monkeypatch):
     """Two runs computing the same features at once each publish their own complete file (they shared one
     temporary name, and the second failed after computing everything); stale temporary files are removed."""
-    import multimodal.features as features_module
+    import multimodal.config as config_module  # `config.published` flushes, then renames, what the cache wrote
     frame, folder = images
     cache = tmp_path / "cache"
     cache.mkdir()
     stale = cache / "features-x.safetensors.1-aa.partial.tmp"
     stale.write_bytes(b"left by a killed run")
     os.utime(stale, (0, 0))
-    fsync, started = features_module.fsync, []
+    fsync, started = config_module.fsync, []
 
     def another_run_publishes_first(path):  # between this run's write of its file and its rename into place
         if not started:
             started.append(True)
             cached_features(encoder, frame, folder, 32, cache, workers=0)
         return fsync(path)
-    monkeypatch.setattr(features_module, "fsync", another_run_publishes_first)
+    monkeypatch.setattr(config_module, "fsync", another_run_publishes_first)
     feats, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)
     assert ok.all() and [p.suffix for p in cache.iterdir()] == [".safetensors"] and not stale.exists()
     torch.testing.assert_close(cached_features(encoder, frame, folder, 32, cache, workers=0)[0], feats)
