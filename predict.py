@@ -207,10 +207,10 @@ def main(args: argparse.Namespace) -> int:
             logger.warning("no row of %s could be predicted: nothing scored", source)
         else:
             logger.info("scored against the labels of %s (%d rows%s): samples F1 %.4f, micro F1 %.4f, macro F1 "
-                        "%.4f, mAP %s", source, scores["rows_scored"],
+                        "%s, mAP %s", source, scores["rows_scored"],
                         f", {scores['rows_not_predicted']} not predicted" if scores["rows_not_predicted"] else "",
-                        scores["samples_f1"], scores["micro_f1"], scores["macro_f1"],
-                        "-" if scores["map"] is None else f"{scores['map']:.4f}")
+                        scores["samples_f1"], scores["micro_f1"],
+                        *("-" if scores[k] is None else f"{scores[k]:.4f}" for k in ("macro_f1", "map")))
         if args.metrics:
             save_json({"checkpoints": [str(c) for c in args.checkpoint], "csv": str(source), **scores}, args.metrics)
             logger.info("wrote the scores to %s", args.metrics)

@@ -247,7 +247,8 @@ class CheckpointManager:
     (``scheduler.json``) and, under fp16, the gradient scaler (``scaler.json``), each a state dict split into its
     tensors and the JSON of the rest; each process's random generators and Accelerate's step (``rng_<process>``);
     with ``ema``, the weight average (``ema.safetensors``). ``manifest.json`` lists every file with its size and
-    SHA-256, so a damaged file is found before anything is loaded (`problem`).
+    SHA-256, and holds a copy of ``progress.json``'s content, so a damaged file is found before anything is loaded
+    (`problem`).
 
     It is written into ``.tmp-step_N``, flushed to disk, and renamed to ``step_N`` with ``progress.json`` inside, which
     marks it complete. Saving a step that already has a checkpoint (an epoch's last batch, then the epoch's end) moves
@@ -290,7 +291,7 @@ class CheckpointManager:
                 if self.ema is not None:  # the same on every process: the main one writes it
                     save_file(_cpu_copies(self.ema.module.state_dict()), str(tmp / EMA_FILE))
                 fsync_tree(tmp)
-                save_json(manifest(tmp), tmp / MANIFEST)
+                save_json({**manifest(tmp), "progress": asdict(progress)}, tmp / MANIFEST)
                 save_json(asdict(progress), tmp / "progress.json")  # last: it marks the checkpoint complete
         except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
@@ -335,9 +336,9 @@ class CheckpointManager:
     @staticmethod
     def problem(checkpoint: str | Path, processes: int = 1, ema: bool = False) -> Optional[str]:
         """Why ``checkpoint`` cannot be resumed from, or None: a file missing, or differing in size or SHA-256 from
-        its manifest; ``progress.json`` unreadable. Checkpoints of Accelerate's format (no manifest): a file missing
-        or empty, a safetensors file shorter than its header says, a pickle archive failing its checksums. Reads
-        every file through; loads nothing."""
+        its manifest; ``progress.json`` unreadable or differing from the manifest's copy of it. Checkpoints of
+        Accelerate's format (no manifest): a file missing or empty, a safetensors file shorter than its header says, a
+        pickle archive failing its checksums. Reads every file through; loads nothing."""
         checkpoint = Path(checkpoint)
         legacy = not (checkpoint / MANIFEST).is_file() and any(
             (checkpoint / name).is_file() for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"))
@@ -538,9 +539,14 @@ def _sha256(path: Path) -> str:
 
 def _manifest_problem(checkpoint: Path) -> Optional[str]:
     try:
-        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+        written = json.loads((checkpoint / MANIFEST).read_text())
+        files = written["files"]
     except (ValueError, KeyError, TypeError) as error:
         return f"{MANIFEST} is unreadable ({error})"
+    # progress.json is written after the manifest (it marks the checkpoint complete), so the manifest holds a copy of
+    # its content rather than its digest; manifests of the seventeenth session have none
+    if "progress" in written and json.loads((checkpoint / "progress.json").read_text()) != written["progress"]:
+        return "progress.json is damaged (it differs from the copy in manifest.json)"
     for name, expected in files.items():
         path = checkpoint / name
         if not path.is_file():

@@ -406,9 +406,11 @@ def score_predictions(result: dict[str, Any], targets: np.ndarray, codec: Any) -
     if not usable.any():  # e.g. an image-only model and no readable image: nothing to score
         return {"rows_scored": 0, "rows_not_predicted": int(len(usable))}
     metrics = compute_metrics(result["probabilities"][usable], targets[usable], result["thresholds"])
-    # A class without positives has no AP: null in JSON (not NaN, which JSON lacks)
-    metrics["per_class_ap"] = [None if np.isnan(ap) else ap for ap in metrics["per_class_ap"]]
-    metrics["map"] = None if np.isnan(metrics["map"]) else metrics["map"]
+    # A class without positives has no AP, nor F1 if never predicted either: null in JSON (not NaN, which JSON lacks)
+    for key in ("per_class_ap", "per_class_f1"):
+        metrics[key] = [None if np.isnan(v) else v for v in metrics[key]]
+    for key in ("map", "macro_f1"):
+        metrics[key] = None if np.isnan(metrics[key]) else metrics[key]
     return {"rows_scored": int(usable.sum()), "rows_not_predicted": int((~usable).sum()),
             "thresholds": np.broadcast_to(np.asarray(result["thresholds"], dtype=float), (codec.num_labels,)).tolist(),
             **{k: v for k, v in metrics.items() if not k.startswith("per_class")},

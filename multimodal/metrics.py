@@ -79,7 +79,9 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray,
 
     Returns:
         Scalars ``samples_f1``, ``micro_f1``, ``macro_f1``, ``map`` and lists ``per_class_f1``, ``per_class_ap``
-        (``nan`` AP for a class without positives; mAP averages the classes that have positives).
+        (``nan`` AP for a class without positives; mAP averages the classes that have positives). A class neither
+        present nor predicted has no F1 (``nan``, where scikit-learn's default says 0): macro F1 averages the other
+        classes, as mAP does, so a class missing from a small validation split does not count as wrong.
     """
     targets = np.asarray(targets).astype(bool)
     pred = binarize(probs, thresholds, at_least_one)
@@ -92,9 +94,9 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray,
     return {
         "samples_f1": float(f1_score(targets, pred, average="samples", zero_division=0)),
         "micro_f1": float(f1_score(targets, pred, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(targets, pred, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(targets, pred, average="macro", zero_division=np.nan)),
         "map": float(np.nanmean(per_class_ap)) if not np.all(np.isnan(per_class_ap)) else float("nan"),
-        "per_class_f1": [float(v) for v in f1_score(targets, pred, average=None, zero_division=0)],
+        "per_class_f1": [float(v) for v in f1_score(targets, pred, average=None, zero_division=np.nan)],
         "per_class_ap": per_class_ap,
     }
 

@@ -114,6 +114,12 @@ class ImageEncoder(nn.Module):
         stages = self._stages()
         return [self.backbone.conv_stem, self.backbone.bn1, *stages[: len(stages) - tail_stages]]
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules to keep in eval mode while the whole encoder is frozen: the backbone's parts (batch-norm
+        statistics fixed), not the backbone itself, whose dropout on the pooled features (timm's ``drop_rate``, applied
+        where the backbone is in training mode) then acts in training as it does on cached pooled features."""
+        return list(self.backbone.children())
+
     def freeze_below_tail(self, tail_stages: int) -> list[nn.Module]:
         """Freeze everything below the last ``tail_stages`` stages; returns the frozen modules (keep them in eval)."""
         frozen = self.stem_modules(tail_stages)
@@ -668,19 +674,23 @@ class MultimodalClassifier(nn.Module):
             outputs["caption_logits"] = self.caption_head(self.head_drop(features["caption"]))
         parts = [features[k] for k in ("image", "caption") if k in features]
         p = self.config.modality_dropout
+        image_kept = None  # [B, 1]: 0 for the samples whose image is dropped
         if self.training and p > 0 and len(parts) == 2:
             # Per sample: the image embedding zeroed with probability p, else the caption's with probability p, never
             # both, before the fused head and the decoder (the branch heads keep theirs), so that the fused output
             # cannot lean on one modality alone.
             u = torch.rand(parts[0].shape[0], 1, device=parts[0].device)  # [B, 1]
-            parts = [parts[0] * (u >= p).to(parts[0].dtype), parts[1] * ((u < p) | (u >= 2 * p)).to(parts[1].dtype)]
+            image_kept = (u >= p).to(parts[0].dtype)
+            parts = [parts[0] * image_kept, parts[1] * ((u < p) | (u >= 2 * p)).to(parts[1].dtype)]
         context = torch.cat(parts, dim=1)  # [B, D]
         outputs["features"] = context
         outputs["fused_logits"] = self.fused_head(self.head_drop(context))
         if image_map is not None:  # the fused head's image part (the first F_img columns) attends over the map too
             image_weight = self.fused_head.weight[:, : features["image"].shape[1]]  # [C, F_img]
-            outputs["fused_logits"] = outputs["fused_logits"] + lam * residual_attention(
-                image_map, image_weight, temperature)
+            attended = lam * residual_attention(image_map, image_weight, temperature)
+            # a dropped image is dropped from this term too (it reached the fused output through it)
+            outputs["fused_logits"] = outputs["fused_logits"] + (attended if image_kept is None
+                                                                 else attended * image_kept)
         if self.label_decoder is not None and label_seq is not None:
             outputs["decoder_logits"] = self.label_decoder(context, label_seq)
         return outputs

@@ -596,7 +596,7 @@ def main(args: argparse.Namespace) -> int:
             args.freeze_image_encoder = True
     if args.freeze_image_encoder and model.image_encoder is not None:
         model.image_encoder.requires_grad_(False)
-        frozen = [model.image_encoder]
+        frozen = model.image_encoder.frozen_modules()
     if getattr(args, "channels_last", False) and model.image_encoder is not None:
         model.image_encoder.to(memory_format=torch.channels_last)
     criterion = JointLoss(LossConfig(decoder_weight=args.decoder_loss_weight, focal_gamma=args.focal_gamma,

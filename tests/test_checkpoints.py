@@ -187,6 +187,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(b"")
     elif how == "cut":
         path.write_bytes(data[: len(data) // 2])
+    elif how == "edit":  # still valid JSON, another value: a step that never ran
+        path.write_bytes(data.replace(b'"step": 4', b'"step": 5'))
+        assert path.read_bytes() != data
     elif how == "flip":  # one byte in the middle of the data: only a checksum notices
         middle = len(data) // 2
         path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
@@ -196,6 +199,7 @@ def damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("name,how,reason", [
     ("progress.json", "cut", "progress.json is unreadable"),
+    ("progress.json", "edit", "progress.json is damaged (it differs from the copy in manifest.json)"),
     ("manifest.json", "cut", "manifest.json is unreadable"),
     ("model.safetensors", "cut", "model.safetensors is damaged ("),
     ("model.safetensors", "empty", "model.safetensors is empty"),

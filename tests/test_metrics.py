@@ -31,6 +31,16 @@ def test_compute_metrics_on_a_known_case():
     assert len(m["per_class_f1"]) == 3
 
 
+def test_a_class_neither_present_nor_predicted_is_left_out_of_macro_f1() -> None:
+    """Perfect predictions where class 2 never occurs: macro F1 1 (it was 2/3: scikit-learn's default counts the class
+    as 0), as mAP leaves the class out; a class predicted but absent still counts as 0."""
+    targets = np.array([[1, 0, 0], [0, 1, 0]])
+    m = compute_metrics(np.array([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1]]), targets)
+    assert m["macro_f1"] == 1.0 and m["per_class_f1"][:2] == [1.0, 1.0] and np.isnan(m["per_class_f1"][2])
+    m = compute_metrics(np.array([[0.9, 0.1, 0.9], [0.1, 0.9, 0.1]]), targets)
+    assert m["per_class_f1"] == [1.0, 1.0, 0.0] and m["macro_f1"] == pytest.approx(2 / 3)
+
+
 def test_tuned_thresholds_help_a_miscalibrated_class():
     rng = np.random.default_rng(1)
     targets = rng.random((400, 3)) > 0.5
@@ -96,6 +106,7 @@ def test_scores_of_predictions_leave_out_the_rows_that_could_not_be_predicted() 
     assert scores["samples_f1"] == 1.0 and scores["thresholds"] == [0.5, 0.5, 0.5]
     assert [c["support"] for c in scores["per_class"].values()] == [1, 1, 0]
     assert scores["per_class"]["3"]["ap"] is None  # no positive among the scored rows: no AP (JSON null, not NaN)
+    assert scores["per_class"]["3"]["f1"] is None and scores["macro_f1"] == 1.0  # nor F1: it is never predicted
     result["usable"] = np.zeros(3, dtype=bool)
     assert score_predictions(result, targets, codec) == {"rows_scored": 0, "rows_not_predicted": 3}
 

@@ -410,6 +410,46 @@ def test_modality_dropout_zeroes_one_branch_per_sample_in_training_only() -> Non
         make_config(modality_dropout=0.6)
 
 
+def test_modality_dropout_drops_the_image_from_the_attention_term_too() -> None:
+    """With image attention, the fused head also reads the image's feature map: a sample whose image is dropped got
+    image-dependent fused logits through that term (another image, the same caption: logits up to 1.25 apart)."""
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(modality_dropout=0.5, image_attention=1.0, dropout=0.0)).train()
+    n_image = model.image_encoder.num_features
+    features = {"image": torch.rand(400, n_image) + 1.0, "caption": torch.rand(400, model.caption_encoder.num_features),
+                "image_map": torch.randn(400, n_image, 2, 2)}
+    out = model.forward_head(features)
+    dropped = (out["features"][:, :n_image] == 0).all(1)
+    assert 0.3 < dropped.float().mean() < 0.7
+    plain = model.fused_head(out["features"])
+    attended = plain + residual_attention(features["image_map"], model.fused_head.weight[:, :n_image],
+                                          model.config.image_attention_temperature)
+    torch.testing.assert_close(out["fused_logits"][dropped], plain[dropped])
+    torch.testing.assert_close(out["fused_logits"][~dropped], attended[~dropped])
+
+
+def test_a_frozen_encoder_keeps_its_batch_norm_statistics_and_its_pooled_dropout() -> None:
+    """The whole encoder frozen and computed live: its parts stay in eval mode (batch-norm statistics fixed) while
+    the dropout on its pooled features acts in training, as it does on cached pooled features (the encoder used to be
+    put in eval mode whole, which switched that dropout off)."""
+    torch.manual_seed(0)
+    model = MultimodalClassifier(make_config(image_drop_rate=0.5)).train()
+    encoder = model.image_encoder
+    encoder.requires_grad_(False)
+    for module in encoder.frozen_modules():
+        module.eval()
+    statistics = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k}
+    image = torch.rand(4, 3, 32, 32)
+    first, second = encoder(image), encoder(image)
+    assert not torch.equal(first, second)  # a new dropout mask each time
+    assert 0.3 < (first == 0).float().mean() < 0.7
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in statistics.items())
+    for module in encoder.frozen_modules():
+        module.train()  # the parts in training mode would update their statistics: the check above can fail
+    encoder(image)
+    assert not all(torch.equal(v, encoder.state_dict()[k]) for k, v in statistics.items())
+
+
 def test_image_features_replace_the_image() -> None:
     torch.manual_seed(0)
     model = MultimodalClassifier(make_config()).eval()
