@@ -147,19 +147,26 @@ def main(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from multimodal.annotations import AnnotationError
-    from multimodal.config import save_json
+    from multimodal.config import UsageError, save_json
     from multimodal.engine import precision_warning
-    from multimodal.inference import (ensemble_thresholds, label_targets, predict_to_csv, resolve_inputs,
-                                      score_predictions)
+    from multimodal.inference import (check_same_labels, ensemble_thresholds, label_targets, predict_to_csv,
+                                      resolve_inputs, score_predictions)
     from multimodal.metrics import describe_thresholds
     from multimodal.model import MultimodalClassifier
+    from multimodal.training import launch_variables
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    launched, ranked = launch_variables()
+    if accelerator.num_processes > 1 or launched or ranked:  # each process would predict every row into one file
+        seen = ", ".join(f"{k}={v}" for k, v in {**launched, **ranked}.items())
+        raise UsageError(f"predict.py predicts in one process ({seen or f'{accelerator.num_processes} processes'} "
+                         "here): run it with `python predict.py`, not under a launcher of several processes")
     precision = precision_warning(accelerator.mixed_precision, accelerator.device)
     if precision:
         logger.warning(precision)
     models = [MultimodalClassifier.from_pretrained(c).to(accelerator.device) for c in args.checkpoint]
+    check_same_labels(models)  # before any image is read
     if args.compile:
         for model in models:
             if model.image_encoder is not None:

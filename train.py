@@ -119,7 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of training)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="Accelerate precision")
+    g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="Accelerate precision (default: what `accelerate launch --mixed_precision` or `accelerate "
+                        "config` set, else no)")
     g.add_argument("--freeze-image-encoder", action="store_true", help="train everything but the image encoder")
     g.add_argument("--cache-features", default=None, metavar="DIR",
                    help="freeze the image encoder and train on its pooled features, computed once and cached in DIR "
@@ -287,8 +289,7 @@ if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
-    from multimodal.training import main, resolve_presets, run_cli  # after parsing: --help needs no torch
+    from multimodal.training import interrupt_hint, main, resolve_presets, run_cli  # after parsing: --help needs no torch
 
     where = args.resume or args.output_dir or "latest"
-    sys.exit(run_cli(main, resolve_presets(args), interrupted="the run's complete checkpoints are kept; "
-                     f"`python train.py --resume {where}` continues from the last one"))
+    sys.exit(run_cli(main, resolve_presets(args), interrupted=lambda: interrupt_hint(where)))

@@ -743,12 +743,17 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                     accelerator.log({f"train/{k}": v for k, v in values.items()}
                                     | {"train/lr": scheduler.get_last_lr()[-1], "train/images_per_s": rate},
                                     step=progress.step)
-                if checkpoints is not None and checkpoint_every > 0 and progress.step % checkpoint_every == 0:
+                stop = max_steps is not None and progress.step >= max_steps
+                # --max-steps in mid-epoch checkpoints too (at an epoch's last batch the epoch's end does), so that
+                # the stopped run can be resumed (e.g. to validate and export it again)
+                if checkpoints is not None and (
+                        checkpoint_every > 0 and progress.step % checkpoint_every == 0
+                        or stop and progress.batches_done < total_batches):
                     progress.loss_sums, progress.loss_batches = {k: float(v) for k, v in sums.items()}, count
                     checkpoints.save(progress)
                     if on_checkpoint is not None:
                         on_checkpoint(progress)
-                if max_steps is not None and progress.step >= max_steps:
+                if stop:
                     bar.update(1)
                     break
             bar.update(1)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .annotations import IMAGE_EXTENSIONS, AnnotationError, read_annotations
-from .config import UsageError
+from .config import UsageError, published
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images, row_name
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
@@ -250,9 +250,23 @@ def _ensemble(streams: list[Iterator[tuple[list[str], np.ndarray, np.ndarray, li
         yield ids, mean, usable.any(0), errors
 
 
+def check_same_labels(models: Sequence[MultimodalClassifier]) -> None:
+    """Refuse an ensemble whose models predict different labels (their probabilities cannot be averaged)."""
+    codec = models[0].codec
+    for other in models[1:]:
+        if tuple(other.codec.label_ids) != tuple(codec.label_ids):
+            raise UsageError(f"the models of an ensemble must predict the same labels: {list(codec.label_ids)} vs "
+                             f"{list(other.codec.label_ids)}")
+
+
 def ensemble_thresholds(models: Sequence[MultimodalClassifier]) -> Optional[list[float]]:
     """The thresholds for the mean probabilities of ``models`` when none are given: `metrics.mean_thresholds` of
-    those the models store (one model's are its own; None: 0.5 for every class)."""
+    those the models store (one model's are its own; None: 0.5 for every class).
+
+    Raises:
+        UsageError: the models predict different labels.
+    """
+    check_same_labels(models)
     return mean_thresholds([m.thresholds for m in models], models[0].codec.num_labels)
 
 
@@ -322,11 +336,8 @@ def _predict_to_csv(models: list[MultimodalClassifier], caches: list[Any], frame
                     probabilities: Optional[str | Path], batch_size: int, workers: int, skip_bad_images: bool,
                     draft_size: Optional[int] | str, channels_last: bool, decode_on_device: bool,
                     keep_probabilities: bool, share: bool) -> dict[str, Any]:
+    check_same_labels(models)
     codec = models[0].codec
-    for other in models[1:]:
-        if tuple(other.codec.label_ids) != tuple(codec.label_ids):
-            raise UsageError(f"the models of an ensemble must predict the same labels: {list(codec.label_ids)} vs "
-                             f"{list(other.codec.label_ids)}")
     if thresholds is None:
         thresholds = ensemble_thresholds(models)
     thresholds = 0.5 if thresholds is None else thresholds
@@ -345,35 +356,28 @@ def _predict_to_csv(models: list[MultimodalClassifier], caches: list[Any], frame
     output.parent.mkdir(parents=True, exist_ok=True)
     if probabilities:
         Path(probabilities).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = output.with_name(output.name + ".tmp")
-    tmp_prob = Path(str(probabilities) + ".tmp") if probabilities else None
-    try:
-        with open(tmp_out, "w", newline="") as f_out, \
-                (open(tmp_prob, "w", newline="") if tmp_prob else contextlib.nullcontext()) as f_p:
-            out = csv.writer(f_out)
-            out.writerow(["ImageID", "Labels"])
-            prob_writer = csv.writer(f_p) if tmp_prob else None
-            if prob_writer:
-                prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
-            for ids, probs, usable, errors in _ensemble(streams):
-                bad.extend(errors)
-                pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
-                for image_id, row in zip(ids, pred):
-                    out.writerow([image_id, " ".join(str(codec.label_ids[c]) for c in np.flatnonzero(row))])
-                if prob_writer:  # no probabilities (nan) for a row that could not be predicted at all
-                    for image_id, p, ok in zip(ids, probs, usable):
-                        prob_writer.writerow([image_id, *(f"{v:.6f}" if ok else "nan" for v in p)])
-                if keep_probabilities:
-                    kept.append((probs.astype(np.float32), usable))
-                rows += len(ids)
-    except BaseException:  # no half-written output left behind
-        tmp_out.unlink(missing_ok=True)
-        if tmp_prob:
-            tmp_prob.unlink(missing_ok=True)
-        raise
-    tmp_out.replace(output)
-    if tmp_prob:
-        tmp_prob.replace(probabilities)
+    # Each file under a private temporary name, renamed into place when complete (`published`): nothing half-written
+    # is left behind, and no other process's temporary file is touched.
+    with contextlib.ExitStack() as files:
+        f_out = files.enter_context(open(files.enter_context(published(output)), "w", newline=""))
+        f_p = files.enter_context(open(files.enter_context(published(probabilities)), "w", newline="")) \
+            if probabilities else None
+        out = csv.writer(f_out)
+        out.writerow(["ImageID", "Labels"])
+        prob_writer = csv.writer(f_p) if f_p else None
+        if prob_writer:
+            prob_writer.writerow(["ImageID", *[str(i) for i in codec.label_ids]])
+        for ids, probs, usable, errors in _ensemble(streams):
+            bad.extend(errors)
+            pred = binarize(probs, thresholds, at_least_one=True) & usable[:, None]
+            for image_id, row in zip(ids, pred):
+                out.writerow([image_id, " ".join(str(codec.label_ids[c]) for c in np.flatnonzero(row))])
+            if prob_writer:  # no probabilities (nan) for a row that could not be predicted at all
+                for image_id, p, ok in zip(ids, probs, usable):
+                    prob_writer.writerow([image_id, *(f"{v:.6f}" if ok else "nan" for v in p)])
+            if keep_probabilities:
+                kept.append((probs.astype(np.float32), usable))
+            rows += len(ids)
     result = {"rows": rows, "bad_images": bad, "thresholds": thresholds}
     if keep_probabilities:
         C = codec.num_labels

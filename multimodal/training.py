@@ -76,7 +76,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-            interrupted: Optional[str] = None) -> int:
+            interrupted: Optional[str | Callable[[], str]] = None) -> int:
     """Run a script's ``main``: an input error (malformed CSV, missing or corrupt image, missing file, non-finite
     loss, settings that cannot work) ends it with one ``error: ...`` line on stderr and exit status 1 instead of a
     traceback; Ctrl-C with one ``interrupted`` line (``interrupted``: what the user should know) and status 130;
@@ -86,6 +86,8 @@ def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
         return main(args)
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
+        if callable(interrupted):  # what the user should know depends on how far main got
+            interrupted = interrupted()
         print(("terminated" if terminated else "interrupted") + (f": {interrupted}" if interrupted else ""),
               file=sys.stderr, flush=True)
         return 143 if terminated else 130
@@ -101,9 +103,23 @@ def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     return 1
 
 
+# train.py's arguments that name files or folders (not --output-dir: a resume finds the run folder by --resume)
+PATH_ARGS = ("data_dir", "train_csv", "image_dir", "label_names", "demo_dir", "pretrained_file", "cache_features",
+             "image_cache")
+
+
 def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on the data: the demo data is small and low-resolution."""
+    """Fill the defaults that depend on the data (the demo data is small and low-resolution), and make a new run's
+    paths absolute: they are saved with its arguments, and ``--resume`` from another working directory must find the
+    same files (a relative ``--data-dir ../d`` was looked for beside the new directory)."""
     demo = args.data_dir is None and args.train_csv is None
+    if not args.resume:
+        for name in PATH_ARGS:
+            value = getattr(args, name, None)
+            if value:
+                setattr(args, name, os.path.abspath(value))
+        if getattr(args, "glove", None) and os.path.exists(args.glove):  # a file or folder; a package name stays
+            args.glove = os.path.abspath(args.glove)
     if args.image_size is None:
         args.image_size = 64 if demo else 224
     if args.epochs is None:
@@ -123,6 +139,19 @@ WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_W
 RANK_VARS = ("RANK", "LOCAL_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
 
 
+def launch_variables() -> tuple[dict[str, int], dict[str, int]]:
+    """The launcher's variables that say this is one of several processes: the process counts above 1 and the ranks
+    above 0 (`WORLD_SIZE_VARS`, `RANK_VARS`)."""
+    def env_int(name: str) -> int:
+        try:
+            return int(os.environ.get(name, ""))
+        except ValueError:
+            return -1
+
+    return ({name: env_int(name) for name in WORLD_SIZE_VARS if env_int(name) > 1},
+            {name: env_int(name) for name in RANK_VARS if env_int(name) > 0})
+
+
 def check_launch(state: PartialState) -> None:
     """Stop a misconfigured launch where N processes each believe they are the only one (duplicate training).
 
@@ -130,14 +159,7 @@ def check_launch(state: PartialState) -> None:
     ``accelerate launch --multi_gpu`` or ``torchrun`` on a machine without GPUs and without ``ACCELERATE_USE_CPU``,
     or ``mpirun`` without it: every process then sees itself as process 0 of 1.
     """
-    def env_int(name: str) -> int:
-        try:
-            return int(os.environ.get(name, ""))
-        except ValueError:
-            return -1
-
-    launched = {name: env_int(name) for name in WORLD_SIZE_VARS if env_int(name) > 1}
-    ranked = {name: env_int(name) for name in RANK_VARS if env_int(name) > 0}
+    launched, ranked = launch_variables()
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in launched else max(launched.values(), default=1)
     if (state.num_processes == 1 and (launched or ranked)) or (
             "WORLD_SIZE" in launched and state.num_processes != world):
@@ -409,16 +431,32 @@ def resume_hint_on_image_error(run_dir: Path, processes: int) -> Iterator[None]:
     except (ImageLoadError, RuntimeError) as err:
         image_error = isinstance(err, ImageLoadError) or worker_error_name(err) == ImageLoadError.__name__
         if image_error and CheckpointManager.latest(run_dir) is not None:
-            if run_dir.is_symlink():  # resumed through runs/latest, which the next run will move
-                run_dir = run_dir.parent / os.readlink(run_dir)
-            command = f"python train.py --resume {run_dir} --skip-bad-images"
-            if processes > 1:
-                command = f"accelerate launch --num_processes {processes} ... train.py --resume {run_dir} " \
-                          "--skip-bad-images"
+            command = resume_command(run_dir, processes, "--skip-bad-images")
             # logged by the process that read the image, which need not be the main one
             logger.warning(f"stopped by an unreadable image; the run's complete checkpoints are kept: `{command}` "
                            "continues from the last one without it (or fix the file and resume without the flag)")
         raise
+
+
+def resume_command(run_dir: str | Path, processes: int, *flags: str) -> str:
+    """The command that continues the run in ``run_dir``: under ``accelerate launch`` with the run's number of
+    processes when it has several (a plain `python train.py --resume` is refused for it). A run folder reached through
+    ``runs/latest`` is named by its own name, as the next run moves the link."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        run_dir = run_dir.parent / os.readlink(run_dir)
+    command = " ".join(["train.py --resume", str(run_dir), *flags])
+    return f"accelerate launch --num_processes {processes} ... {command}" if processes > 1 else f"python {command}"
+
+
+_THIS_RUN: dict[str, Any] = {}  # this process's run folder and number of processes, once known (`interrupt_hint`)
+
+
+def interrupt_hint(fallback: str) -> str:
+    """What train.py prints when it is interrupted: how to continue the run (``fallback``, what the command line
+    named, until `main` knows the run folder)."""
+    command = resume_command(_THIS_RUN.get("run_dir", fallback), _THIS_RUN.get("processes", 1))
+    return f"the run's complete checkpoints are kept; `{command}` continues from the last one"
 
 
 def verify_images(frame: pd.DataFrame, image_dir: Path, workers: int, state: PartialState,
@@ -504,6 +542,7 @@ def main(args: argparse.Namespace) -> int:
         verify_images(frame if caching else pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir,
                       args.workers, state, resuming=checkpoint is not None, off_switch="--no-verify-images")
     run_dir = make_run_dir(args, state, resuming=checkpoint is not None)
+    _THIS_RUN.update(run_dir=run_dir, processes=state.num_processes)
     jsonl = JSONLinesTracker(run_dir / "log.jsonl")
     trackers: list[Any] = [jsonl]
     if is_tensorboard_available():
@@ -516,6 +555,9 @@ def main(args: argparse.Namespace) -> int:
         log_with=trackers, project_dir=str(run_dir))
     accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})
+    # The precision in effect: --mixed-precision, else the launcher's (`accelerate launch --mixed_precision`, which
+    # Accelerate reads when given none), saved with the run so that a resume keeps it under any launcher
+    args.mixed_precision = accelerator.mixed_precision
     set_seed(args.seed)
     log = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
     precision = precision_warning(accelerator.mixed_precision, accelerator.device)

@@ -122,6 +122,23 @@ def test_an_image_error_in_training_names_the_command_that_continues_the_real_ru
     assert "resume" not in caplog.text
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_interrupted_run_names_the_command_that_continues_it(tmp_path: Path, monkeypatch, processes: int) -> None:
+    """Ctrl-C or SIGTERM: the hint named `python train.py --resume latest` for a default run folder (another run
+    moves the link) and plain `python` for a run of several processes (refused: it needs their number)."""
+    from multimodal import training
+
+    run_dir = tmp_path / "runs" / "20261128-000000"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "runs" / "latest").symlink_to(run_dir.name)
+    monkeypatch.setattr(training, "_THIS_RUN", {})
+    assert "`python train.py --resume latest` continues" in training.interrupt_hint("latest")  # before main knows
+    monkeypatch.setattr(training, "_THIS_RUN", {"run_dir": tmp_path / "runs" / "latest", "processes": processes})
+    launcher = f"accelerate launch --num_processes {processes} ... " if processes > 1 else "python "
+    assert training.interrupt_hint("latest") == (f"the run's complete checkpoints are kept; `{launcher}train.py "
+                                                 f"--resume {run_dir}` continues from the last one")
+
+
 class Killed(BaseException):
     """Stands for a SIGKILL: nothing after it runs, and no `except Exception` catches it."""
 

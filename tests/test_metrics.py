@@ -126,3 +126,19 @@ def test_an_ensemble_thresholds_at_the_mean_of_its_members_stored_thresholds(
     # A member that stores none counts as 0.5; thresholds more than 0.1 apart are warned about.
     np.testing.assert_allclose(mean_thresholds([[0.7, 0.3, 0.55], None], 3), [0.6, 0.4, 0.525])
     assert len(caplog.records) == 1 and "up to 0.20 apart" in caplog.records[0].getMessage()
+
+
+def test_an_ensemble_of_models_with_other_labels_is_refused_before_its_thresholds_are_averaged() -> None:
+    """Models of 15 and 3 classes, one storing thresholds: the thresholds' mean failed with numpy's broadcast error
+    instead of saying why."""
+    from types import SimpleNamespace
+
+    from multimodal.config import UsageError
+    from multimodal.inference import ensemble_thresholds
+    from multimodal.labels import LabelCodec
+
+    many = SimpleNamespace(codec=LabelCodec.from_labels([tuple(range(1, 16))]), thresholds=None)
+    few = SimpleNamespace(codec=LabelCodec.from_labels([(1, 3, 8)]), thresholds=[0.3] * 3)
+    with pytest.raises(UsageError, match=r"must predict the same labels: \[1, 2, .*, 15\] vs \[1, 3, 8\]"):
+        ensemble_thresholds([many, few])
+    assert ensemble_thresholds([few, few]) == [0.3] * 3

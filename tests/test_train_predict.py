@@ -162,11 +162,14 @@ def caption_only(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def image_only_bf16(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image-only ablation, trained under bf16 autocast (on CPU) from the uint8 image cache, with the full-image
-    crop mode: also the mixed-precision and image-cache smoke run."""
+    crop mode: also the mixed-precision and image-cache smoke run. The precision is the launcher's
+    (`accelerate launch --mixed_precision bf16`), which train.py's own default once overrode: the run was float32."""
     out = tmp_path_factory.mktemp("image_only") / "run"
-    proc = run(TRAIN, "--data-dir", data_dir, "--no-caption", "--mixed-precision", "bf16", "--max-steps", 3,
-               "--no-plots", "--image-cache", out.parent / "image_cache", "--image-crop", "full", *TINY,
-               "--output-dir", out)
+    proc = launch("--num_processes", 1, "--num_machines", 1, "--mixed_precision", "bf16", "--dynamo_backend", "no",
+                  TRAIN, "--data-dir", data_dir, "--no-caption", "--max-steps", 3,
+                  "--no-plots", "--image-cache", out.parent / "image_cache", "--image-crop", "full", *TINY,
+                  "--output-dir", out, cwd=out.parent, env=script_env(ACCELERATE_USE_CPU="true"))
+    assert proc.returncode == 0, proc.stderr[-5000:]
     assert "image cache" in proc.stderr and "built in" in proc.stderr
     return out
 
@@ -195,7 +198,7 @@ def test_help_lists_every_flag_grouped_with_defaults() -> None:
                  "--freeze-image-encoder", "--tune-thresholds", "--skip-bad-images", "--data-dir", "--demo-dir"):
         assert re.search(rf"^\s+{re.escape(flag)}(?=[\s,]|$)", text, re.MULTILINE), flag
     flat = " ".join(text.split())  # help lines are wrapped
-    assert "(default: 32)" in flat and "(default: tf_efficientnet_lite0)" in flat and "(default: no)" in flat
+    assert "(default: 32)" in flat and "(default: tf_efficientnet_lite0)" in flat and "else no)" in flat
     # every option but --help states its default
     assert flat.count("(default: ") == len(re.findall(r"^  -", text.split("\ndata:\n")[1], re.MULTILINE))
     assert "\n    python train.py --data-dir ../shared/comp5329" in text  # the usage examples keep their lines
@@ -337,6 +340,10 @@ def test_bf16_training_runs_on_cpu(image_only_bf16: Path) -> None:
     assert len(cache) == 1 and np.load(cache[0], mmap_mode="r").shape[0] == NUM_TRAIN  # the training CSV's images
     metrics = json.loads((image_only_bf16 / "metrics.json").read_text())
     assert metrics["steps"] == 3 and np.isfinite(metrics["val"]["final"]["samples_f1"])
+    # --max-steps stopped it in mid-epoch (3 of 5 batches): checkpointed there, so that it can be resumed (it said
+    # "no complete checkpoint yet")
+    latest = CheckpointManager.latest(image_only_bf16)
+    assert latest is not None and latest.name == "step_00000003" and CheckpointManager.problem(latest) is None
     weights = load_file(str(image_only_bf16 / "model" / "model.safetensors"))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
@@ -1435,6 +1442,16 @@ def test_predict_refuses_inputs_its_models_cannot_use_and_never_overwrites_the_i
     assert len(read_rows(tmp_path / "new" / "folder" / "probs.csv")) == NUM_TEST
 
 
+def test_predict_refuses_a_launch_of_several_processes(caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Under `accelerate launch --num_processes 2` each process predicted every row into the same file (and one failed
+    to rename the shared temporary file the other had renamed)."""
+    proc = run(PREDICT, "--checkpoint", caption_only, "--data-dir", data_dir, "--output", tmp_path / "p.csv",
+               env=script_env(WORLD_SIZE="2", RANK="1"), check=False)
+    assert "predict.py predicts in one process (WORLD_SIZE=2, RANK=1 here): run it with `python predict.py`" in \
+        error_line(proc)
+    assert not list(tmp_path.iterdir())
+
+
 def test_predict_reports_a_duplicate_image_id_with_file_and_line(run_dir: Path, data_dir: Path,
                                                                  tmp_path: Path) -> None:
     lines = (data_dir / "test.csv").read_text().splitlines()
@@ -1465,3 +1482,23 @@ def test_model_flags_reach_the_model_config() -> None:
     assert config.caption_word_dropout == 0.1
     default = build_model_config(get_args_parser().parse_args([]), codec, tokenizer, frame)
     assert default.image_attention_temperature == 1.0 and default.image_attention == 0.0
+
+
+def test_a_new_runs_paths_are_saved_absolute_so_a_resume_from_elsewhere_finds_them(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """`--data-dir ../d1` was saved as typed: `--resume` from another working directory looked for ../d1 there."""
+    sys.path.insert(0, str(REPO))
+    from train import get_args_parser
+
+    from multimodal.training import resolve_presets
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vectors.txt").write_text("dog 0.1 0.2\n")
+    args = resolve_presets(get_args_parser().parse_args(
+        ["--data-dir", "../d1", "--image-dir", "imgs", "--cache-features", "c", "--glove", "vectors.txt"]))
+    assert args.data_dir == str(tmp_path.parent / "d1") and args.image_dir == str(tmp_path / "imgs")
+    assert args.cache_features == str(tmp_path / "c") and args.glove == str(tmp_path / "vectors.txt")
+    assert args.demo_dir == str(tmp_path / "data" / "demo") and args.output_dir is None
+    assert resolve_presets(get_args_parser().parse_args(["--glove", "glove.6B.50d", "--no-caption"])).glove == \
+        "glove.6B.50d"  # a package's name, not a path
+    resumed = resolve_presets(get_args_parser().parse_args(["--resume", "r", "--image-dir", "imgs"]))
+    assert resumed.image_dir == "imgs"  # a resume takes the run's saved paths (train.py refuses this one)
