@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="predict unreadable images from their caption (or no labels) and report them")
     p.add_argument("--no-draft", dest="draft", action="store_false",
-                   help="decode every JPEG at full size, as train.py's validation does (by default a JPEG at least "
+                   help="decode every JPEG at full size, as train.py's validation does (default: a JPEG at least "
                         "twice the model's input size is decoded at 1/2 to 1/8 scale: faster, with slightly "
                         "different pixels, so scores of large photos differ a little from the validation's)")
     p.add_argument("--verify-images", action="store_true",

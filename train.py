@@ -174,6 +174,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The settings of each branch, which do nothing while it is off (--no-image, --no-caption, --no-decoder); modality
+# dropout needs both encoders.
+BRANCH_SETTINGS = {
+    "no_image": ("the image branch", (
+        "encoder", "pretrained_file", "image_size", "image_crop", "image_cache", "device_augment", "decode_on_device",
+        "image_attention", "image_attention_temperature", "freeze_image_encoder", "cache_features",
+        "train_tail_stages", "channels_last", "backbone_lr", "modality_dropout")),
+    "no_caption": ("the caption branch", (
+        "max_caption_length", "min_word_freq", "word_dim", "caption_hidden", "caption_layers", "caption_embed_dropout",
+        "caption_word_dropout", "caption_word_skip", "caption_bigram_buckets", "modality_dropout")),
+    "no_decoder": ("the label decoder", ("beam_width", "decoder_loss_weight")),
+}
+
+
+def ignored_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """What a warning says of the settings given for a branch that is off (an ablation run keeps them, and would
+    otherwise not be told that they did nothing); empty if none."""
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    said = []
+    for switch, (branch, dests) in BRANCH_SETTINGS.items():
+        given = [flags[d] for d in dests if getattr(args, switch) and getattr(args, d) != parser.get_default(d)]
+        if given:
+            said.append(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with {flags[switch]} "
+                        f"({branch} is off)")
+    return "; ".join(said)
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Combinations that cannot work, refused before anything is loaded."""
     if args.resume:  # the run's saved arguments apply (`training.restore_args`), checked when it started
@@ -278,6 +305,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.word_dim not in (None, dim):
             parser.error(f"--glove {args.glove} holds {dim}-dimensional vectors but --word-dim is {args.word_dim}: "
                          f"leave --word-dim out or make it {dim}")
+    unused = ignored_flags(parser, args)
+    if unused:
+        print(f"warning: {unused}", file=sys.stderr, flush=True)
     if not args.no_image:  # last: it imports timm (and torch), which the refusals above need not wait for
         import timm
         if not timm.is_model(args.encoder):
@@ -289,7 +319,8 @@ if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
-    from multimodal.training import interrupt_hint, main, resolve_presets, run_cli  # after parsing: --help needs no torch
+    # after parsing: --help needs no torch
+    from multimodal.training import interrupt_hint, main, resolve_presets, run_cli
 
     where = args.resume or args.output_dir or "latest"
     sys.exit(run_cli(main, resolve_presets(args), interrupted=lambda: interrupt_hint(where)))

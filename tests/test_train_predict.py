@@ -1502,3 +1502,22 @@ def test_a_new_runs_paths_are_saved_absolute_so_a_resume_from_elsewhere_finds_th
         "glove.6B.50d"  # a package's name, not a path
     resumed = resolve_presets(get_args_parser().parse_args(["--resume", "r", "--image-dir", "imgs"]))
     assert resumed.image_dir == "imgs"  # a resume takes the run's saved paths (train.py refuses this one)
+
+
+def test_settings_of_a_branch_that_is_off_are_warned_of(capsys) -> None:
+    """An ablation run that keeps a branch's settings (`--no-image --image-attention 0.2`, `--no-decoder --beam-width
+    7`) trained as if they were not given, unsaid (some such combinations were refused, most were not)."""
+    sys.path.insert(0, str(REPO))
+    from train import check_args, get_args_parser
+
+    parser = get_args_parser()
+    check_args(parser, parser.parse_args(["--no-image", "--image-attention", "0.2", "--modality-dropout", "0.2",
+                                          "--no-decoder", "--beam-width", "7", "--caption-word-skip"]))
+    assert capsys.readouterr().err == (
+        "warning: --image-attention, --modality-dropout do nothing with --no-image (the image branch is off); "
+        "--beam-width does nothing with --no-decoder (the label decoder is off)\n")
+    check_args(parser, parser.parse_args(["--no-caption", "--caption-word-dropout", "0.1", "--no-decoder"]))
+    assert capsys.readouterr().err == ("warning: --caption-word-dropout does nothing with --no-caption (the caption "
+                                       "branch is off)\n")
+    check_args(parser, parser.parse_args(["--no-image", "--caption-word-skip", "--beam-width", "7"]))
+    assert capsys.readouterr().err == ""  # the settings of branches that are on
