@@ -56,7 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "where none reaches it, so one above 1 predicts that label alone")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="Accelerate precision")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="Accelerate precision (default: that of `accelerate launch --mixed_precision` or its "
+                        "`accelerate config`, else no)")
     p.add_argument("--image-cache", default=None, metavar="DIR",
                    help="read images from a uint8 cache in DIR, resized once to the model's evaluation size and "
                         "built on first use: later predictions over the same images skip JPEG decoding "

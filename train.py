@@ -120,8 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of training)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="Accelerate precision (default: what `accelerate launch --mixed_precision` or `accelerate "
-                        "config` set, else no)")
+                   help="Accelerate precision (default: that of `accelerate launch --mixed_precision` or its "
+                        "`accelerate config`, else no)")
     g.add_argument("--freeze-image-encoder", action="store_true", help="train everything but the image encoder")
     g.add_argument("--cache-features", default=None, metavar="DIR",
                    help="freeze the image encoder and train on its pooled features, computed once and cached in DIR "
@@ -191,12 +191,16 @@ BRANCH_SETTINGS = {
 def ignored_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """What a warning says of the settings given for a branch that is off (an ablation run keeps them, and would
     otherwise not be told that they did nothing); empty if none."""
-    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    def flag(dest: str) -> str:  # as given: --no-channels-last for False where there is such a flag
+        options = next(a.option_strings for a in parser._actions if a.dest == dest)
+        return next((o for o in options if o.startswith("--no-")), options[0]) if getattr(args, dest) is False \
+            else options[0]
+
     said = []
     for switch, (branch, dests) in BRANCH_SETTINGS.items():
-        given = [flags[d] for d in dests if getattr(args, switch) and getattr(args, d) != parser.get_default(d)]
+        given = [flag(d) for d in dests if getattr(args, switch) and getattr(args, d) != parser.get_default(d)]
         if given:
-            said.append(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with {flags[switch]} "
+            said.append(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with {flag(switch)} "
                         f"({branch} is off)")
     return "; ".join(said)
 
@@ -322,5 +326,4 @@ if __name__ == "__main__":
     # after parsing: --help needs no torch
     from multimodal.training import interrupt_hint, main, resolve_presets, run_cli
 
-    where = args.resume or args.output_dir or "latest"
-    sys.exit(run_cli(main, resolve_presets(args), interrupted=lambda: interrupt_hint(where)))
+    sys.exit(run_cli(main, resolve_presets(args), interrupted=lambda: interrupt_hint(args.resume)))

@@ -343,6 +343,18 @@ def contributions(rows: list[dict[str, Any]], class_names: list[str], frequencie
             "times across the "
             "two are not comparable. While `cpu_asl` ran from nothing, light work "
             "(packing files, a few unit tests) shared the machine."]
+    ens = next((r for r in rows if r["row"] == "cpu_asl_dec_ens2" and r.get("single")), None)
+    if ens is not None and ens.get("per_output"):
+        members = [v for k, v in ens["per_output"].items() if k.startswith("member")]
+        out.append(
+            "- `cpu_asl_dec_ens2` was run again from nothing in the eighteenth session, after two changes of the "
+            "seventeenth that alter what its command trains by about a seed's difference (each epoch's data order "
+            "now derives from the seed; feature maps are keyed by the weights below the trained stages): "
+            f"{ens['single']['samples_f1']:.4f} at {ens['single_threshold']} (its members "
+            f"{' and '.join(f'{m:.4f}' for m in members)}) against 0.8850 in its first run (its members 0.8835 and "
+            "0.8810). Light work shared the machine during that run (code reviews and unit tests, at low "
+            f"priority), so its wall time, {ens['wall_seconds']:,.0f} s, is not an idle machine's (its first run, "
+            "idle: 2,728 s). Its refit (`cpu_asl_dec_ens2_all`) and the test predictions were not rerun.")
     return "\n".join(out) + "\n"
 
 

@@ -359,9 +359,11 @@ def _predict_to_csv(models: list[MultimodalClassifier], caches: list[Any], frame
     # Each file under a private temporary name, renamed into place when complete (`published`): nothing half-written
     # is left behind, and no other process's temporary file is touched.
     with contextlib.ExitStack() as files:
-        f_out = files.enter_context(open(files.enter_context(published(output)), "w", newline=""))
-        f_p = files.enter_context(open(files.enter_context(published(probabilities)), "w", newline="")) \
-            if probabilities else None
+        # both published before both opened: on leaving, both files are closed before either is renamed
+        tmp_out = files.enter_context(published(output))
+        tmp_prob = files.enter_context(published(probabilities)) if probabilities else None
+        f_out = files.enter_context(open(tmp_out, "w", newline=""))
+        f_p = files.enter_context(open(tmp_prob, "w", newline="")) if tmp_prob else None
         out = csv.writer(f_out)
         out.writerow(["ImageID", "Labels"])
         prob_writer = csv.writer(f_p) if f_p else None

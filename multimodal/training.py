@@ -117,9 +117,9 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
         for name in PATH_ARGS:
             value = getattr(args, name, None)
             if value:
-                setattr(args, name, os.path.abspath(value))
+                setattr(args, name, str(Path(value).absolute()))  # not normalised: `link/..` stays the OS's
         if getattr(args, "glove", None) and os.path.exists(args.glove):  # a file or folder; a package name stays
-            args.glove = os.path.abspath(args.glove)
+            args.glove = str(Path(args.glove).absolute())
     if args.image_size is None:
         args.image_size = 64 if demo else 224
     if args.epochs is None:
@@ -452,10 +452,15 @@ def resume_command(run_dir: str | Path, processes: int, *flags: str) -> str:
 _THIS_RUN: dict[str, Any] = {}  # this process's run folder and number of processes, once known (`interrupt_hint`)
 
 
-def interrupt_hint(fallback: str) -> str:
-    """What train.py prints when it is interrupted: how to continue the run (``fallback``, what the command line
-    named, until `main` knows the run folder)."""
-    command = resume_command(_THIS_RUN.get("run_dir", fallback), _THIS_RUN.get("processes", 1))
+def interrupt_hint(resume: Optional[str]) -> str:
+    """What train.py prints when it is interrupted: how to continue the run (``resume``: what ``--resume`` named,
+    until `main` knows the run folder), or that there is nothing to continue."""
+    run_dir = _THIS_RUN.get("run_dir")
+    if run_dir is None and not resume:
+        return "the run stopped before it was set up: nothing to resume"
+    if run_dir is not None and CheckpointManager.latest(run_dir) is None:
+        return "the run stopped before its first checkpoint: nothing to resume (run the command again to start over)"
+    command = resume_command(run_dir or resume, _THIS_RUN.get("processes", 1))
     return f"the run's complete checkpoints are kept; `{command}` continues from the last one"
 
 
@@ -518,6 +523,7 @@ def main(args: argparse.Namespace) -> int:
     # processes (gloo) would come up as N separate single-process runs.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
     check_launch(state)
+    _THIS_RUN["processes"] = state.num_processes
     checkpoint: Optional[Path] = None
     if args.resume:
         args, checkpoint = restore_args(args, state)
@@ -542,7 +548,7 @@ def main(args: argparse.Namespace) -> int:
         verify_images(frame if caching else pd.concat([train_frame, val_frame]).sort_values("_row"), image_dir,
                       args.workers, state, resuming=checkpoint is not None, off_switch="--no-verify-images")
     run_dir = make_run_dir(args, state, resuming=checkpoint is not None)
-    _THIS_RUN.update(run_dir=run_dir, processes=state.num_processes)
+    _THIS_RUN["run_dir"] = run_dir
     jsonl = JSONLinesTracker(run_dir / "log.jsonl")
     trackers: list[Any] = [jsonl]
     if is_tensorboard_available():
@@ -704,7 +710,10 @@ def main(args: argparse.Namespace) -> int:
         progress = checkpoints.load(checkpoint)
         log(f"resumed from {checkpoint}: epoch {progress.epoch}, batch {progress.batches_done}, step {progress.step}")
         if accelerator.is_main_process:  # what the run logged after this checkpoint is about to be logged again
-            dropped = jsonl.truncate_after(progress.step, progress.epoch if progress.batches_done else None)
+            # ... unless the run trains no more: stopped by --max-steps in mid-epoch, its validation line stays
+            trains = not (args.max_steps and progress.step >= args.max_steps)
+            dropped = jsonl.truncate_after(progress.step,
+                                           progress.epoch if progress.batches_done and trains else None)
             if dropped:
                 log(f"log.jsonl: dropped {dropped} line(s) logged after step {progress.step} by the interrupted run")
     kill_at = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0"))

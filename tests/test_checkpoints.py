@@ -125,16 +125,23 @@ def test_an_image_error_in_training_names_the_command_that_continues_the_real_ru
 @pytest.mark.parametrize("processes", [1, 2])
 def test_an_interrupted_run_names_the_command_that_continues_it(tmp_path: Path, monkeypatch, processes: int) -> None:
     """Ctrl-C or SIGTERM: the hint named `python train.py --resume latest` for a default run folder (another run
-    moves the link) and plain `python` for a run of several processes (refused: it needs their number)."""
+    moves the link, and a run stopped before its folder existed is not the one it names), plain `python` for a run of
+    several processes (refused: it needs their number), and checkpoints where there were none."""
     from multimodal import training
 
     run_dir = tmp_path / "runs" / "20261128-000000"
     run_dir.mkdir(parents=True)
     (tmp_path / "runs" / "latest").symlink_to(run_dir.name)
-    monkeypatch.setattr(training, "_THIS_RUN", {})
-    assert "`python train.py --resume latest` continues" in training.interrupt_hint("latest")  # before main knows
-    monkeypatch.setattr(training, "_THIS_RUN", {"run_dir": tmp_path / "runs" / "latest", "processes": processes})
+    monkeypatch.setattr(training, "_THIS_RUN", {"processes": processes})
     launcher = f"accelerate launch --num_processes {processes} ... " if processes > 1 else "python "
+    assert training.interrupt_hint(None) == "the run stopped before it was set up: nothing to resume"
+    assert training.interrupt_hint("r") == (f"the run's complete checkpoints are kept; `{launcher}train.py --resume "
+                                            "r` continues from the last one")  # resumed, stopped before main knew
+    training._THIS_RUN["run_dir"] = tmp_path / "runs" / "latest"
+    assert training.interrupt_hint(None) == ("the run stopped before its first checkpoint: nothing to resume (run the "
+                                             "command again to start over)")
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002" / "progress.json").write_text("{}")
     assert training.interrupt_hint("latest") == (f"the run's complete checkpoints are kept; `{launcher}train.py "
                                                  f"--resume {run_dir}` continues from the last one")
 

@@ -1495,9 +1495,10 @@ def test_a_new_runs_paths_are_saved_absolute_so_a_resume_from_elsewhere_finds_th
     (tmp_path / "vectors.txt").write_text("dog 0.1 0.2\n")
     args = resolve_presets(get_args_parser().parse_args(
         ["--data-dir", "../d1", "--image-dir", "imgs", "--cache-features", "c", "--glove", "vectors.txt"]))
-    assert args.data_dir == str(tmp_path.parent / "d1") and args.image_dir == str(tmp_path / "imgs")
-    assert args.cache_features == str(tmp_path / "c") and args.glove == str(tmp_path / "vectors.txt")
-    assert args.demo_dir == str(tmp_path / "data" / "demo") and args.output_dir is None
+    here = Path.cwd()  # tmp_path as the OS names it
+    assert args.data_dir == str(here / ".." / "d1") and args.image_dir == str(here / "imgs")  # `..` kept: see a link
+    assert args.cache_features == str(here / "c") and args.glove == str(here / "vectors.txt")
+    assert args.demo_dir == str(here / "data" / "demo") and args.output_dir is None
     assert resolve_presets(get_args_parser().parse_args(["--glove", "glove.6B.50d", "--no-caption"])).glove == \
         "glove.6B.50d"  # a package's name, not a path
     resumed = resolve_presets(get_args_parser().parse_args(["--resume", "r", "--image-dir", "imgs"]))
@@ -1521,3 +1522,22 @@ def test_settings_of_a_branch_that_is_off_are_warned_of(capsys) -> None:
                                        "branch is off)\n")
     check_args(parser, parser.parse_args(["--no-image", "--caption-word-skip", "--beam-width", "7"]))
     assert capsys.readouterr().err == ""  # the settings of branches that are on
+
+
+def test_a_run_stopped_by_max_steps_in_mid_epoch_resumes_to_its_export_keeping_its_log(data_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """--max-steps 3 of an epoch of 5 batches: the run had no checkpoint ("no complete checkpoint yet" on --resume);
+    now it has one there, and resuming it (nothing left to train) validates and exports again without dropping the
+    validation line it logged."""
+    out = tmp_path / "run"
+    run(TRAIN, "--data-dir", data_dir, "--no-image", "--no-decoder", "--max-steps", 3, "--no-plots", *TINY,
+        "--output-dir", out)
+    assert [p.name for p in CheckpointManager.complete(out)] == ["step_00000003"]
+    logged = read_log(out)
+    assert any(e.get("step") == 3 and e.get("epoch") == 0 and "val/final/samples_f1" in e for e in logged)
+    exported = (out / "model" / "model.safetensors").read_bytes()
+    resumed = run(TRAIN, "--resume", out, "--workers", 0)
+    assert "resumed from" in resumed.stderr and "dropped" not in resumed.stderr
+    after = read_log(out)
+    assert after[: len(logged)] == logged and all("config" in e for e in after[len(logged):])  # the resume's config
+    assert (out / "model" / "model.safetensors").read_bytes() == exported
