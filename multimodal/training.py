@@ -706,14 +706,17 @@ def main(args: argparse.Namespace) -> int:
     link_latest(args, run_dir, accelerator.state)
     checkpoints = CheckpointManager(accelerator, run_dir, keep=args.keep_checkpoints, ema=ema)
     progress = Progress()
+
+    def training_left() -> bool:  # epochs to run, and steps before --max-steps
+        return progress.epoch < args.epochs and not (args.max_steps and progress.step >= args.max_steps)
+
     if checkpoint is not None:
         progress = checkpoints.load(checkpoint)
         log(f"resumed from {checkpoint}: epoch {progress.epoch}, batch {progress.batches_done}, step {progress.step}")
         if accelerator.is_main_process:  # what the run logged after this checkpoint is about to be logged again
             # ... unless the run trains no more: stopped by --max-steps in mid-epoch, its validation line stays
-            trains = not (args.max_steps and progress.step >= args.max_steps)
             dropped = jsonl.truncate_after(progress.step,
-                                           progress.epoch if progress.batches_done and trains else None)
+                                           progress.epoch if progress.batches_done and training_left() else None)
             if dropped:
                 log(f"log.jsonl: dropped {dropped} line(s) logged after step {progress.step} by the interrupted run")
     kill_at = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0"))
@@ -731,7 +734,7 @@ def main(args: argparse.Namespace) -> int:
     val_bad = bad_images if config.use_image else None
     t_start = time.perf_counter()
     with resume_hint_on_image_error(run_dir, accelerator.num_processes):
-        while progress.epoch < args.epochs and not (args.max_steps and progress.step >= args.max_steps):
+        while training_left():
             train_loader.set_epoch(progress.epoch)
             if isinstance(train_loader.dataset, SeededAugmentation):
                 train_loader.dataset.set_epoch(progress.epoch)
