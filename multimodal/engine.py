@@ -44,13 +44,30 @@ class Progress:
 
     ``loss_sums`` and ``loss_batches``: the main process's loss terms summed over the epoch's batches so far, so that
     an epoch resumed mid-way logs the mean of the whole epoch, as an uninterrupted run does (checkpoints written before
-    they existed resume without them: that epoch's mean then covers the batches after the resume)."""
+    they existed resume without them: that epoch's mean then covers the batches after the resume).
+
+    ``train_seconds``: the time spent in the training loop (validation included) so far, over every session of a
+    resumed run; each interrupted session counts up to its last checkpoint (the work after it is done again). It runs
+    between `start_clock` and each `clock` (every checkpoint calls it)."""
 
     epoch: int = 0
     batches_done: int = 0
     step: int = 0
     loss_sums: dict[str, float] = field(default_factory=dict)
     loss_batches: int = 0
+    train_seconds: float = 0.0
+
+    def start_clock(self) -> None:
+        self._since = time.perf_counter()  # not a field: not saved
+
+    def clock(self) -> float:
+        """Adds the time since `start_clock` (or the last call) to ``train_seconds``, and returns it."""
+        since = getattr(self, "_since", None)
+        if since is not None:
+            now = time.perf_counter()
+            self.train_seconds += now - since
+            self._since = now
+        return self.train_seconds
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -274,6 +291,7 @@ class CheckpointManager:
                 and the earlier ones are intact.
         """
         acc = self.accelerator
+        progress.clock()  # the time up to this checkpoint (on every process, so that they agree)
         name = f"step_{progress.step:08d}"
         final, tmp, old = self.root / name, self.root / f".tmp-{name}", self.root / f".old-{name}"
         if acc.is_main_process:
@@ -671,7 +689,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
     model's input where the batch is, on the device; it draws from a generator seeded by ``(augment_seed, epoch,
     batch, process)``, so a resumed run sees the augmented images of an uninterrupted one. ``prepare`` maps each
     batch first (e.g. `data.decode_images`: image files decoded on the device). ``ema`` (`build_ema`) is updated
-    after every optimizer step, before that step's checkpoint.
+    after every optimizer step that was not skipped (fp16's overflow), before that step's checkpoint.
 
     Returns:
         The mean of each loss term over the epoch's batches (those before a resume included, from ``progress``).
@@ -734,7 +752,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                     sums[k] = sums[k] + v if k in sums else v.clone()
             if accelerator.sync_gradients:
                 progress.step += 1
-                if ema is not None:
+                # A step that fp16's gradient scaler skipped (overflow) left the weights and the rate (Accelerate's
+                # scheduler) as they were: the average stays too
+                if ema is not None and not accelerator.optimizer_step_was_skipped:
                     ema.update(accelerator.unwrap_model(model), step=progress.step)
                 if progress.step % log_every == 0:  # reading values back waits for the device: only when logging
                     rate = seen * accelerator.num_processes / max(1e-9, time.perf_counter() - t0)

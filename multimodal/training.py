@@ -732,7 +732,7 @@ def main(args: argparse.Namespace) -> int:
     raw_metrics: dict[str, Any] = {}  # with a weight average: the trained weights' own metrics, for comparison
     evaluated = model if ema is None else ema.module  # what is validated and exported
     val_bad = bad_images if config.use_image else None
-    t_start = time.perf_counter()
+    progress.start_clock()
     with resume_hint_on_image_error(run_dir, accelerator.num_processes):
         while training_left():
             train_loader.set_epoch(progress.epoch)
@@ -771,10 +771,9 @@ def main(args: argparse.Namespace) -> int:
             if epoch_done:
                 progress.next_epoch()
                 checkpoints.save(progress)
-    train_seconds = time.perf_counter() - t_start
-
-    # Export: thresholds, the model, metrics and charts; only the main process writes.
-    summary: dict[str, Any] = {"train_seconds": train_seconds, "steps": progress.step}
+    # Export: thresholds, the model, metrics and charts; only the main process writes. The training time is that of
+    # every session of a resumed run (`Progress.train_seconds`); the data order that of this call's epochs.
+    summary: dict[str, Any] = {"train_seconds": progress.clock(), "steps": progress.step}
     threshold = getattr(args, "threshold", None)  # absent from the saved arguments of runs before it existed
     thresholds = None if threshold is None else [float(threshold)] * codec.num_labels
     if len(val_frame):

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from multimodal.config import LossConfig, ModelConfig
-from multimodal.engine import CheckpointManager, Progress, build_optimizer
+from multimodal.engine import CheckpointManager, Progress, build_ema, build_optimizer, train_one_epoch
 from multimodal.losses import JointLoss
 from multimodal.model import MultimodalClassifier
 
@@ -385,3 +385,47 @@ def test_a_checkpoint_before_the_first_optimizer_step_resumes(tmp_path: Path) ->
     assert not (saved / "optimizer.safetensors").exists() and CheckpointManager.problem(saved) is None
     assert resolve_checkpoint(str(tmp_path)) == saved
     assert CheckpointManager(acc, tmp_path).load(saved).step == 2
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_the_weight_average_leaves_out_an_optimizer_step_that_fp16_skipped(monkeypatch, skipped: bool) -> None:
+    """Under fp16 the gradient scaler skips a step whose gradients overflowed (the weights stay where they were) and
+    Accelerate's scheduler leaves its rate; the weight average (--ema-decay) must not move either. A skipped step is
+    simulated here (a CPU has no gradient scaler): the average stays as built then, and moves when none is skipped."""
+    acc, model, optimizer = prepared(0)
+    scheduler = acc.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    ema = build_ema(acc.unwrap_model(model), 0.5)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: skipped))
+    g = torch.Generator().manual_seed(3)
+    batch = dict(caption_ids=torch.randint(2, VOCAB, (4, 5), generator=g), caption_lengths=torch.tensor([5, 3, 2, 4]),
+                 targets=torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]]),
+                 label_seq=torch.tensor([[0, 3, C], [1, C, -100], [2, C, -100], [0, 1, C]]), image_id=list("abcd"))
+    progress = Progress()
+    train_one_epoch(model, [batch, batch], JointLoss(LossConfig()), optimizer, scheduler, acc, progress,
+                    total_batches=2, use_image=False, ema=ema)
+    after = ema.module.state_dict()
+    assert progress.step == 2
+    assert any(not torch.equal(before[k], after[k]) for k in before) != skipped
+
+
+def test_a_resumed_runs_training_time_counts_every_session_up_to_its_last_checkpoint(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """metrics.json's train_seconds used to cover the last session only. The clock runs from `start_clock`; each
+    checkpoint records the time so far, which a resume continues from (a session's time after its last checkpoint is
+    left out: that work is done again)."""
+    from multimodal import engine
+    now = [100.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now[0])
+    run_dir, manager = saved_run(tmp_path, steps=())
+    progress = Progress(epoch=0, batches_done=2, step=2)
+    assert progress.clock() == 0.0  # not started: nothing counted
+    progress.start_clock()
+    now[0] += 30.0
+    saved = manager.save(progress)
+    now[0] += 50.0  # lost with the session: after its last checkpoint
+    resumed = manager.load(saved)
+    assert resumed.train_seconds == 30.0 and resumed.step == 2
+    resumed.start_clock()
+    now[0] += 20.0
+    assert resumed.clock() == 50.0
