@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
 from multimodal.config import UsageError, published, remove_stale_temporaries, save_json
-from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
+from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, is_readable, load_image,
                                resize_for_cache, update_files_digest)
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, caption_token_ids, pad_token_ids
@@ -526,10 +526,12 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     fingerprint = image_cache_fingerprint(image_ids, image_dir, size, interpolation, crop, squash)
     path = Path(cache_dir) / f"images-{size}-{interpolation}{'-squash' if squash else ''}-{fingerprint[:20]}.npy"
     if path.is_file() and path.with_suffix(".json").is_file() and not rebuild:
-        cache = ImageCache(path)
-        cache.meta["reused"] = True
-        logger.info("image cache: reused %s (%d images at %d px)", path, len(cache), size)
-        return cache
+        cache, problem = _reusable_image_cache(path, fingerprint, image_ids, size, image_dir)
+        if cache is not None:
+            cache.meta["reused"] = True
+            logger.info("image cache: reused %s (%d images at %d px)", path, len(cache), size)
+            return cache
+        logger.warning("image cache: %s %s: building it again", path, problem)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(path.parent):
         logger.info("image cache: removed %s, left by a build that was stopped", stale)
@@ -562,6 +564,26 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     cache.meta["reused"] = False
     logger.info("image cache: %d images at %d px built in %.1f s -> %s", len(image_ids), size, build_seconds, path)
     return cache
+
+
+def _reusable_image_cache(path: Path, fingerprint: str, image_ids: list[str], size: int, image_dir: Path
+                          ) -> tuple[Optional[ImageCache], str]:
+    """The cache at ``path`` if it holds what its name promises (the fingerprint, these images at ``size``) and no
+    image it marks unreadable reads now (a passing error when it was built); else None and what is wrong."""
+    try:
+        cache = ImageCache(path)
+        shape = cache.array.shape
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a file cut short, a damaged sidecar
+        return None, f"is unreadable ({type(error).__name__}: {error})"
+    if cache.meta.get("fingerprint") != fingerprint or cache.ids != image_ids:
+        return None, "does not hold the images its name promises"
+    if shape != (len(image_ids), size, size, 3):
+        return None, f"holds an array of shape {shape}, not {(len(image_ids), size, size, 3)}"
+    now_readable = [i for i, ok in zip(cache.ids, cache.ok) if not ok and is_readable(image_dir / i)]
+    if now_readable:
+        return None, (f"marks {len(now_readable)} image(s) unreadable that read now (e.g. {now_readable[0]}, "
+                      f"{cache.errors.get(now_readable[0], 'unreadable')} when it was built)")
+    return cache, ""
 
 
 def build_model_image_cache(config: Any, image_ids: Sequence[str], image_dir: str | Path, cache_dir: str | Path, *,

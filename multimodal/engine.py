@@ -704,6 +704,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
     bar = tqdm(total=total_batches, initial=progress.batches_done, desc=f"epoch {progress.epoch}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
     seen, t0 = 0, time.perf_counter()
+    # Accelerate divides each loss by --grad-accum; the epoch's last window may be shorter (it steps at the loader's
+    # end): its losses are scaled up to give the mean gradient of its batches, as every other window does.
+    accum = accelerator.gradient_accumulation_steps
+    short = total_batches % accum  # batches in the last window, when it is shorter
     try:  # on an error too: a bar left open would swallow the start of the error message's line
         for batch in loader:
             if prepare is not None:
@@ -726,6 +730,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, criterion: torch.n
                 outputs = model(**model_inputs(batch), label_seq=batch.get("label_seq"))
                 terms = criterion(outputs, batch["targets"], batch.get("label_seq"))
                 loss = terms["loss"] * 0.0 if all_bad else terms["loss"]
+                if short and progress.batches_done >= total_batches - short:
+                    loss = loss * (accum / short)
                 terms = {k: v.detach() for k, v in terms.items()}
                 accelerator.backward(loss)
                 # The one value read back per step, after the backward pass is queued (the host then waits for the

@@ -3,11 +3,14 @@
 On a CPU the image encoder is most of the cost; when it is frozen its output for an image never changes, so the
 features are computed once (eval transform: resize + centre crop) and every epoch reads them from memory. The cache
 file is named by a fingerprint of everything the features depend on: the encoder and the hash of its weights, the
-preprocessing (resolution, mean/std, crop), and the image files (names and contents). Changing any of them gives a
-new fingerprint, so a stale cache is never read; a copied dataset (same bytes, new file times) keeps its cache.
+preprocessing (resolution, mean/std, crop), the image files (names and contents) and the code and libraries that
+decode them and run the encoder (`images.decoding_key`, torch, timm). Changing any of them gives a new fingerprint, so
+a stale cache is never read; a copied dataset (same bytes, new file times) keeps its cache. A cache file that cannot
+be read or does not hold what its name promises (a copy cut short, a damaged disk) is computed again.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,14 +18,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+import timm
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .config import published, remove_stale_temporaries
 from .data import Collator, ImageCaptionDataset, row_error
-from .images import build_transform, update_files_digest
+from .images import build_transform, is_readable, update_files_digest
 from .model import ImageEncoder
 
 logger = logging.getLogger("multimodal")
@@ -53,7 +58,8 @@ def feature_fingerprint(encoder: ImageEncoder, image_size: int, frame: pd.DataFr
     transform = build_transform(encoder, image_size, training=False, crop=crop)
     weights = weights_digest(encoder) if tail_stages is None else weights_digest(*encoder.stem_modules(tail_stages))
     parts = {"encoder": encoder.name, "weights": weights, "image_size": image_size,
-             "transform": repr(transform), "images": images_digest(frame, image_dir)}
+             "transform": repr(transform), "images": images_digest(frame, image_dir),
+             "libraries": f"torch {torch.__version__}; timm {timm.__version__}"}
     if tail_stages is not None:
         parts["tail_stages"] = tail_stages
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -66,11 +72,14 @@ def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 
     """Pooled features of every image of ``dataset`` in order, or with ``tail_stages`` the feature maps below the
     encoder's last ``tail_stages`` stages (float16, to halve the memory).
 
+    It runs a copy of ``encoder``: the caller's keeps its mode, device and memory layout (channels-last here, which a
+    run with ``--no-channels-last`` would otherwise have trained in, on the process that computed the features only).
+
     Returns:
         ``features`` [N, F] float32 or [N, C, h, w] float16 (zeros where an image could not be read) and ``ok``
         bool [N].
     """
-    encoder = encoder.eval().to(device)
+    encoder = copy.deepcopy(encoder).eval().to(device)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -110,10 +119,29 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
     fingerprint = feature_fingerprint(encoder, image_size, frame, image_dir, tail_stages, crop)
     kind = ("" if tail_stages is None else f"-below{tail_stages}") + ("" if crop == "center" else f"-{crop}")
     path = Path(cache_dir) / f"features-{encoder.name}-{image_size}{kind}-{fingerprint[:20]}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
+
+    def dataset(rows: Any = slice(None), skip: bool = skip_bad_images) -> ImageCaptionDataset:
+        columns = [c for c in ("ImageID", "Caption", "_row") if c in frame.columns]  # _row: errors name the row
+        return ImageCaptionDataset(frame[columns].iloc[rows].reset_index(drop=True), image_dir,
+                                   transform=build_transform(encoder, image_size, training=False, crop=crop),
+                                   skip_bad_images=skip)
+
+    cached = read_cache(path, fingerprint, len(frame), tail_stages) if path.is_file() else None
+    if cached is not None:
         logger.info("image features: cache hit %s", path)
-        ok = tensors["ok"].bool()
+        features, ok = cached
+        # Images that were unreadable when the cache was built may read now (a network drive's passing error, a
+        # format a newer Pillow decodes): their features are computed, and the cache updated.
+        readable = [i for i in (~ok).nonzero().flatten().tolist()
+                    if is_readable(Path(image_dir) / frame["ImageID"].iloc[i])]
+        if readable:
+            logger.info("image features: %d image(s) unreadable when the cache was built read now: computing them",
+                        len(readable))
+            # (skipping: one that fails again stays marked, and is reported below with its row)
+            more, more_ok = compute_features(encoder, dataset(readable, skip=True), batch_size, workers, device,
+                                             progress=False, tail_stages=tail_stages)
+            features[readable], ok[readable] = more, more_ok
+            _write_cache(path, features, ok, fingerprint)
         if not skip_bad_images and not ok.all():
             bad = int((~ok).sum())
             first = int((~ok).nonzero()[0])
@@ -121,20 +149,49 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
             row = int(frame["_row"].iloc[first]) if "_row" in frame else first
             raise row_error(Path(image_dir) / image_id, row, image_id,
                             f"unreadable when the feature cache {path} was built ({bad} image(s) in all, skipped "
-                            "there with --skip-bad-images): fix them, or skip them here too")
-        return tensors["features"], ok
+                            "there with --skip-bad-images), and still unreadable: fix them, or skip them here too")
+        return features, ok
     logger.info("image features: computing %d x %s at %d px (cache %s)", len(frame), encoder.name, image_size, path)
-    dataset = ImageCaptionDataset(frame[["ImageID", "Caption"]], image_dir,
-                                  transform=build_transform(encoder, image_size, training=False, crop=crop),
-                                  skip_bad_images=skip_bad_images)
-    features, ok = compute_features(encoder, dataset, batch_size, workers, device, tail_stages=tail_stages)
+    features, ok = compute_features(encoder, dataset(), batch_size, workers, device, tail_stages=tail_stages)
+    _write_cache(path, features, ok, fingerprint)
+    return features, ok
+
+
+def read_cache(path: Path, fingerprint: str, rows: int, tail_stages: Optional[int] = None
+               ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``features`` and ``ok`` of a cache file, or None (with a warning) when the file cannot be read or does not
+    hold what its name promises: its fingerprint, ``rows`` rows, pooled float32 features or float16 maps."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        features, ok = tensors.get("features"), tensors.get("ok")
+        ndim, dtype = (2, torch.float32) if tail_stages is None else (4, torch.float16)
+        if meta.get("fingerprint") != fingerprint:
+            problem = "its fingerprint is not the one its name starts with"
+        elif features is None or ok is None:
+            problem = f"it holds {sorted(tensors)}, not features and ok"
+        elif features.ndim != ndim or features.dtype != dtype:
+            problem = f"its features are {features.dtype} {list(features.shape)}, not {ndim}-d {dtype}"
+        elif len(features) != rows or ok.shape != (rows,):
+            problem = f"it has {len(features)} rows, not {rows}"
+        else:
+            return features, ok.bool()
+    logger.warning("image features: the cache %s is %s: computing the features again", path,
+                   problem if problem.startswith("unreadable") else f"not usable ({problem})")
+    return None
+
+
+def _write_cache(path: Path, features: torch.Tensor, ok: torch.Tensor, fingerprint: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(path.parent):
         logger.info("image features: removed %s, left by a run that was stopped", stale)
     with published(path) as tmp:  # this process's own file: another run may be computing the same features
         save_file({"features": features.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp),
-                  metadata={"fingerprint": fingerprint, "rows": str(len(frame))})
-    return features, ok
+                  metadata={"fingerprint": fingerprint, "rows": str(len(features))})
 
 
 class FeatureDataset(Dataset):

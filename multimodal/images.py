@@ -70,6 +70,15 @@ def load_image(path: str | Path, draft_size: Optional[int] = None) -> Image.Imag
         raise ImageLoadError(path, _decode_reason(err)) from err
 
 
+def is_readable(path: str | Path) -> bool:
+    """Whether `load_image` reads the file now (caches use it to try again images that failed when they were built)."""
+    try:
+        load_image(path)
+    except ImageLoadError:
+        return False
+    return True
+
+
 def _decode_reason(err: BaseException) -> str:
     return f"cannot decode image ({type(err).__name__}: {err})"
 
@@ -452,13 +461,30 @@ class BatchImageTransform(torch.nn.Module):
         return ((x - grey) * factors[2] + grey).clamp(0, 255)  # saturation
 
 
+# What an image file decodes to depends on this code as well as on the file. Bump DECODE_VERSION with any change to
+# `load_image`, `to_rgb` or `resize_for_cache` that alters the pixels: every cache keyed by `update_files_digest` (the
+# cached features, the uint8 image cache) is then built again instead of being read stale. 1 (nineteenth session):
+# upright by the EXIF orientation, transparency on white, 16-bit and floating-point images scaled to 8 bits.
+DECODE_VERSION = 1
+
+
+def decoding_key() -> str:
+    """`DECODE_VERSION` and the versions of the libraries that decode and resize the images (Pillow, torchvision)."""
+    import PIL
+    import torchvision
+    return f"decode {DECODE_VERSION}; Pillow {PIL.__version__}; torchvision {torchvision.__version__}"
+
+
 def update_files_digest(h: Any, image_ids: Iterable[str], image_dir: str | Path) -> None:
-    """Feed each image file's name and a digest of its bytes into the hash ``h``, for caches keyed by the images.
+    """Feed `decoding_key`, then each image file's name and a digest of its bytes, into the hash ``h``, for caches
+    keyed by the images.
 
     The content, not the modification time: a copied or re-synced dataset (new times, same bytes) keeps its caches,
-    and any change of an image's bytes invalidates them. Reading every file costs about a second per few hundred MB,
-    far less than decoding them again.
+    and any change of an image's bytes invalidates them, as does a change of how they are decoded (`DECODE_VERSION`,
+    a new Pillow or torchvision). Reading every file costs about a second per few hundred MB, far less than decoding
+    them again.
     """
+    h.update(f"{decoding_key()}\n".encode())
     for image_id in image_ids:
         try:
             data = (Path(image_dir) / image_id).read_bytes()
@@ -468,6 +494,3 @@ def update_files_digest(h: Any, image_ids: Iterable[str], image_dir: str | Path)
             h.update(f"{image_id}\0unreadable {e.errno}\n".encode())
         else:
             h.update(f"{image_id}\0{len(data)}\0{hashlib.blake2b(data, digest_size=16).hexdigest()}\n".encode())
-            orientation = _bytes_orientation(data)
-            if orientation != 1:  # decoded upright since the seventeenth session: caches of before hold it as stored
-                h.update(f"{image_id}\0exif-orientation {orientation}\n".encode())

@@ -119,6 +119,39 @@ def test_cache_bad_images(jpegs, tmp_path):
     assert sample["image_ok"] is False and sample["image"].shape == (36, 36, 3) and not sample["image"].any()
 
 
+@pytest.mark.parametrize("damage", ["array cut short", "sidecar damaged", "a passing read error"])
+def test_a_damaged_image_cache_or_one_with_a_passing_read_error_is_built_again(jpegs, tmp_path, caplog, monkeypatch,
+                                                                              damage):
+    """A cache file cut short (an interrupted copy) or a damaged sidecar stopped the run with numpy's or json's error;
+    an image that failed to read for a reason outside its bytes (the same bytes, so the same key) stayed unreadable
+    for good. Each is built again, with a warning naming the file."""
+    from multimodal import data as data_module
+    image_dir, names = jpegs
+    reference = build_image_cache(names, image_dir, tmp_path / "reference", 36)
+    if damage == "a passing read error":
+        real_load = data_module.load_image
+
+        def flaky(path, *args, **kwargs):
+            if Path(path).name == names[2]:
+                raise ImageLoadError(path, "input/output error")
+            return real_load(path, *args, **kwargs)
+        monkeypatch.setattr(data_module, "load_image", flaky)
+        assert not build_image_cache(names, image_dir, tmp_path / "cache", 36, skip_bad_images=True).ok[2]
+        monkeypatch.undo()
+    else:
+        first = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+        if damage == "array cut short":
+            first.path.write_bytes(first.path.read_bytes()[:-500])
+        else:
+            first.path.with_suffix(".json").write_text('{"size": 36, "ids": [')
+    with caplog.at_level("WARNING", logger="multimodal"):
+        cache = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    assert "building it again" in caplog.text and cache.path.name in caplog.text
+    assert cache.meta["reused"] is False and cache.ok.all()
+    assert np.array_equal(np.asarray(cache.array), np.asarray(reference.array))
+    assert build_image_cache(names, image_dir, tmp_path / "cache", 36).meta["reused"] is True
+
+
 def test_batch_transform_training():
     images = torch.randint(0, 256, (6, 36, 36, 3), dtype=torch.uint8)
     identity = BatchImageTransform(ENCODER, 36, training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,

@@ -429,3 +429,31 @@ def test_a_resumed_runs_training_time_counts_every_session_up_to_its_last_checkp
     resumed.start_clock()
     now[0] += 20.0
     assert resumed.clock() == 50.0
+
+
+def test_an_epochs_last_shorter_gradient_accumulation_window_steps_with_its_batches_mean_gradient() -> None:
+    """With --grad-accum 3 and 4 batches the epoch's last window holds 1 batch. Accelerate divides every loss by 3, so
+    that window's step got a third of its batch's gradient; it gets the whole mean now, as a full window does. Four
+    identical batches and a learning rate of 0 (the weights stay put): both steps see the same gradient."""
+    from torch.utils.data import DataLoader
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    torch.manual_seed(0)
+    model = MultimodalClassifier(ModelConfig(num_labels=C, image_encoder=None, vocab_size=VOCAB, word_dim=8,
+                                             caption_hidden=8, label_embed_dim=8, decoder_hidden=16, max_labels=3,
+                                             use_decoder=True, dropout=0.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(3)
+    batch = dict(caption_ids=torch.randint(2, VOCAB, (4, 5), generator=g), caption_lengths=torch.tensor([5, 3, 2, 4]),
+                 targets=torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]]),
+                 label_seq=torch.tensor([[0, 3, C], [1, C, -100], [2, C, -100], [0, 1, C]]), image_id=list("abcd"))
+    loader = DataLoader(range(4), batch_size=1, collate_fn=lambda _: dict(batch))
+    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    scheduler = acc.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    grads = []
+    optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(torch.cat(
+        [p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    progress = Progress()
+    train_one_epoch(model, loader, JointLoss(LossConfig()), optimizer, scheduler, acc, progress, total_batches=4,
+                    max_grad_norm=0.0, use_image=False)
+    assert progress.step == 2 and len(grads) == 2
+    torch.testing.assert_close(grads[1], grads[0])

@@ -1,6 +1,7 @@
 """Cached image features: the encoder split is exact, and the cache is invalidated by whatever it depends on."""
 import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -171,3 +172,89 @@ def test_freshly_computed_maps_train_the_tail(images, tmp_path):
     model(image_features=batch["image_features"])["fused_logits"].sum().backward()
     assert model.image_encoder.backbone.conv_head.weight.grad is not None
     assert model.image_encoder.backbone.conv_stem.weight.grad is None
+
+
+def test_the_cache_is_keyed_by_how_images_are_decoded_and_by_the_libraries(encoder, images, tmp_path,
+                                                                          monkeypatch):
+    """A change of the decoding code (`images.DECODE_VERSION`, bumped with it) or of a library that decodes the
+    images or runs the encoder gives new features: the cache built before is not read (it used to be, after the
+    fixes to transparency and floating-point images)."""
+    import timm
+
+    from multimodal import images as images_module
+    from multimodal.data import image_cache_fingerprint
+    frame, folder = images
+    cache = tmp_path / "cache"
+    cached_features(encoder, frame, folder, 32, cache, workers=0)
+    image_key = image_cache_fingerprint(frame["ImageID"], folder, 40, "bicubic")
+    monkeypatch.setattr(images_module, "DECODE_VERSION", images_module.DECODE_VERSION + 1)
+    cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert len(list(cache.iterdir())) == 2
+    assert image_cache_fingerprint(frame["ImageID"], folder, 40, "bicubic") != image_key  # the uint8 cache too
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert len(list(cache.iterdir())) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other rows"])
+def test_a_damaged_cache_file_is_computed_again(encoder, images, tmp_path, caplog, damage):
+    """A cache file cut short (an interrupted copy) stopped the run with a safetensors error; one that holds other
+    rows than its name promises was used as it was. Both are computed again, with a warning, and replaced."""
+    from safetensors.torch import load_file, save_file
+    frame, folder = images
+    cache = tmp_path / "cache"
+    feats, _ = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    [path] = cache.iterdir()
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        tensors = load_file(str(path))
+        save_file({k: v[:3] for k, v in tensors.items()}, str(path), metadata={"fingerprint": "x", "rows": "3"})
+    with caplog.at_level("WARNING", logger="multimodal"):
+        again, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)
+    assert f"the cache {path} is" in caplog.text and "computing the features again" in caplog.text
+    torch.testing.assert_close(again, feats)
+    assert ok.all() and [p.name for p in cache.iterdir()] == [path.name]
+    torch.testing.assert_close(load_file(str(path))["features"], feats)  # replaced by a whole file
+
+
+def test_an_image_unreadable_when_the_cache_was_built_is_tried_again(encoder, images, tmp_path, monkeypatch):
+    """An image that failed for a reason outside its bytes (a network drive's passing error) was cached as unreadable
+    for good: the file is the same, so is the cache's key. It is tried again on every later read; when it reads, its
+    features are computed and the cache is updated."""
+    from multimodal import data as data_module
+    from multimodal.images import ImageLoadError
+    frame, folder = images
+    frame = frame.assign(_row=range(len(frame)))
+    reference, _ = cached_features(encoder, frame, folder, 32, tmp_path / "reference", workers=0)
+    real_load = data_module.load_image
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == "3.jpg":
+            raise ImageLoadError(path, "input/output error")
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(data_module, "load_image", flaky)
+    cache = tmp_path / "cache"
+    _, ok = cached_features(encoder, frame, folder, 32, cache, workers=0, skip_bad_images=True)
+    assert ok.tolist() == [True, True, True, False, True]
+    monkeypatch.undo()
+    feats, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)  # without skipping: no error now
+    assert ok.all()
+    torch.testing.assert_close(feats, reference)
+    assert len(list(cache.iterdir())) == 1
+    torch.testing.assert_close(cached_features(encoder, frame, folder, 32, cache, workers=0)[0], reference)
+    (folder / "3.jpg").write_bytes(b"damaged")  # unreadable in its bytes: a new key, skipped and reported as before
+    cached_features(encoder, frame, folder, 32, cache, workers=0, skip_bad_images=True)
+    with pytest.raises(ImageLoadError, match=r"3.jpg: data row 4 .*still unreadable"):
+        cached_features(encoder, frame, folder, 32, cache, workers=0)
+
+
+def test_computing_the_features_leaves_the_callers_encoder_as_it_was(images, tmp_path):
+    """The features are computed on a copy of the encoder: the caller's stays in its mode and memory layout (it was
+    turned channels-last, so a --no-channels-last run trained its tail channels-last on the process that computed the
+    features, and contiguous on the others: a DDP stride mismatch)."""
+    frame, folder = images
+    enc = ImageEncoder("tf_efficientnet_lite0").train()
+    cached_features(enc, frame, folder, 32, tmp_path / "cache", workers=0, tail_stages=1)
+    weight = enc.backbone.conv_stem.weight  # 3 x 3: its two layouts differ
+    assert enc.training and weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
