@@ -25,8 +25,8 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
-from multimodal.config import UsageError, published, remove_stale_temporaries, save_json
-from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, is_readable, load_image,
+from multimodal.config import UsageError, fsync, published, remove_stale_temporaries, save_json
+from multimodal.images import (EncodedImageDecoder, ImageLoadError, image_cache_settings, load_image,
                                resize_for_cache, update_files_digest)
 from multimodal.labels import LabelCodec
 from multimodal.text import PAD_ID, caption_token_ids, pad_token_ids
@@ -492,7 +492,8 @@ class _CacheWriter(Dataset):
 
 def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir: str | Path, size: int,
                       interpolation: str = "bicubic", crop: Optional[int] = None, squash: bool = False,
-                      workers: int = 0, skip_bad_images: bool = False, rebuild: bool = False) -> ImageCache:
+                      workers: int = 0, skip_bad_images: bool = False, rebuild: bool = False,
+                      retry_unreadable: bool = True) -> ImageCache:
     """The `ImageCache` of these images at ``size``, reused from ``cache_dir`` when its fingerprint matches.
 
     The file is named by a fingerprint of the size, the interpolation, the crop mode and the image files (names and
@@ -513,6 +514,8 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
         workers: decoding processes (DataLoader workers); 0 decodes in this process.
         skip_bad_images: record unreadable images as such instead of raising.
         rebuild: build even when a matching cache exists.
+        retry_unreadable: try again, in a reused cache, the images it marks unreadable, and add those that read now
+            (off on all processes but the one that builds the cache: they take it as it is).
 
     Raises:
         ImageLoadError: an image is missing or unreadable and ``skip_bad_images`` is off; the message names the file,
@@ -526,10 +529,12 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     fingerprint = image_cache_fingerprint(image_ids, image_dir, size, interpolation, crop, squash)
     path = Path(cache_dir) / f"images-{size}-{interpolation}{'-squash' if squash else ''}-{fingerprint[:20]}.npy"
     if path.is_file() and path.with_suffix(".json").is_file() and not rebuild:
-        cache, problem = _reusable_image_cache(path, fingerprint, image_ids, size, image_dir)
+        cache, problem = _reusable_image_cache(path, fingerprint, image_ids, size)
         if cache is not None:
             cache.meta["reused"] = True
             logger.info("image cache: reused %s (%d images at %d px)", path, len(cache), size)
+            if retry_unreadable and not cache.ok.all():
+                cache = _retry_unreadable(cache, image_dir, size, interpolation, crop, squash)
             return cache
         logger.warning("image cache: %s %s: building it again", path, problem)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -566,33 +571,68 @@ def build_image_cache(image_ids: Sequence[str], image_dir: str | Path, cache_dir
     return cache
 
 
-def _reusable_image_cache(path: Path, fingerprint: str, image_ids: list[str], size: int, image_dir: Path
+def _reusable_image_cache(path: Path, fingerprint: str, image_ids: list[str], size: int
                           ) -> tuple[Optional[ImageCache], str]:
-    """The cache at ``path`` if it holds what its name promises (the fingerprint, these images at ``size``) and no
-    image it marks unreadable reads now (a passing error when it was built); else None and what is wrong."""
+    """The cache at ``path`` if it holds what its name promises (the fingerprint, these images at ``size``); else
+    None and what is wrong."""
     try:
         cache = ImageCache(path)
         shape = cache.array.shape
+        if cache.meta.get("fingerprint") != fingerprint or cache.ids != image_ids \
+                or cache.ok.shape != (len(image_ids),):
+            return None, "does not hold the images its name promises"
     except (OSError, ValueError, KeyError, TypeError) as error:  # a file cut short, a damaged sidecar
         return None, f"is unreadable ({type(error).__name__}: {error})"
-    if cache.meta.get("fingerprint") != fingerprint or cache.ids != image_ids:
-        return None, "does not hold the images its name promises"
     if shape != (len(image_ids), size, size, 3):
         return None, f"holds an array of shape {shape}, not {(len(image_ids), size, size, 3)}"
-    now_readable = [i for i, ok in zip(cache.ids, cache.ok) if not ok and is_readable(image_dir / i)]
-    if now_readable:
-        return None, (f"marks {len(now_readable)} image(s) unreadable that read now (e.g. {now_readable[0]}, "
-                      f"{cache.errors.get(now_readable[0], 'unreadable')} when it was built)")
     return cache, ""
 
 
+def _retry_unreadable(cache: ImageCache, image_dir: Path, size: int, interpolation: str, crop: Optional[int],
+                      squash: bool) -> ImageCache:
+    """The images that ``cache`` marks unreadable, tried again (an error outside the file when it was built: the
+    same bytes, the same key); those that read now are written into their rows in place, then marked readable in the
+    sidecar (published whole). A reader of the cache meanwhile takes those rows as unreadable, as before, and every
+    other row is untouched."""
+    rows = [r for r, (image_id, ok) in enumerate(zip(cache.ids, cache.ok)) if not ok]
+    fixed = []
+    try:
+        array = np.load(cache.path, mmap_mode="r+")
+        for row in rows:
+            try:
+                image = load_image(image_dir / cache.ids[row])
+            except ImageLoadError:
+                continue
+            array[row] = resize_for_cache(image, size, interpolation, crop, squash)
+            fixed.append(row)
+        if not fixed:
+            return cache
+        array.flush()
+        del array
+        fsync(cache.path)
+        meta = dict(cache.meta)
+        meta.pop("reused", None)
+        meta["ok"] = [bool(ok) or r in fixed for r, ok in enumerate(cache.ok)]
+        meta["errors"] = {i: e for i, e in cache.errors.items() if i not in {cache.ids[r] for r in fixed}}
+        save_json(meta, cache.path.with_suffix(".json"))
+    except OSError as error:  # a cache folder that is read-only here: the images stay skipped
+        logger.warning("image cache: could not add %d image(s) that read now to %s (%s)", len(fixed),
+                       cache.path, error)
+        return cache
+    logger.info("image cache: %d image(s) unreadable when %s was built read now: added", len(fixed), cache.path)
+    updated = ImageCache(cache.path)
+    updated.meta["reused"] = True
+    return updated
+
+
 def build_model_image_cache(config: Any, image_ids: Sequence[str], image_dir: str | Path, cache_dir: str | Path, *,
-                            workers: int = 0, skip_bad_images: bool = False) -> ImageCache:
+                            workers: int = 0, skip_bad_images: bool = False,
+                            retry_unreadable: bool = True) -> ImageCache:
     """`build_image_cache` with the settings under which it reproduces the evaluation transform of a model's image
     branch: `images.image_cache_settings` of the `config.ModelConfig`'s encoder, resolution and crop mode."""
     settings = image_cache_settings(config.image_encoder, config.image_size, config.image_crop)
     return build_image_cache(image_ids, image_dir, cache_dir, **settings, workers=workers,
-                             skip_bad_images=skip_bad_images)
+                             skip_bad_images=skip_bad_images, retry_unreadable=retry_unreadable)
 
 
 def train_val_split(frame: pd.DataFrame, val_fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:

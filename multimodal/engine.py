@@ -291,7 +291,7 @@ class CheckpointManager:
                 and the earlier ones are intact.
         """
         acc = self.accelerator
-        progress.clock()  # the time up to this checkpoint (on every process, so that they agree)
+        progress.clock()  # the time up to this checkpoint, which the main process saves
         name = f"step_{progress.step:08d}"
         final, tmp, old = self.root / name, self.root / f".tmp-{name}", self.root / f".old-{name}"
         if acc.is_main_process:

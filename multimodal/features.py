@@ -105,9 +105,13 @@ def compute_features(encoder: ImageEncoder, dataset: Dataset, batch_size: int = 
 def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str | Path, image_size: int,
                     cache_dir: str | Path, *, batch_size: int = 64, workers: int = 2,
                     device: str | torch.device = "cpu", skip_bad_images: bool = False,
-                    tail_stages: Optional[int] = None, crop: str = "center") -> tuple[torch.Tensor, torch.Tensor]:
+                    tail_stages: Optional[int] = None, crop: str = "center",
+                    retry_unreadable: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_features` for the rows of ``frame``, read from ``cache_dir`` when a matching cache exists; ``crop``
-    is the evaluation transform's crop mode (`config.IMAGE_CROPS`).
+    is the evaluation transform's crop mode (`config.IMAGE_CROPS`). With ``retry_unreadable`` (off on all processes
+    but the one that builds the cache: they take it as it is), the images a cache marks unreadable are tried again
+    (an error outside the file when it was built, such as a network drive's: the same bytes, the same key), and the
+    features of those that read now are added to it.
 
     Returns:
         ``features`` ([N, F], or [N, C, h, w] with ``tail_stages``) aligned with the rows of ``frame``, ``ok`` [N].
@@ -130,10 +134,8 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
     if cached is not None:
         logger.info("image features: cache hit %s", path)
         features, ok = cached
-        # Images that were unreadable when the cache was built may read now (a network drive's passing error, a
-        # format a newer Pillow decodes): their features are computed, and the cache updated.
         readable = [i for i in (~ok).nonzero().flatten().tolist()
-                    if is_readable(Path(image_dir) / frame["ImageID"].iloc[i])]
+                    if is_readable(Path(image_dir) / frame["ImageID"].iloc[i])] if retry_unreadable else []
         if readable:
             logger.info("image features: %d image(s) unreadable when the cache was built read now: computing them",
                         len(readable))
@@ -141,7 +143,8 @@ def cached_features(encoder: ImageEncoder, frame: pd.DataFrame, image_dir: str |
             more, more_ok = compute_features(encoder, dataset(readable, skip=True), batch_size, workers, device,
                                              progress=False, tail_stages=tail_stages)
             features[readable], ok[readable] = more, more_ok
-            _write_cache(path, features, ok, fingerprint)
+            if more_ok.any():
+                _write_cache(path, features, ok, fingerprint)
         if not skip_bad_images and not ok.all():
             bad = int((~ok).sum())
             first = int((~ok).nonzero()[0])

@@ -636,7 +636,8 @@ def main(args: argparse.Namespace) -> int:
             features = cached_features(model.image_encoder, frame, image_dir, config.image_size, args.cache_features,
                                        batch_size=2 * args.batch_size, workers=args.workers,
                                        device=accelerator.device, skip_bad_images=args.skip_bad_images,
-                                       tail_stages=tail or None, crop=config.image_crop)
+                                       tail_stages=tail or None, crop=config.image_crop,
+                                       retry_unreadable=accelerator.is_main_process)
         if tail:  # fine-tune the top stages on cached feature maps; everything below stays frozen
             frozen = model.image_encoder.freeze_below_tail(tail)
             model.tail_stages = tail
@@ -654,7 +655,8 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "image_cache", None) and model.image_encoder is not None and features is None:
         with accelerator.main_process_first():  # the main process builds the cache, the others then reuse it
             image_cache = build_model_image_cache(config, frame["ImageID"], image_dir, args.image_cache,
-                                                  workers=args.workers, skip_bad_images=args.skip_bad_images)
+                                                  workers=args.workers, skip_bad_images=args.skip_bad_images,
+                                                  retry_unreadable=accelerator.is_main_process)
     decode_on_device = getattr(args, "decode_on_device", False) and model.image_encoder is not None \
         and features is None
     device_augment = decode_on_device or image_cache is not None and (

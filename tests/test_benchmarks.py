@@ -119,37 +119,52 @@ def test_cache_bad_images(jpegs, tmp_path):
     assert sample["image_ok"] is False and sample["image"].shape == (36, 36, 3) and not sample["image"].any()
 
 
-@pytest.mark.parametrize("damage", ["array cut short", "sidecar damaged", "a passing read error"])
-def test_a_damaged_image_cache_or_one_with_a_passing_read_error_is_built_again(jpegs, tmp_path, caplog, monkeypatch,
-                                                                              damage):
-    """A cache file cut short (an interrupted copy) or a damaged sidecar stopped the run with numpy's or json's error;
-    an image that failed to read for a reason outside its bytes (the same bytes, so the same key) stayed unreadable
-    for good. Each is built again, with a warning naming the file."""
-    from multimodal import data as data_module
+@pytest.mark.parametrize("damage", ["array cut short", "sidecar cut short", "sidecar with too few flags"])
+def test_a_damaged_image_cache_is_built_again(jpegs, tmp_path, caplog, damage):
+    """A cache file cut short (an interrupted copy) or a damaged sidecar stopped the run with numpy's or json's error
+    (or an IndexError later, in training). It is built again, with a warning naming the file."""
     image_dir, names = jpegs
     reference = build_image_cache(names, image_dir, tmp_path / "reference", 36)
-    if damage == "a passing read error":
-        real_load = data_module.load_image
-
-        def flaky(path, *args, **kwargs):
-            if Path(path).name == names[2]:
-                raise ImageLoadError(path, "input/output error")
-            return real_load(path, *args, **kwargs)
-        monkeypatch.setattr(data_module, "load_image", flaky)
-        assert not build_image_cache(names, image_dir, tmp_path / "cache", 36, skip_bad_images=True).ok[2]
-        monkeypatch.undo()
+    first = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    sidecar = first.path.with_suffix(".json")
+    if damage == "array cut short":
+        first.path.write_bytes(first.path.read_bytes()[:-500])
+    elif damage == "sidecar cut short":
+        sidecar.write_text(sidecar.read_text()[:40])
     else:
-        first = build_image_cache(names, image_dir, tmp_path / "cache", 36)
-        if damage == "array cut short":
-            first.path.write_bytes(first.path.read_bytes()[:-500])
-        else:
-            first.path.with_suffix(".json").write_text('{"size": 36, "ids": [')
+        sidecar.write_text(json.dumps(json.loads(sidecar.read_text()) | {"ok": [True]}))
     with caplog.at_level("WARNING", logger="multimodal"):
         cache = build_image_cache(names, image_dir, tmp_path / "cache", 36)
-    assert "building it again" in caplog.text and cache.path.name in caplog.text
+    assert f"{cache.path} " in caplog.text and "building it again" in caplog.text
     assert cache.meta["reused"] is False and cache.ok.all()
     assert np.array_equal(np.asarray(cache.array), np.asarray(reference.array))
     assert build_image_cache(names, image_dir, tmp_path / "cache", 36).meta["reused"] is True
+
+
+def test_an_image_unreadable_when_the_image_cache_was_built_is_added_when_it_reads(jpegs, tmp_path, monkeypatch):
+    """An image that failed for a reason outside its bytes (a network drive's passing error: the same bytes, the same
+    key) stayed unreadable in the cache for good. A later build that reuses the cache tries it again and writes it
+    into its row in place; the other rows are untouched, and the other processes of a launch take the cache as is."""
+    from multimodal import data as data_module
+    image_dir, names = jpegs
+    reference = build_image_cache(names, image_dir, tmp_path / "reference", 36)
+    real_load = data_module.load_image
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == names[2]:
+            raise ImageLoadError(path, "input/output error")
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(data_module, "load_image", flaky)
+    first = build_image_cache(names, image_dir, tmp_path / "cache", 36, skip_bad_images=True)
+    assert list(first.ok) == [True, True, False, True, True, True] and not np.asarray(first.array[2]).any()
+    assert list(build_image_cache(names, image_dir, tmp_path / "cache", 36).ok) == list(first.ok)  # still failing
+    monkeypatch.undo()
+    assert not build_image_cache(names, image_dir, tmp_path / "cache", 36, retry_unreadable=False).ok[2]
+    cache = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    assert cache.ok.all() and cache.meta["reused"] is True and cache.path == first.path and not cache.errors
+    assert np.array_equal(np.asarray(cache.array), np.asarray(reference.array))
+    again = build_image_cache(names, image_dir, tmp_path / "cache", 36)
+    assert again.ok.all() and np.array_equal(np.asarray(again.array), np.asarray(reference.array))
 
 
 def test_batch_transform_training():

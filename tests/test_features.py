@@ -200,6 +200,7 @@ def test_the_cache_is_keyed_by_how_images_are_decoded_and_by_the_libraries(encod
 def test_a_damaged_cache_file_is_computed_again(encoder, images, tmp_path, caplog, damage):
     """A cache file cut short (an interrupted copy) stopped the run with a safetensors error; one that holds other
     rows than its name promises was used as it was. Both are computed again, with a warning, and replaced."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     frame, folder = images
     cache = tmp_path / "cache"
@@ -209,10 +210,13 @@ def test_a_damaged_cache_file_is_computed_again(encoder, images, tmp_path, caplo
         path.write_bytes(path.read_bytes()[:-100])
     else:
         tensors = load_file(str(path))
-        save_file({k: v[:3] for k, v in tensors.items()}, str(path), metadata={"fingerprint": "x", "rows": "3"})
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()  # its own fingerprint, kept: only the rows are wrong
+        save_file({k: v[:3] for k, v in tensors.items()}, str(path), metadata=metadata)
     with caplog.at_level("WARNING", logger="multimodal"):
         again, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)
     assert f"the cache {path} is" in caplog.text and "computing the features again" in caplog.text
+    assert ("it has 3 rows, not 5" in caplog.text) == (damage == "other rows")
     torch.testing.assert_close(again, feats)
     assert ok.all() and [p.name for p in cache.iterdir()] == [path.name]
     torch.testing.assert_close(load_file(str(path))["features"], feats)  # replaced by a whole file
@@ -238,6 +242,9 @@ def test_an_image_unreadable_when_the_cache_was_built_is_tried_again(encoder, im
     _, ok = cached_features(encoder, frame, folder, 32, cache, workers=0, skip_bad_images=True)
     assert ok.tolist() == [True, True, True, False, True]
     monkeypatch.undo()
+    # the other processes of a launch take the cache as the main one left it
+    assert not cached_features(encoder, frame, folder, 32, cache, workers=0, skip_bad_images=True,
+                               retry_unreadable=False)[1][3]
     feats, ok = cached_features(encoder, frame, folder, 32, cache, workers=0)  # without skipping: no error now
     assert ok.all()
     torch.testing.assert_close(feats, reference)
