@@ -197,12 +197,15 @@ STALE_SECONDS = 24 * 3600
 LEGACY_TEMPORARIES = ("*.tmp.npy", "*.tmp.json", "*.safetensors.tmp")
 
 
-def remove_stale_temporaries(folder: str | Path, max_age: float = STALE_SECONDS) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, max_age: float = STALE_SECONDS, of: Optional[str] = None
+                             ) -> list[Path]:
     """Delete the temporary files of a cache folder (`private_temporary`'s, and the older ones') untouched for
-    ``max_age`` seconds (left by a killed process: a writer still at work touches its file); returns them."""
+    ``max_age`` seconds (left by a killed process: a writer still at work touches its file); returns them. With
+    ``of`` (a file name), only the `private_temporary` files of that file: in a folder that is not a cache's."""
     removed = []
     now = time.time()
-    for path in {p for pattern in (f"*{TEMPORARY_MARK}*", *LEGACY_TEMPORARIES) for p in Path(folder).glob(pattern)}:
+    patterns = (f"*{TEMPORARY_MARK}*", *LEGACY_TEMPORARIES) if of is None else (f"{of}.*{TEMPORARY_MARK}*",)
+    for path in {p for pattern in patterns for p in Path(folder).glob(pattern)}:
         try:
             if path.is_file() and now - path.stat().st_mtime > max_age:
                 path.unlink()

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .annotations import IMAGE_EXTENSIONS, AnnotationError, read_annotations
-from .config import UsageError, published
+from .config import UsageError, published, remove_stale_temporaries
 from .data import Collator, ImageCaptionDataset, bounded_heap_worker_init, decode_images, row_name
 from .engine import all_images_ok, model_inputs
 from .images import BatchImageTransform, EncodedImageDecoder, build_transform, draft_size_for
@@ -357,7 +357,11 @@ def _predict_to_csv(models: list[MultimodalClassifier], caches: list[Any], frame
     if probabilities:
         Path(probabilities).parent.mkdir(parents=True, exist_ok=True)
     # Each file under a private temporary name, renamed into place when complete (`published`): nothing half-written
-    # is left behind, and no other process's temporary file is touched.
+    # is left behind, and no other process's temporary file is touched. One that a killed prediction left (SIGKILL
+    # runs no clean-up) is deleted by the next prediction into that file, a day later.
+    for path in filter(None, (output, probabilities)):
+        for stale in remove_stale_temporaries(Path(path).parent, of=Path(path).name):
+            logger.info("removed %s, left by a prediction that was stopped", stale)
     with contextlib.ExitStack() as files:
         # both published before both opened: on leaving, both files are closed before either is renamed
         tmp_out = files.enter_context(published(output))

@@ -1444,6 +1444,21 @@ def test_predict_refuses_inputs_its_models_cannot_use_and_never_overwrites_the_i
     assert len(read_rows(tmp_path / "new" / "folder" / "probs.csv")) == NUM_TEST
 
 
+def test_predict_removes_the_temporary_files_a_killed_prediction_left(caption_only: Path, data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """A predict.py killed by SIGKILL (no clean-up runs) left its private temporary files beside its output for good.
+    The next prediction into that file deletes them a day later (a younger one may be a prediction still at work), and
+    leaves other files, and other outputs' temporary files, alone."""
+    old, young = tmp_path / "p.csv.11-aa.partial.tmp", tmp_path / "p.csv.12-bb.partial.tmp"
+    other, mine = tmp_path / "q.csv.13-cc.partial.tmp", tmp_path / "p.csv.notes"
+    for path in (old, young, other, mine):
+        path.write_text("left")
+    for path in (old, other, mine):
+        os.utime(path, (0, 0))
+    run(PREDICT, "--checkpoint", caption_only, "--data-dir", data_dir, "--output", tmp_path / "p.csv", "--workers", 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.csv", young.name, other.name, mine.name])
+
+
 def test_predict_refuses_a_launch_of_several_processes(caption_only: Path, data_dir: Path, tmp_path: Path) -> None:
     """Under `accelerate launch --num_processes 2` each process predicted every row into the same file (and one failed
     to rename the shared temporary file the other had renamed)."""
