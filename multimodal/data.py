@@ -594,11 +594,10 @@ def _retry_unreadable(cache: ImageCache, image_dir: Path, size: int, interpolati
     same bytes, the same key); those that read now are written into their rows in place, then marked readable in the
     sidecar (published whole). A reader of the cache meanwhile takes those rows as unreadable, as before, and every
     other row is untouched."""
-    rows = [r for r, (image_id, ok) in enumerate(zip(cache.ids, cache.ok)) if not ok]
-    fixed = []
+    fixed: list[int] = []
     try:
         array = np.load(cache.path, mmap_mode="r+")
-        for row in rows:
+        for row in np.flatnonzero(~cache.ok).tolist():
             try:
                 image = load_image(image_dir / cache.ids[row])
             except ImageLoadError:
@@ -610,11 +609,11 @@ def _retry_unreadable(cache: ImageCache, image_dir: Path, size: int, interpolati
         array.flush()
         del array
         fsync(cache.path)
-        meta = dict(cache.meta)
-        meta.pop("reused", None)
-        meta["ok"] = [bool(ok) or r in fixed for r, ok in enumerate(cache.ok)]
-        meta["errors"] = {i: e for i, e in cache.errors.items() if i not in {cache.ids[r] for r in fixed}}
-        save_json(meta, cache.path.with_suffix(".json"))
+        ok, added = cache.ok.copy(), {cache.ids[r] for r in fixed}
+        ok[fixed] = True
+        meta = {k: v for k, v in cache.meta.items() if k != "reused"}
+        save_json(meta | {"ok": ok.tolist(), "errors": {i: e for i, e in cache.errors.items() if i not in added}},
+                  cache.path.with_suffix(".json"))
     except OSError as error:  # a cache folder that is read-only here: the images stay skipped
         logger.warning("image cache: could not add %d image(s) that read now to %s (%s)", len(fixed),
                        cache.path, error)

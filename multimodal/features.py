@@ -21,7 +21,7 @@ import pandas as pd
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -165,9 +165,9 @@ def read_cache(path: Path, fingerprint: str, rows: int, tail_stages: Optional[in
     """The ``features`` and ``ok`` of a cache file, or None (with a warning) when the file cannot be read or does not
     hold what its name promises: its fingerprint, ``rows`` rows, pooled float32 features or float16 maps."""
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one reading of the file: its metadata and its tensors
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         problem = f"unreadable ({type(error).__name__}: {error})"
     else:
